@@ -1,0 +1,50 @@
+"""What every ``edgefleet`` sub-command shares: JSON output, errors, exit codes.
+
+Exit codes: 0 success, 1 a user-facing error (the message says what to do), 2 a usage
+error (typer's), 3 a command that a later release fills in.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_NOT_IMPLEMENTED",
+    "JsonOption",
+    "fail",
+    "not_implemented",
+    "print_json",
+]
+
+EXIT_ERROR = 1
+EXIT_NOT_IMPLEMENTED = 3
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
+
+_stderr = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout, nothing else, so ``--json`` output pipes into ``jq``."""
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def fail(message: object) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with EXIT_ERROR."""
+    _stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_ERROR)
+
+
+def not_implemented(command: str, issue: int) -> NoReturn:
+    """Refuse honestly: the command exists in the contract but does nothing yet."""
+    _stderr.print(
+        f"[bold yellow]not yet implemented:[/] `edgefleet {command}` lands with issue #{issue}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(EXIT_NOT_IMPLEMENTED)

@@ -1,0 +1,43 @@
+"""Shared fixtures: profile files to break, and a user profile directory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hw_profiles import BUILTIN_PROFILE_DIR, PROFILES_PATH_ENV
+
+SHIPPED_PROFILES = {"rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86_64-avx2", "host"}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see only the shipped profiles unless they add a directory themselves."""
+    monkeypatch.delenv(PROFILES_PATH_ENV, raising=False)
+
+
+@pytest.fixture
+def user_profile_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty directory on EDGEFLEET_PROFILES_PATH."""
+    directory = tmp_path / "profiles"
+    directory.mkdir()
+    monkeypatch.setenv(PROFILES_PATH_ENV, str(directory))
+    yield directory
+
+
+@pytest.fixture
+def write_profile(user_profile_dir: Path) -> Callable[..., Path]:
+    """Write ``NAME.toml`` into the user directory: the shipped rpi4 profile, edited.
+
+    ``edit`` takes the rpi4 text and returns the text to write.
+    """
+
+    def write(name: str = "myboard", edit: Callable[[str], str] = lambda text: text) -> Path:
+        text = (BUILTIN_PROFILE_DIR / "rpi4.toml").read_text()
+        path = user_profile_dir / f"{name}.toml"
+        path.write_text(edit(text))
+        return path
+
+    return write

@@ -1,0 +1,128 @@
+"""The ``edgefleet`` command line, through typer's runner and the installed script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from hw_profiles import load_profile
+from hw_profiles.cli_support import EXIT_ERROR, EXIT_NOT_IMPLEMENTED
+from hw_profiles.console import app
+
+from .conftest import SHIPPED_PROFILES
+
+runner = CliRunner()
+
+
+def _command_paths(command: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every command and group under ``command`` (typer ships its own click: duck-typed)."""
+    yield prefix
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*prefix, name))
+
+
+ALL_COMMANDS = sorted(_command_paths(typer.main.get_command(app)))
+
+
+def test_the_cli_has_a_group_per_package() -> None:
+    top_level = {path[0] for path in ALL_COMMANDS if len(path) == 1}
+    assert top_level == {"profiles", "compile", "ota", "fleet", "agent", "demo"}
+
+
+@pytest.mark.parametrize("path", ALL_COMMANDS, ids=lambda p: " ".join(p) or "edgefleet")
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_profiles_list_shows_the_six_profiles() -> None:
+    result = runner.invoke(app, ["profiles", "list"])
+    assert result.exit_code == 0, result.output
+    for name in SHIPPED_PROFILES:
+        assert name in result.output
+    assert "cortex-a72" in result.output and "sm_87" in result.output
+
+
+def test_profiles_list_json_is_every_profile_in_full() -> None:
+    result = runner.invoke(app, ["profiles", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {p["name"]: p for p in json.loads(result.stdout)}
+    assert set(listed) == SHIPPED_PROFILES
+    assert listed["rpi5"] == load_profile("rpi5").model_dump(mode="json")
+
+
+def test_profiles_list_reports_a_broken_user_profile_and_still_lists_the_rest(
+    write_profile: Callable[..., Path],
+) -> None:
+    path = write_profile("broken", lambda t: t.replace("cores = 4", "cores = -1"))
+    result = runner.invoke(app, ["profiles", "list"])
+    assert result.exit_code == EXIT_ERROR
+    assert "rpi4" in result.stdout
+    assert str(path) in result.stderr.replace("\n", "")
+    assert "resources.cores" in result.stderr
+
+
+def test_profiles_show_json_round_trips() -> None:
+    result = runner.invoke(app, ["profiles", "show", "jetson-nano", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == load_profile("jetson-nano").model_dump(mode="json")
+
+
+def test_profiles_show_prints_the_whole_profile() -> None:
+    result = runner.invoke(app, ["profiles", "show", "rpi4"])
+    assert result.exit_code == 0, result.output
+    for text in ("cortex-a72", "aarch64-linux-gnu-gcc", "min_top1_agreement", "Bookworm"):
+        assert text in result.output
+
+
+def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
+    result = runner.invoke(app, ["profiles", "show", "rpi9"])
+    assert result.exit_code == EXIT_ERROR
+    assert "no hardware profile named 'rpi9'" in result.stderr
+    assert "rpi4" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "issue"),
+    [
+        (["compile", "model.onnx", "--profile", "rpi4"], 3),
+        (["ota", "bundle", "out", "--version", "1.0.0", "--out", "b.efb"], 4),
+        (["ota", "keys", "init"], 4),
+        (["fleet", "serve"], 5),
+        (["fleet", "rollout", "status", "r1"], 5),
+        (["agent", "run", "--config", "agent.toml"], 6),
+        (["agent", "simulate", "--devices", "10"], 6),
+    ],
+)
+def test_commands_of_later_issues_refuse_instead_of_pretending(args: list[str], issue: int) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_NOT_IMPLEMENTED
+    assert f"issue #{issue}" in result.stderr
+
+
+def test_demo_shows_the_profiles_and_says_what_is_coming() -> None:
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "jetson-orin-nano" in result.output
+    assert "full demo is coming" in result.output
+
+
+def test_the_installed_console_script_runs() -> None:
+    script = Path(sys.executable).parent / "edgefleet"
+    result = subprocess.run(
+        [str(script), "profiles", "show", "rpi4", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["targets"]["cpu"]["mcpu"] == "cortex-a72"
