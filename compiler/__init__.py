@@ -1,18 +1,47 @@
-"""The compiler: per hardware profile, import, optimize, build and validate a model.
+"""The compiler: per hardware profile, import, prune, quantize, tune, build and validate a model.
 
-The full pipeline (prune, quantize, tune, build, validate, report) lands with issue #3;
-what is here turns a profile into TVM targets and links modules with its toolchain.
+``compile_model(CompileOptions(...))`` runs the pipeline (see ``pipeline.py``);
+``edgefleet compile`` is its command line. The pipeline imports ONNX and friends, so it is
+loaded on first use: ``import compiler`` stays cheap on a device without them.
 """
 
-from .errors import CompilerError, ToolchainError, UnsupportedTargetError
+from typing import Any
+
+from .errors import (
+    AccuracyGateError,
+    CompilerError,
+    DataError,
+    ModelImportError,
+    StepError,
+    ToolchainError,
+    UnsupportedTargetError,
+)
 from .targets import tvm_target
 from .toolchain import export_library, find_compiler
 
 __all__ = [
+    "AccuracyGateError",
+    "CompileOptions",
     "CompilerError",
+    "DataError",
+    "ModelImportError",
+    "RpcTarget",
+    "StepError",
     "ToolchainError",
     "UnsupportedTargetError",
+    "compile_model",
     "export_library",
     "find_compiler",
+    "register_step",
     "tvm_target",
 ]
+
+_LAZY = {"CompileOptions", "RpcTarget", "compile_model", "register_step"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'compiler' has no attribute {name!r}")

@@ -1,30 +1,182 @@
-"""``edgefleet compile``: the command line of the compiler (contract in docs/DESIGN)."""
+"""``edgefleet compile``: the command line of the compiler (contract in DESIGN.md)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, cast
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from hw_profiles.cli_support import JsonOption, not_implemented
+from hw_profiles.cli_support import JsonOption, fail, print_json
+
+_stderr = Console(stderr=True)
+
+
+class _ProgressHook:
+    """One line per step on stderr, with a spinner while it runs."""
+
+    def __init__(self) -> None:
+        self._status: Any = None
+
+    def before_step(self, name: str) -> None:
+        self._status = _stderr.status(f"{name} ...")
+        self._status.start()
+
+    def after_step(self, name: str, seconds: float, detail: dict[str, Any]) -> None:
+        self._status.stop()
+        skipped = detail.get("skipped") if isinstance(detail, dict) else None
+        suffix = f" [dim](skipped: {skipped})[/]" if skipped else ""
+        _stderr.print(f"[green]done[/] {name:<9} {seconds:7.2f} s{suffix}", highlight=False)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """Keep stdout for the JSON report: TensorFlow and tf2onnx print to it, some from C++."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _candidates_table(report: dict[str, Any]) -> Table:
+    metrics = {c["accuracy"]["metric"] for c in report["candidates"] if c["accuracy"]}
+    title = f"Candidates for {report['profile']}" + (f" ({', '.join(metrics)})" if metrics else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("artifact", no_wrap=True)
+    for column in ("gate", "metric", "p50 ms", "p95 ms", "bytes"):
+        table.add_column(column, justify="left" if column == "gate" else "right")
+    reference = report["latency_ms"].get("reference_onnxruntime")
+    if reference:
+        p50, p95 = f"{reference['p50']:.3f}", f"{reference['p95']:.3f}"
+        table.add_row("reference onnxruntime:fp32", "", "", p50, p95, "")
+    for c in report["candidates"]:
+        acc, lat = c["accuracy"] or {}, c["latency_ms"] or {}
+        table.add_row(
+            c["id"] + (" [bold green]selected[/]" if c["selected"] else ""),
+            "pass" if c["passed"] else "[red]fail[/]",
+            f"{acc['candidate']:.4f}" if acc else "-",
+            f"{lat['p50']:.3f}" if lat else "-",
+            f"{lat['p95']:.3f}" if lat else "-",
+            f"{c['size_bytes']:,}" if c["size_bytes"] else "-",
+        )
+    return table
 
 
 def compile_command(
     model: Annotated[Path, typer.Argument(help="ONNX file, .keras file or SavedModel directory.")],
-    profile: Annotated[
-        str, typer.Option(help="Hardware profile name (see `edgefleet profiles list`).")
-    ],
+    profile: Annotated[str, typer.Option(help="Hardware profile (see `edgefleet profiles list`).")],
     calibration: Annotated[
-        Path | None, typer.Option(help=".npz with one array per model input, samples first.")
+        Path | None,
+        typer.Option(help=".npz: one array per model input, samples first; optional 'labels'."),
     ] = None,
-    quantize: Annotated[str, typer.Option(help="int8, int8-dynamic, fp16 or none.")] = "none",
-    prune: Annotated[float, typer.Option(help="Target weight sparsity, 0 to 1.")] = 0.0,
-    tune_trials: Annotated[int, typer.Option(help="MetaSchedule trials; 0 skips tuning.")] = 0,
+    validation: Annotated[
+        Path | None,
+        typer.Option(help=".npz to validate on; default: the second half of --calibration."),
+    ] = None,
+    quantize: Annotated[
+        str, typer.Option(help="int8 (static, calibrated), int8-dynamic, fp16 or none.")
+    ] = "none",
+    prune: Annotated[
+        float, typer.Option(help="Target sparsity, 0 to <1.", min=0.0, max=0.99)
+    ] = 0.0,
+    prune_structured: Annotated[
+        bool, typer.Option(help="Remove whole channels / neurons instead of zeroing weights.")
+    ] = False,
+    prune_scope: Annotated[
+        str, typer.Option(help="Magnitude pruning threshold: global or per layer.")
+    ] = "global",
+    tune_trials: Annotated[
+        int, typer.Option(help="MetaSchedule trials; 0 skips tuning.", min=0)
+    ] = 0,
+    rpc_tracker: Annotated[
+        str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker to measure on boards.")
+    ] = None,
+    rpc_key: Annotated[str, typer.Option(help="Device key the boards registered with.")] = "",
+    select: Annotated[
+        str | None, typer.Option(help="'fastest': measure every candidate and mark the fastest.")
+    ] = None,
+    min_top1_agreement: Annotated[float | None, typer.Option(help="Override the gate.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Override the gate.")] = None,
+    min_cosine_similarity: Annotated[float | None, typer.Option(help="Override the gate.")] = None,
+    max_abs_error: Annotated[float | None, typer.Option(help="Override the gate.")] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where tuning databases persist (default ~/.cache/edgefleet)."),
+    ] = None,
+    latency_runs: Annotated[int, typer.Option(help="Timed calls per artifact.", min=1)] = 50,
     out: Annotated[
         Path, typer.Option(help="Output directory for artifacts and report.json.")
     ] = Path("build"),
     json_output: JsonOption = False,
 ) -> None:
     """Prune, quantize, tune and build MODEL for a hardware profile, behind an accuracy gate."""
-    not_implemented("compile", issue=3)
+    from hw_profiles import ProfileError, load_profile
+
+    from .candidates import PRECISIONS
+    from .errors import CompilerError
+    from .pipeline import CompileOptions, RpcTarget, compile_model
+
+    if quantize not in PRECISIONS:
+        fail(f"--quantize must be one of {', '.join(PRECISIONS)}, got {quantize!r}")
+    if prune_scope not in ("global", "layer"):
+        fail(f"--prune-scope must be global or layer, got {prune_scope!r}")
+    if select not in (None, "fastest"):
+        fail(f"--select accepts only 'fastest', got {select!r}")
+    if (rpc_tracker is None) != (not rpc_key):
+        fail("--rpc-tracker and --rpc-key go together")
+    try:
+        hw = load_profile(profile)
+        overrides = {
+            k: v
+            for k, v in {
+                "min_top1_agreement": min_top1_agreement,
+                "max_accuracy_drop": max_accuracy_drop,
+                "min_cosine_similarity": min_cosine_similarity,
+                "max_abs_error": max_abs_error,
+            }.items()
+            if v is not None
+        }
+        options = CompileOptions(
+            model=model,
+            profile=hw,
+            out_dir=out,
+            calibration=calibration,
+            validation=validation,
+            quantize=cast(Any, quantize),
+            prune=prune,
+            prune_structured=prune_structured,
+            prune_scope=cast(Literal["global", "layer"], prune_scope),
+            tune_trials=tune_trials,
+            rpc=RpcTarget.parse(rpc_tracker, rpc_key) if rpc_tracker else None,
+            select=cast(Literal["fastest"] | None, select),
+            gate=hw.accuracy_gate.model_copy(update=overrides),
+            latency_runs=latency_runs,
+            **({"cache_dir": cache_dir} if cache_dir else {}),
+        )
+        with _stdout_to_stderr(json_output):
+            report = compile_model(options, hooks=[_ProgressHook()])
+    except (ProfileError, CompilerError, ValueError) as e:
+        fail(e)
+    if json_output:
+        print_json(report)
+        return
+    console = Console()
+    console.print(_candidates_table(report))
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"wrote {out / 'report.json'} and {out / 'MODEL_CARD.md'}")

@@ -1,12 +1,33 @@
-"""Errors the compiler raises; each message says what was expected and what to do."""
+"""Errors the compiler raises; each message says what was expected and what to do.
+
+Two families meet the user: bad input (a model, a data file, a profile that is not what
+it should be) and a failed step (a toolchain, a tuner, a gate). Misuse by a caller raises
+``ValueError`` / ``RuntimeError`` as usual.
+"""
 
 from __future__ import annotations
 
-__all__ = ["CompilerError", "ToolchainError", "UnsupportedTargetError"]
+__all__ = [
+    "AccuracyGateError",
+    "CompilerError",
+    "DataError",
+    "ModelImportError",
+    "StepError",
+    "ToolchainError",
+    "UnsupportedTargetError",
+]
 
 
 class CompilerError(Exception):
     """Base of every error this package raises."""
+
+
+class ModelImportError(CompilerError, ValueError):
+    """The model file is missing, corrupt, or in a format the compiler does not read."""
+
+
+class DataError(CompilerError, ValueError):
+    """A calibration or validation ``.npz`` does not fit the model."""
 
 
 class UnsupportedTargetError(CompilerError, ValueError):
@@ -15,3 +36,11 @@ class UnsupportedTargetError(CompilerError, ValueError):
 
 class ToolchainError(CompilerError, RuntimeError):
     """The C compiler a profile names is missing or failed to link."""
+
+
+class StepError(CompilerError, RuntimeError):
+    """A pipeline step could not do its work (quantizer, tuner, converter failed)."""
+
+
+class AccuracyGateError(CompilerError):
+    """A candidate fell below the accuracy gate; nothing was published."""

@@ -94,3 +94,14 @@ def detect_host(
         "toolchain": {"cc": "gcc", "apt_packages": ["gcc"]},
         "resources": {"cores": cores, "memory_budget_mb": max(memory_mb // 2, 1)},
     }
+
+
+def runs_here(profile_arch: str, cpu_target: dict[str, Any]) -> tuple[bool, str]:
+    """Whether code for ``cpu_target`` runs on this machine, and if not, why."""
+    here = detect_host()
+    if profile_arch != here["arch"]:
+        return False, f"the profile targets {profile_arch} and this machine is {here['arch']}"
+    missing = set(cpu_target.get("mattr", [])) - set(here["targets"]["cpu"].get("mattr", []))
+    if missing:
+        return False, f"this CPU lacks {', '.join(sorted(missing))}"
+    return True, "the target runs here"

@@ -41,3 +41,22 @@ def write_profile(user_profile_dir: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/digits/train.py run as a user runs it: digits.keras, .onnx and .npz."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("digits")
+    script = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout
+    return out

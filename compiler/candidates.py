@@ -1,0 +1,61 @@
+"""A candidate is one artifact to ship: a runtime at a precision, with what was measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.runtimes import RuntimeName
+
+from .validate import Comparison
+
+__all__ = ["PRECISIONS", "Candidate", "Latency", "Precision", "candidate_id"]
+
+Precision = Literal["none", "int8", "int8-dynamic", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("none", "int8", "int8-dynamic", "fp16")
+
+
+def candidate_id(runtime: str, precision: Precision) -> str:
+    """``runtime:precision`` as reports name it, fp32 for no quantization."""
+    return f"{runtime}:{'fp32' if precision == 'none' else precision}"
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50: float
+    p95: float
+    runs: int
+    where: str
+
+    def as_report(self) -> dict[str, Any]:
+        return {
+            "p50": round(self.p50, 4),
+            "p95": round(self.p95, 4),
+            "runs": self.runs,
+            "where": self.where,
+        }
+
+
+@dataclass
+class Candidate:
+    """``artifact`` is what ships; ``runnable`` is what runs here when that differs (a TVM
+    build for the board validated through the same module built for this machine)."""
+
+    runtime: RuntimeName
+    precision: Precision
+    artifact: Path
+    runnable: Path | None
+    device: Literal["cpu", "gpu"] = "cpu"
+    comparison: Comparison | None = None
+    latency: Latency | None = None
+    latency_note: str | None = None
+    selected: bool = False
+
+    @property
+    def id(self) -> str:
+        return candidate_id(self.runtime, self.precision)
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison is None or self.comparison.passed

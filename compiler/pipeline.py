@@ -1,0 +1,495 @@
+"""The compile pipeline: named steps run in order over one context, timed by hooks.
+
+Steps live in a registry that refuses duplicates; each takes the ``CompileContext`` and
+returns the detail the report shows for it. Timing and progress are hooks around the
+steps, never code inside them. Artifacts are built in a staging directory next to the
+output and published only when every step, the accuracy gate included, has passed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import onnx
+
+from agent.runtimes import OnnxRuntime, TensorSpec, load_runtime
+from hw_profiles import Profile
+from hw_profiles.host import runs_here
+from hw_profiles.schema import AccuracyGate
+
+from . import litert, quantize, tune, tvm_build
+from .candidates import Candidate, Latency, Precision, candidate_id
+from .data import Dataset, load_dataset
+from .errors import AccuracyGateError, DataError, StepError, UnsupportedTargetError
+from .importers import SourceModel, import_model
+from .measure import measure_latency
+from .prune import PruneScope, magnitude_prune, structured_prune
+from .report import build_report, write_model_card, write_report
+from .validate import compare
+
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "CompileContext",
+    "CompileOptions",
+    "RpcTarget",
+    "StepHook",
+    "compile_model",
+    "register_step",
+]
+
+
+@dataclass(frozen=True)
+class RpcTarget:
+    """A TVM RPC tracker and the key under which the boards registered."""
+
+    host: str
+    port: int
+    key: str
+
+    @classmethod
+    def parse(cls, address: str, key: str) -> RpcTarget:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected the RPC tracker as HOST:PORT, got {address!r}")
+        return cls(host, int(port), key)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    model: Path
+    profile: Profile
+    out_dir: Path
+    calibration: Path | None = None
+    validation: Path | None = None
+    quantize: Precision = "none"
+    prune: float = 0.0
+    prune_structured: bool = False
+    prune_scope: PruneScope = "global"
+    tune_trials: int = 0
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir())
+    rpc: RpcTarget | None = None
+    select: Literal["fastest"] | None = None
+    gate: AccuracyGate | None = None  # None: the profile's
+    latency_runs: int = 50
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgefleet"
+
+
+@dataclass
+class CompileContext:
+    options: CompileOptions
+    staging: Path
+    work: Path
+    source: SourceModel | None = None
+    model_path: Path | None = None  # the fp32 ONNX every candidate starts from
+    calibration: Dataset | None = None
+    validation: Dataset | None = None
+    precisions: list[Precision] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    tuning_database: Path | None = None
+    reference_latency: Latency | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def profile(self) -> Profile:
+        return self.options.profile
+
+    @property
+    def gate(self) -> AccuracyGate:
+        return self.options.gate or self.profile.accuracy_gate
+
+    def model(self) -> SourceModel:
+        if self.source is None:
+            raise RuntimeError("the import step has not run")
+        return self.source
+
+
+StepFn = Callable[[CompileContext], dict[str, Any]]
+_STEPS: dict[str, StepFn] = {}
+DEFAULT_PIPELINE = ("import", "prune", "quantize", "tune", "build", "validate", "measure", "select")
+
+
+def register_step(name: str) -> Callable[[StepFn], StepFn]:
+    def add(fn: StepFn) -> StepFn:
+        if name in _STEPS:
+            raise ValueError(f"a step named {name!r} is already registered")
+        _STEPS[name] = fn
+        return fn
+
+    return add
+
+
+class StepHook(Protocol):
+    def before_step(self, name: str) -> None: ...
+
+    def after_step(self, name: str, seconds: float, detail: dict[str, Any]) -> None: ...
+
+
+class _StepRecorder:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._start = 0.0
+
+    def before_step(self, name: str) -> None:
+        self._start = time.perf_counter()
+
+    def after_step(self, name: str, seconds: float, detail: dict[str, Any]) -> None:
+        self.records.append({"name": name, "seconds": round(seconds, 3), "detail": detail})
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+@register_step("import")
+def _import(ctx: CompileContext) -> dict[str, Any]:
+    source = import_model(ctx.options.model, ctx.work)
+    ctx.source, ctx.model_path = source, source.onnx_path
+    if ctx.options.calibration is not None:
+        ctx.calibration = load_dataset(ctx.options.calibration, source.inputs)
+    if ctx.options.validation is not None:
+        ctx.validation = load_dataset(ctx.options.validation, source.inputs)
+    elif ctx.calibration is not None:
+        if len(ctx.calibration) < 2:
+            raise DataError(f"{ctx.options.calibration}: need at least 2 samples to split")
+        ctx.calibration, ctx.validation = ctx.calibration.split(0.5)
+        ctx.notes.append(
+            "no --validation file: calibrated on the first half of the calibration data, "
+            "validated on the second half"
+        )
+    else:
+        ctx.notes.append(
+            "no data given: static int8 and the accuracy gate are skipped "
+            "(pass --calibration FILE.npz)"
+        )
+    ctx.precisions = _plan_precisions(ctx)
+    return {
+        "kind": source.kind,
+        "sha256": source.sha256,
+        "inputs": [f"{s.name}{list(s.shape)}" for s in source.inputs],
+        "calibration_samples": len(ctx.calibration) if ctx.calibration else 0,
+        "validation_samples": len(ctx.validation) if ctx.validation else 0,
+        "precisions": list(ctx.precisions),
+    }
+
+
+def _plan_precisions(ctx: CompileContext) -> list[Precision]:
+    supported = ctx.profile.quantization
+    if ctx.options.select == "fastest":
+        chosen: list[Precision] = [p for p in supported if p != "int8" or ctx.calibration]
+        if "int8" in supported and "int8" not in chosen:
+            ctx.notes.append("static int8 not tried: it calibrates on data (pass --calibration)")
+        return ["none", *[p for p in chosen if p != "none"]]
+    wanted = ctx.options.quantize
+    if wanted != "none" and wanted not in supported:
+        raise UnsupportedTargetError(
+            f"profile {ctx.profile.name!r} does not list quantization {wanted!r}; "
+            f"it supports {', '.join(supported)}"
+        )
+    if wanted == "int8" and ctx.calibration is None:
+        raise DataError(
+            "static int8 calibrates on data: pass --calibration FILE.npz, "
+            "or use --quantize int8-dynamic, which needs none"
+        )
+    return [wanted]
+
+
+@register_step("prune")
+def _prune(ctx: CompileContext) -> dict[str, Any]:
+    sparsity = ctx.options.prune
+    if sparsity <= 0:
+        return {"skipped": "no --prune"}
+    model = onnx.load(str(ctx.model().onnx_path))
+    if ctx.options.prune_structured:
+        pruned, report = structured_prune(model, sparsity)
+    else:
+        pruned, report = magnitude_prune(model, sparsity, ctx.options.prune_scope)
+    ctx.model_path = ctx.work / "pruned.onnx"
+    onnx.save(pruned, str(ctx.model_path))
+    return report.as_detail()
+
+
+def _artifact_path(ctx: CompileContext, runtime: str, precision: Precision, suffix: str) -> Path:
+    label = "fp32" if precision == "none" else precision
+    return ctx.staging / f"{runtime}-{label}{suffix}"
+
+
+@register_step("quantize")
+def _quantize(ctx: CompileContext) -> dict[str, Any]:
+    """ONNX Runtime and LiteRT artifacts, one per precision."""
+    assert ctx.model_path is not None
+    detail: dict[str, Any] = {}
+    runtimes = {r.name: r for r in ctx.profile.runtimes}
+    for precision in ctx.precisions:
+        if "onnxruntime" in runtimes:
+            path = _artifact_path(ctx, "onnxruntime", precision, ".onnx")
+            detail[candidate_id("onnxruntime", precision)] = quantize.quantize_onnx(
+                ctx.model_path, path, precision, ctx.calibration
+            )
+            ctx.candidates.append(
+                Candidate("onnxruntime", precision, path, path, runtimes["onnxruntime"].device)
+            )
+        if "litert" in runtimes and ctx.model().is_tensorflow:
+            if ctx.options.prune > 0:
+                ctx.notes.append("litert converts the TensorFlow model, which is not pruned")
+            path = _artifact_path(ctx, "litert", precision, ".tflite")
+            detail[candidate_id("litert", precision)] = litert.convert(
+                ctx.model(), path, precision, ctx.calibration
+            )
+            ctx.candidates.append(Candidate("litert", precision, path, path))
+    if "litert" in runtimes and not ctx.model().is_tensorflow:
+        ctx.notes.append(
+            "litert skipped: LiteRT artifacts are converted from a Keras or SavedModel source, "
+            "and this source is ONNX"
+        )
+    return detail
+
+
+def _runs_here(ctx: CompileContext) -> tuple[bool, str]:
+    return runs_here(ctx.profile.arch, ctx.profile.targets.cpu)
+
+
+@register_step("tune")
+def _tune(ctx: CompileContext) -> dict[str, Any]:
+    trials = ctx.options.tune_trials
+    if trials <= 0 or ctx.profile.runtime("tvm") is None:
+        return {"skipped": "no --tune-trials" if trials <= 0 else "profile has no tvm runtime"}
+    runs_here, why = _runs_here(ctx)
+    if not runs_here and ctx.options.rpc is None:
+        raise UnsupportedTargetError(
+            f"tuning measures candidates on the target, and {why}; pass --rpc-tracker HOST:PORT "
+            "--rpc-key KEY to tune on a board, or --tune-trials 0"
+        )
+    assert ctx.model_path is not None
+    result = tune.tune_model(
+        ctx.model_path,
+        ctx.profile,
+        trials=trials,
+        cache_root=ctx.options.cache_dir,
+        rpc=ctx.options.rpc,
+    )
+    ctx.tuning_database = result.database
+    return result.as_detail()
+
+
+@register_step("build")
+def _build(ctx: CompileContext) -> dict[str, Any]:
+    tvm_runtime = ctx.profile.runtime("tvm")
+    if tvm_runtime is None:
+        return {"skipped": "profile has no tvm runtime"}
+    assert ctx.model_path is not None
+    detail: dict[str, Any] = {}
+    for precision in _tvm_precisions(ctx):
+        path = _artifact_path(ctx, "tvm", precision, ".so")
+        try:
+            build = tvm_build.build(
+                ctx.model_path,
+                ctx.profile,
+                path,
+                precision=precision,
+                device=tvm_runtime.device,
+                database=ctx.tuning_database,
+                inputs=ctx.model().inputs,
+                outputs=ctx.model().outputs,
+                work=ctx.work,
+            )
+        except tvm_build.GpuToolchainMissing as e:
+            ctx.notes.append(f"tvm:{precision} ({tvm_runtime.device}) not built: {e}")
+            continue
+        ctx.candidates.append(Candidate("tvm", precision, path, build.runnable, tvm_runtime.device))
+        detail[candidate_id("tvm", precision)] = build.as_detail()
+    return detail
+
+
+def _tvm_precisions(ctx: CompileContext) -> list[Precision]:
+    """TVM builds fp32 and fp16; an int8 request gets a TVM fp32 build beside the int8
+    ONNX Runtime / LiteRT artifacts (TVM here has no int8 kernels that beat fp32)."""
+    chosen: list[Precision] = []
+    for precision in ctx.precisions:
+        if precision not in tvm_build.TVM_PRECISIONS:
+            ctx.notes.append(f"tvm:{precision} not built: {tvm_build.TVM_PRECISIONS_WHY}")
+            precision = "none"
+        if precision not in chosen:
+            chosen.append(precision)
+    return chosen
+
+
+def _reference_outputs(ctx: CompileContext, data: Dataset) -> Any:
+    return OnnxRuntime(ctx.model().onnx_path).predict_batch(data.inputs)[0]
+
+
+@register_step("validate")
+def _validate(ctx: CompileContext) -> dict[str, Any]:
+    """Every candidate that runs here against the unpruned fp32 original on ONNX Runtime."""
+    if ctx.validation is None:
+        return {"skipped": "no validation data"}
+    reference = _reference_outputs(ctx, ctx.validation)
+    detail: dict[str, Any] = {}
+    for candidate in ctx.candidates:
+        if candidate.runnable is None:
+            detail[candidate.id] = "not validated: cannot run on this machine"
+            continue
+        runtime = load_runtime(candidate.runtime, candidate.runnable)
+        outputs = runtime.predict_batch(ctx.validation.inputs)[0]
+        runtime.close()
+        candidate.comparison = compare(reference, outputs, ctx.validation.labels, ctx.gate)
+        detail[candidate.id] = candidate.comparison.as_report()
+    failed = [c for c in ctx.candidates if not c.passed]
+    if failed and ctx.options.select is None:
+        raise AccuracyGateError(
+            "accuracy gate failed, nothing published: "
+            + "; ".join(
+                f"{c.id}: {', '.join(c.comparison.failures)}" for c in failed if c.comparison
+            )
+            + f" (thresholds from profile {ctx.profile.name!r}; override them on the command line)"
+        )
+    if ctx.candidates and not any(c.passed for c in ctx.candidates):
+        raise AccuracyGateError("accuracy gate failed for every candidate, nothing published")
+    return detail
+
+
+@register_step("measure")
+def _measure(ctx: CompileContext) -> dict[str, Any]:
+    runs_here, why = _runs_here(ctx)
+    sample = _latency_sample(ctx)
+    detail: dict[str, Any] = {}
+    if runs_here:
+        reference = OnnxRuntime(ctx.model().onnx_path)
+        ctx.reference_latency = measure_latency(reference, sample, ctx.options.latency_runs)
+        reference.close()
+    for candidate in ctx.candidates:
+        if not candidate.passed:
+            continue
+        if candidate.runtime == "tvm" and ctx.options.rpc is not None:
+            candidate.latency = tune.rpc_latency(
+                candidate.artifact, ctx.options.rpc, sample, ctx.options.latency_runs
+            )
+        elif not runs_here:
+            candidate.latency_note = f"not measured: {why}"
+        elif candidate.device == "gpu":
+            candidate.latency_note = "not measured: needs the board's GPU"
+        else:
+            assert candidate.runnable is not None
+            runtime = load_runtime(candidate.runtime, candidate.runnable)
+            candidate.latency = measure_latency(runtime, sample, ctx.options.latency_runs)
+            runtime.close()
+        if candidate.latency:
+            detail[candidate.id] = candidate.latency.as_report()
+    if not runs_here:
+        ctx.notes.append(f"latency not measured on this machine: {why}")
+    return detail
+
+
+def _latency_sample(ctx: CompileContext) -> dict[str, Any]:
+    """One sample to time with: the first validation sample, else zeros (timing only)."""
+    import numpy as np
+
+    data = ctx.validation or ctx.calibration
+    if data is not None:
+        return {k: v[:1] for k, v in data.inputs.items()}
+    return {s.name: np.zeros(_one(s), s.dtype) for s in ctx.model().inputs}
+
+
+def _one(spec: TensorSpec) -> tuple[int, ...]:
+    return tuple(1 if d is None else d for d in spec.shape)
+
+
+@register_step("select")
+def _select(ctx: CompileContext) -> dict[str, Any]:
+    if ctx.options.select is None:
+        return {"skipped": "no --select"}
+    timed = [c for c in ctx.candidates if c.passed and c.latency is not None]
+    if not timed:
+        raise StepError(
+            "--select fastest needs latencies, and none was measured: use a profile this "
+            "machine can run (host) or --rpc-tracker to measure on a board"
+        )
+    fastest = min(timed, key=lambda c: c.latency.p50)  # type: ignore[union-attr]
+    fastest.selected = True
+    return {"selected": fastest.id, "p50_ms": {c.id: c.latency.p50 for c in timed}}  # type: ignore[union-attr]
+
+
+# --- driver ------------------------------------------------------------------------------
+
+
+def compile_model(
+    options: CompileOptions,
+    hooks: Sequence[StepHook] = (),
+    pipeline: Sequence[str] = DEFAULT_PIPELINE,
+) -> dict[str, Any]:
+    """Run ``pipeline`` and publish artifacts, report.json and MODEL_CARD.md to ``out_dir``.
+
+    On any error nothing is published and ``out_dir`` is left as it was.
+    """
+    out = options.out_dir.resolve()
+    staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+    ctx = CompileContext(options, staging, staging / ".work")
+    ctx.work.mkdir(parents=True)
+    recorder = _StepRecorder()
+    try:
+        for name in pipeline:
+            for hook in (recorder, *hooks):
+                hook.before_step(name)
+            start = time.perf_counter()
+            detail = _STEPS[name](ctx)
+            seconds = time.perf_counter() - start
+            for hook in (recorder, *hooks):
+                hook.after_step(name, seconds, detail)
+        report = _finish(ctx, recorder.records)
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _finish(ctx: CompileContext, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    for candidate in ctx.candidates:
+        if not candidate.passed:
+            candidate.artifact.unlink(missing_ok=True)
+            candidate.artifact.with_suffix(".json").unlink(missing_ok=True)
+    source = ctx.model()
+    report = build_report(
+        profile=ctx.profile.name,
+        source={"path": str(source.path), "kind": source.kind, "sha256": source.sha256},
+        candidates=ctx.candidates,
+        reference_latency=ctx.reference_latency,
+        steps=steps,
+        gate=ctx.gate.model_dump(),
+        notes=ctx.notes,
+        settings=_settings(ctx.options),
+    )
+    shutil.rmtree(ctx.work)
+    write_report(report, ctx.staging)
+    write_model_card(report, ctx.staging)
+    return report
+
+
+def _settings(options: CompileOptions) -> dict[str, Any]:
+    return {
+        "quantize": options.quantize,
+        "prune": options.prune,
+        "prune_structured": options.prune_structured,
+        "prune_scope": options.prune_scope,
+        "tune_trials": options.tune_trials,
+        "select": options.select,
+        "rpc_tracker": f"{options.rpc.host}:{options.rpc.port}" if options.rpc else None,
+    }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the staged directory in for ``out`` with renames, so readers never see half."""
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""MetaSchedule tuning with a database that persists per (profile, model, target).
+
+The database lives in ``CACHE/tuning/PROFILE/MODELHASH-TARGETHASH/``. A later compile of
+the same model for the same profile finds it and does not tune again, unless it asks for
+more trials than the database was tuned with. A tune writes into a fresh directory that
+replaces the old one only when it finished, so an interrupted tune leaves nothing half.
+Measurements run on this machine, or on boards through a TVM RPC tracker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent.runtimes import OnnxRuntime
+from hw_profiles import Profile
+
+from .candidates import Latency
+from .errors import StepError
+from .importers import sha256_file
+from .targets import tvm_target
+from .tvm_build import import_relax
+
+if TYPE_CHECKING:
+    from .pipeline import RpcTarget
+
+__all__ = ["TuneResult", "database_dir", "rpc_latency", "tune_model"]
+
+_MARKER = "edgefleet-tuning.json"
+_RECORDS = "database_tuning_record.json"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    database: Path
+    trials_requested: int
+    records: int
+    reused: bool
+    measured_on: str
+    seconds: float
+
+    def as_detail(self) -> dict[str, Any]:
+        return {
+            "database": str(self.database),
+            "trials_requested": self.trials_requested,
+            "records": self.records,
+            "reused": self.reused,
+            "measured_on": self.measured_on,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def database_dir(cache_root: Path, profile: Profile, model: Path, target_json: str) -> Path:
+    target_hash = hashlib.sha256(target_json.encode()).hexdigest()[:12]
+    return cache_root / "tuning" / profile.name / f"{sha256_file(model)[:16]}-{target_hash}"
+
+
+def _records(database: Path) -> int:
+    path = database / _RECORDS
+    if not path.exists():
+        return 0
+    with path.open() as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _tuned_with(database: Path) -> int:
+    try:
+        return int(json.loads((database / _MARKER).read_text())["trials"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+# Below this budget an evolutionary search spends its time breeding candidates it never
+# gets to measure; sampling schedules at random (replay-trace) is as good and much faster.
+_EVOLUTIONARY_MIN_TRIALS = 64
+
+
+def _strategy(trials: int) -> str:
+    return "evolutionary" if trials >= _EVOLUTIONARY_MIN_TRIALS else "replay-trace"
+
+
+def _drop_stale_tuning_loggers() -> None:
+    """Close the handlers an earlier tune in this process left on MetaSchedule's logger.
+
+    They write into that tune's (since renamed) directory, and TVM 0.27 cannot rebuild its
+    logging config around them: a second tune in one process fails in ``create_loggers``.
+    """
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _fused(mod: Any, target: Any) -> Any:
+    """The module as ``compile_relax`` sees it before applying the database: dispatched,
+    legalized and fused, so the tasks tuned here are the functions it looks up."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    with target:
+        return tvm.transform.Sequential(
+            [
+                *pipeline.library_dispatch_passes(target),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)
+
+
+def tune_model(
+    onnx_path: Path,
+    profile: Profile,
+    *,
+    trials: int,
+    cache_root: Path,
+    rpc: RpcTarget | None = None,
+) -> TuneResult:
+    """Tune ``onnx_path`` for the profile's CPU target, or reuse the cached database."""
+    start = time.perf_counter()
+    target = tvm_target(profile, "cpu")
+    database = database_dir(cache_root, profile, onnx_path, str(target))
+    where = f"rpc {rpc.host}:{rpc.port} key {rpc.key}" if rpc else "this machine"
+    if _tuned_with(database) >= trials and _records(database) > 0:
+        return TuneResult(
+            database, trials, _records(database), True, where, time.perf_counter() - start
+        )
+
+    from tvm.s_tir import meta_schedule as ms
+
+    inputs = OnnxRuntime(onnx_path).inputs
+    mod = _fused(import_relax(onnx_path, inputs), target)
+    scratch = database.parent / f".{database.name}.tuning-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir(parents=True)
+    runner: Any = "local"
+    if rpc is not None:
+        runner = ms.runner.RPCRunner(
+            rpc_config=ms.runner.RPCConfig(
+                tracker_host=rpc.host,
+                tracker_port=rpc.port,
+                tracker_key=rpc.key,
+                session_timeout_sec=120,
+            )
+        )
+    _drop_stale_tuning_loggers()
+    try:
+        ms.relax_integration.tune_relax(
+            mod,
+            params={},
+            target=target,
+            work_dir=str(scratch),
+            max_trials_global=trials,
+            num_trials_per_iter=min(trials, 64),
+            runner=runner,
+            strategy=_strategy(trials),
+            seed=0,
+        )
+        (scratch / _MARKER).write_text(json.dumps({"trials": trials, "target": str(target)}))
+        if database.exists():
+            shutil.rmtree(database)
+        scratch.rename(database)
+    except Exception as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise StepError(f"MetaSchedule tuning failed for {profile.name}: {e}") from e
+    return TuneResult(
+        database, trials, _records(database), False, where, time.perf_counter() - start
+    )
+
+
+def rpc_latency(
+    library: Path, rpc: RpcTarget, sample: Mapping[str, np.ndarray], runs: int
+) -> Latency:
+    """Upload a TVM library to a board from the tracker and time ``main`` there."""
+    import tvm
+    from tvm import rpc as tvm_rpc
+
+    from agent.runtimes import read_tvm_metadata
+
+    inputs, _ = read_tvm_metadata(library)
+    try:
+        tracker = tvm_rpc.connect_tracker(rpc.host, rpc.port)
+        remote = tracker.request(rpc.key, priority=1, session_timeout=120)
+        remote.upload(str(library))
+        device = remote.cpu()
+        vm = tvm.relax.VirtualMachine(remote.load_module(library.name), device)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(sample[s.name]), device) for s in inputs]
+        timer = vm.time_evaluator("main", device, number=1, repeat=runs, min_repeat_ms=0)
+        results = np.array(timer(*args).results) * 1000.0
+    except Exception as e:
+        raise StepError(f"measuring {library.name} through the RPC tracker failed: {e}") from e
+    return Latency(
+        float(np.median(results)), float(np.percentile(results, 95)), runs, f"rpc key {rpc.key}"
+    )

@@ -1,0 +1,221 @@
+"""The compile pipeline end to end on the digits CNN: real ONNX Runtime, TVM and LiteRT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from agent.runtimes import OnnxRuntime, TvmRuntime, load_runtime
+from compiler.errors import AccuracyGateError, DataError, ModelImportError, UnsupportedTargetError
+from compiler.pipeline import CompileOptions, compile_model, register_step
+from hw_profiles import load_profile
+from hw_profiles.cli_support import EXIT_ERROR
+from hw_profiles.console import app
+
+runner = CliRunner()
+EM_AARCH64 = 183
+
+
+def _compile(digits: Path, out: Path, model: str = "digits.onnx", **options: Any) -> dict[str, Any]:
+    profile = load_profile(options.pop("profile", "host"))
+    return compile_model(
+        CompileOptions(
+            model=digits / model,
+            profile=profile,
+            out_dir=out,
+            calibration=options.pop("calibration", digits / "digits.npz"),
+            latency_runs=5,
+            **options,
+        )
+    )
+
+
+def _candidate(report: dict[str, Any], cid: str) -> dict[str, Any]:
+    return next(c for c in report["candidates"] if c["id"] == cid)
+
+
+def test_report_follows_the_contract(digits: Path, tmp_path: Path) -> None:
+    report = _compile(digits, tmp_path / "out", quantize="int8")
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk == report
+    assert report["profile"] == "host"
+    assert len(report["source"]["sha256"]) == 64
+    assert {a["runtime"] for a in report["artifacts"]} == {"onnxruntime", "tvm"}
+    for artifact in report["artifacts"]:
+        path = tmp_path / "out" / artifact["path"]
+        assert path.stat().st_size == artifact["size_bytes"]
+    assert set(report["latency_ms"]) >= {"reference_onnxruntime", "onnxruntime:int8", "tvm:fp32"}
+    assert report["accuracy"]["metric"] == "top1_agreement"
+    assert [s["name"] for s in report["steps"]] == [
+        "import", "prune", "quantize", "tune", "build", "validate", "measure", "select"
+    ]  # fmt: skip
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert report["source"]["sha256"] in card and "onnxruntime" in card
+
+
+def test_static_int8_keeps_top1_accuracy_within_one_point(digits: Path, tmp_path: Path) -> None:
+    report = _compile(digits, tmp_path / "out", model="digits.keras", quantize="int8")
+    for cid in ("onnxruntime:int8", "litert:int8"):
+        accuracy = _candidate(report, cid)["accuracy"]
+        assert accuracy["reference_accuracy"] > 0.9
+        assert accuracy["reference_accuracy"] - accuracy["accuracy"] <= 0.01, cid
+    int8 = (tmp_path / "out" / "onnxruntime-int8.onnx").stat().st_size
+    fp32 = (digits / "digits.onnx").stat().st_size
+    assert int8 < 0.5 * fp32
+
+
+def test_every_candidate_runs_on_its_runtime_and_agrees_with_onnxruntime(
+    digits: Path, tmp_path: Path
+) -> None:
+    report = _compile(digits, tmp_path / "out", model="digits.keras", select="fastest")
+    data = np.load(digits / "digits.npz")
+    sample = {"image": data["image"][:64]}
+    reference = OnnxRuntime(digits / "digits.onnx").predict_batch(sample)[0]
+    for artifact in report["artifacts"]:
+        runtime = load_runtime(artifact["runtime"], tmp_path / "out" / artifact["path"])
+        outputs = runtime.predict_batch(sample)[0]
+        agreement = np.mean(outputs.argmax(1) == reference.argmax(1))
+        assert agreement >= 0.97, artifact["id"]
+        if artifact["precision"] == "none":
+            np.testing.assert_allclose(outputs, reference, atol=1e-3, err_msg=artifact["id"])
+
+
+def test_select_fastest_marks_the_lowest_p50_that_passed(digits: Path, tmp_path: Path) -> None:
+    report = _compile(digits, tmp_path / "out", model="digits.keras", select="fastest")
+    ids = {c["id"] for c in report["candidates"]}
+    assert {"onnxruntime:fp32", "onnxruntime:int8", "litert:int8", "tvm:fp32", "tvm:fp16"} <= ids
+    timed = [c for c in report["candidates"] if c["passed"] and c["latency_ms"]]
+    fastest = min(timed, key=lambda c: c["latency_ms"]["p50"])
+    assert report["selected"] == fastest["id"]
+    assert [c["id"] for c in report["candidates"] if c["selected"]] == [fastest["id"]]
+
+
+@pytest.fixture(scope="module")
+def tuned(
+    digits: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path, Path]:
+    """A host compile tuned with two trials: (report, cache directory, output directory)."""
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("tuned") / "out"
+    return _compile(digits, out, tune_trials=2, cache_dir=cache), cache, out
+
+
+def _step(report: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s["detail"] for s in report["steps"] if s["name"] == name)
+
+
+def test_a_tuned_tvm_build_matches_onnxruntime(
+    digits: Path, tuned: tuple[dict[str, Any], Path, Path]
+) -> None:
+    report, _, out = tuned
+    tune = _step(report, "tune")
+    assert tune["reused"] is False and tune["records"] >= 2
+    assert _step(report, "build")["tvm:fp32"]["tuned"] is True
+    sample = {"image": np.load(digits / "digits.npz")["image"][:32]}
+    reference = OnnxRuntime(digits / "digits.onnx").predict_batch(sample)[0]
+    tuned_output = TvmRuntime(out / "tvm-fp32.so").predict_batch(sample)[0]
+    np.testing.assert_allclose(tuned_output, reference, atol=1e-4)
+
+
+def test_a_second_compile_reuses_the_tuning_database(
+    digits: Path, tuned: tuple[dict[str, Any], Path, Path], tmp_path: Path
+) -> None:
+    first, cache, _ = tuned
+    database = Path(_step(first, "tune")["database"])
+    records = (database / "database_tuning_record.json").read_text()
+    again = _step(_compile(digits, tmp_path / "again", tune_trials=2, cache_dir=cache), "tune")
+    assert again["reused"] is True
+    assert Path(again["database"]) == database
+    assert (database / "database_tuning_record.json").read_text() == records  # no new trials
+
+
+def test_tuning_for_a_board_without_rpc_says_how(digits: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedTargetError, match="--rpc-tracker HOST:PORT"):
+        _compile(digits, tmp_path / "out", profile="rpi4", tune_trials=2, cache_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_rpi4_build_is_an_aarch64_elf_validated_through_a_host_build(
+    digits: Path, tmp_path: Path
+) -> None:
+    report = _compile(digits, tmp_path / "out", profile="rpi4", quantize="int8")
+    library = tmp_path / "out" / "tvm-fp32.so"
+    header = library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
+    assert json.loads(library.with_suffix(".json").read_text())["inputs"][0]["name"] == "image"
+    assert _candidate(report, "tvm:fp32")["accuracy"]["passed"] is True
+    assert "built for this machine" in _step(report, "build")["tvm:fp32"]["validated_with"]
+    assert "reference_onnxruntime" not in report["latency_ms"]
+    assert any("latency not measured" in note for note in report["notes"])
+
+
+def test_an_over_pruned_model_fails_the_gate_and_publishes_nothing(
+    digits: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier compile")
+    result = runner.invoke(
+        app,
+        ["compile", str(digits / "digits.onnx"), "--profile", "host", "--prune", "0.99",
+         "--calibration", str(digits / "digits.npz"), "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == EXIT_ERROR
+    message = " ".join(result.stderr.split())
+    assert "accuracy gate failed" in message
+    assert "top1_agreement" in message and "< threshold 0.9700" in message
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert not list(tmp_path.glob(".out.staging-*"))
+
+
+def test_gate_thresholds_can_be_overridden(digits: Path, tmp_path: Path) -> None:
+    with pytest.raises(AccuracyGateError, match="accuracy_drop"):
+        _compile(
+            digits,
+            tmp_path / "out",
+            prune=0.6,
+            gate=load_profile("host").accuracy_gate.model_copy(
+                update={"min_top1_agreement": 0.0, "max_accuracy_drop": 0.0}
+            ),
+        )
+
+
+def test_a_corrupt_onnx_file_gives_a_clear_error(digits: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes((digits / "digits.onnx").read_bytes()[:300])
+    result = runner.invoke(app, ["compile", str(corrupt), "--profile", "host"])
+    assert result.exit_code == EXIT_ERROR
+    assert str(corrupt) in result.stderr.replace("\n", "")
+    assert "ONNX" in result.stderr
+    with pytest.raises(ModelImportError):
+        _compile(tmp_path, tmp_path / "out", model="corrupt.onnx", calibration=None)
+
+
+def test_without_data_static_int8_is_refused_and_the_gate_skipped(
+    digits: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(DataError, match="int8-dynamic"):
+        _compile(digits, tmp_path / "a", quantize="int8", calibration=None)
+    report = _compile(digits, tmp_path / "b", quantize="int8-dynamic", calibration=None)
+    assert report["accuracy"] is None
+    assert any("accuracy gate are skipped" in n for n in report["notes"])
+
+
+def test_a_data_file_that_does_not_fit_the_model_is_named(digits: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((4, 8, 8, 1), "float32"))
+    with pytest.raises(DataError, match="missing \\['image'\\], unexpected \\['pixels'\\]"):
+        _compile(digits, tmp_path / "out", calibration=bad)
+    np.savez(bad, image=np.zeros((4, 8, 8), "float32"))
+    with pytest.raises(DataError, match=r"expected \(N, 8, 8, 1\)"):
+        _compile(digits, tmp_path / "out", calibration=bad)
+
+
+def test_steps_cannot_be_registered_twice() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_step("quantize")(lambda ctx: {})
