@@ -8,6 +8,7 @@ list in the model's output order, always as float32 when the model quantized its
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -73,8 +74,6 @@ def _per_sample(
 
 
 def _require(module: str, runtime: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:

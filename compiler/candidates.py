@@ -45,7 +45,7 @@ class Candidate:
     runtime: RuntimeName
     precision: Precision
     artifact: Path
-    runnable: Path | None
+    runnable: Path
     device: Literal["cpu", "gpu"] = "cpu"
     comparison: Comparison | None = None
     latency: Latency | None = None

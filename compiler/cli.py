@@ -29,10 +29,16 @@ class _ProgressHook:
         self._status.start()
 
     def after_step(self, name: str, seconds: float, detail: dict[str, Any]) -> None:
-        self._status.stop()
+        self.close()
         skipped = detail.get("skipped") if isinstance(detail, dict) else None
         suffix = f" [dim](skipped: {skipped})[/]" if skipped else ""
         _stderr.print(f"[green]done[/] {name:<9} {seconds:7.2f} s{suffix}", highlight=False)
+
+    def close(self) -> None:
+        """Stop the spinner, also when a step failed and ``after_step`` never came."""
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 @contextlib.contextmanager
@@ -53,7 +59,7 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
         os.close(saved)
 
 
-def _candidates_table(report: dict[str, Any]) -> Table:
+def candidates_table(report: dict[str, Any]) -> Table:
     metrics = {c["accuracy"]["metric"] for c in report["candidates"] if c["accuracy"]}
     title = f"Candidates for {report['profile']}" + (f" ({', '.join(metrics)})" if metrics else "")
     table = Table(title=title, title_justify="left")
@@ -100,6 +106,10 @@ def compile_command(
     prune_scope: Annotated[
         str, typer.Option(help="Magnitude pruning threshold: global or per layer.")
     ] = "global",
+    keep_float: Annotated[
+        list[str] | None,
+        typer.Option(help="ONNX node name that int8 leaves in float; repeat for several."),
+    ] = None,
     tune_trials: Annotated[
         int, typer.Option(help="MetaSchedule trials; 0 skips tuning.", min=0)
     ] = 0,
@@ -126,6 +136,7 @@ def compile_command(
 ) -> None:
     """Prune, quantize, tune and build MODEL for a hardware profile, behind an accuracy gate."""
     from hw_profiles import ProfileError, load_profile
+    from hw_profiles.schema import AccuracyGate
 
     from .candidates import PRECISIONS
     from .errors import CompilerError
@@ -161,22 +172,27 @@ def compile_command(
             prune=prune,
             prune_structured=prune_structured,
             prune_scope=cast(Literal["global", "layer"], prune_scope),
+            keep_float=tuple(keep_float or ()),
             tune_trials=tune_trials,
             rpc=RpcTarget.parse(rpc_tracker, rpc_key) if rpc_tracker else None,
             select=cast(Literal["fastest"] | None, select),
-            gate=hw.accuracy_gate.model_copy(update=overrides),
+            gate=AccuracyGate.model_validate({**hw.accuracy_gate.model_dump(), **overrides}),
             latency_runs=latency_runs,
             **({"cache_dir": cache_dir} if cache_dir else {}),
         )
-        with _stdout_to_stderr(json_output):
-            report = compile_model(options, hooks=[_ProgressHook()])
+        progress = _ProgressHook()
+        try:
+            with _stdout_to_stderr(json_output):
+                report = compile_model(options, hooks=[progress])
+        finally:
+            progress.close()
     except (ProfileError, CompilerError, ValueError) as e:
         fail(e)
     if json_output:
         print_json(report)
         return
     console = Console()
-    console.print(_candidates_table(report))
+    console.print(candidates_table(report))
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"wrote {out / 'report.json'} and {out / 'MODEL_CARD.md'}")

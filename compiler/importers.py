@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import onnx
 
+from agent.errors import ModelLoadError
 from agent.runtimes import OnnxRuntime, TensorSpec
 
 from .errors import ModelImportError
@@ -75,16 +76,17 @@ def import_model(path: Path, work_dir: Path) -> SourceModel:
     if not path.exists():
         raise ModelImportError(f"model {path} does not exist")
     kind = _kind(path)
+    sha = _sha256_tree(path) if kind == "saved_model" else sha256_file(path)
     if kind == "onnx":
-        onnx_path, sha = path, sha256_file(path)
+        onnx_path = path
         _check_onnx(path)
     else:
-        onnx_path, sha = (
-            work_dir / "source.onnx",
-            (_sha256_tree(path) if kind == "saved_model" else sha256_file(path)),
-        )
+        onnx_path = work_dir / "source.onnx"
         _tensorflow_to_onnx(path, kind, onnx_path)
-    session = OnnxRuntime(onnx_path)  # the fp32 reference runs on ONNX Runtime
+    try:
+        session = OnnxRuntime(onnx_path)  # the fp32 reference runs on ONNX Runtime
+    except ModelLoadError as e:
+        raise ModelImportError(f"{path}: the fp32 reference does not load: {e}") from e
     return SourceModel(path, kind, sha, onnx_path, session.inputs, session.outputs)
 
 

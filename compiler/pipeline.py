@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import onnx
 
-from agent.runtimes import OnnxRuntime, TensorSpec, load_runtime
+from agent.errors import AgentError
+from agent.runtimes import OnnxRuntime, Runtime, TensorSpec, load_runtime
 from hw_profiles import Profile
 from hw_profiles.host import runs_here
 from hw_profiles.schema import AccuracyGate
@@ -72,6 +74,7 @@ class CompileOptions:
     prune: float = 0.0
     prune_structured: bool = False
     prune_scope: PruneScope = "global"
+    keep_float: tuple[str, ...] = ()  # ONNX node names int8 quantization leaves in float
     tune_trials: int = 0
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     rpc: RpcTarget | None = None
@@ -136,12 +139,13 @@ class StepHook(Protocol):
 
 
 class _StepRecorder:
+    """Keeps each step's time and detail for report.json."""
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
-        self._start = 0.0
 
     def before_step(self, name: str) -> None:
-        self._start = time.perf_counter()
+        pass
 
     def after_step(self, name: str, seconds: float, detail: dict[str, Any]) -> None:
         self.records.append({"name": name, "seconds": round(seconds, 3), "detail": detail})
@@ -233,7 +237,7 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
         if "onnxruntime" in runtimes:
             path = _artifact_path(ctx, "onnxruntime", precision, ".onnx")
             detail[candidate_id("onnxruntime", precision)] = quantize.quantize_onnx(
-                ctx.model_path, path, precision, ctx.calibration
+                ctx.model_path, path, precision, ctx.calibration, ctx.options.keep_float
             )
             ctx.candidates.append(
                 Candidate("onnxruntime", precision, path, path, runtimes["onnxruntime"].device)
@@ -310,16 +314,27 @@ def _build(ctx: CompileContext) -> dict[str, Any]:
     return detail
 
 
+def _load(candidate: Candidate) -> Runtime:
+    """The runtime for what runs here of ``candidate``, on every core like TVM's runtime (so
+    latencies compare); a build that does not load is a failed step, not bad input."""
+    threads = {} if candidate.runtime == "tvm" else {"threads": os.cpu_count() or 1}
+    try:
+        return load_runtime(candidate.runtime, candidate.runnable, **threads)
+    except AgentError as e:
+        raise StepError(f"{candidate.id} was built but does not load: {e}") from e
+
+
 def _tvm_precisions(ctx: CompileContext) -> list[Precision]:
     """TVM builds fp32 and fp16; an int8 request gets a TVM fp32 build beside the int8
     ONNX Runtime / LiteRT artifacts (TVM here has no int8 kernels that beat fp32)."""
+    unsupported = [p for p in ctx.precisions if p not in tvm_build.TVM_PRECISIONS]
+    if unsupported:
+        ctx.notes.append(f"tvm {', '.join(unsupported)} not built: {tvm_build.TVM_PRECISIONS_WHY}")
     chosen: list[Precision] = []
     for precision in ctx.precisions:
-        if precision not in tvm_build.TVM_PRECISIONS:
-            ctx.notes.append(f"tvm:{precision} not built: {tvm_build.TVM_PRECISIONS_WHY}")
-            precision = "none"
-        if precision not in chosen:
-            chosen.append(precision)
+        substitute: Precision = precision if precision in tvm_build.TVM_PRECISIONS else "none"
+        if substitute not in chosen:
+            chosen.append(substitute)
     return chosen
 
 
@@ -335,10 +350,7 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
     reference = _reference_outputs(ctx, ctx.validation)
     detail: dict[str, Any] = {}
     for candidate in ctx.candidates:
-        if candidate.runnable is None:
-            detail[candidate.id] = "not validated: cannot run on this machine"
-            continue
-        runtime = load_runtime(candidate.runtime, candidate.runnable)
+        runtime = _load(candidate)
         outputs = runtime.predict_batch(ctx.validation.inputs)[0]
         runtime.close()
         candidate.comparison = compare(reference, outputs, ctx.validation.labels, ctx.gate)
@@ -378,8 +390,7 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
         elif candidate.device == "gpu":
             candidate.latency_note = "not measured: needs the board's GPU"
         else:
-            assert candidate.runnable is not None
-            runtime = load_runtime(candidate.runtime, candidate.runnable)
+            runtime = _load(candidate)
             candidate.latency = measure_latency(runtime, sample, ctx.options.latency_runs)
             runtime.close()
         if candidate.latency:
@@ -391,8 +402,6 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
 
 def _latency_sample(ctx: CompileContext) -> dict[str, Any]:
     """One sample to time with: the first validation sample, else zeros (timing only)."""
-    import numpy as np
-
     data = ctx.validation or ctx.calibration
     if data is not None:
         return {k: v[:1] for k, v in data.inputs.items()}
@@ -407,15 +416,15 @@ def _one(spec: TensorSpec) -> tuple[int, ...]:
 def _select(ctx: CompileContext) -> dict[str, Any]:
     if ctx.options.select is None:
         return {"skipped": "no --select"}
-    timed = [c for c in ctx.candidates if c.passed and c.latency is not None]
-    if not timed:
+    p50 = {c.id: c.latency.p50 for c in ctx.candidates if c.passed and c.latency is not None}
+    if not p50:
         raise StepError(
             "--select fastest needs latencies, and none was measured: use a profile this "
             "machine can run (host) or --rpc-tracker to measure on a board"
         )
-    fastest = min(timed, key=lambda c: c.latency.p50)  # type: ignore[union-attr]
-    fastest.selected = True
-    return {"selected": fastest.id, "p50_ms": {c.id: c.latency.p50 for c in timed}}  # type: ignore[union-attr]
+    fastest = min(p50, key=p50.__getitem__)
+    next(c for c in ctx.candidates if c.id == fastest).selected = True
+    return {"selected": fastest, "p50_ms": p50}
 
 
 # --- driver ------------------------------------------------------------------------------
@@ -480,6 +489,7 @@ def _settings(options: CompileOptions) -> dict[str, Any]:
         "prune": options.prune,
         "prune_structured": options.prune_structured,
         "prune_scope": options.prune_scope,
+        "keep_float": list(options.keep_float),
         "tune_trials": options.tune_trials,
         "select": options.select,
         "rpc_tracker": f"{options.rpc.host}:{options.rpc.port}" if options.rpc else None,

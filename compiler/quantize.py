@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,9 @@ def quantize_onnx(
     keep_float: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write ``src`` at ``precision`` to ``dst``; ``keep_float`` names nodes left in float."""
+    unknown = set(keep_float) - {node.name for node in onnx.load(str(src)).graph.node}
+    if unknown:
+        raise StepError(f"--keep-float names nodes the model does not have: {sorted(unknown)}")
     try:
         if precision == "none":
             shutil.copyfile(src, dst)
@@ -55,7 +57,6 @@ def _static(src: Path, dst: Path, data: Dataset, keep_float: Sequence[str]) -> d
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -64,21 +65,20 @@ def _static(src: Path, dst: Path, data: Dataset, keep_float: Sequence[str]) -> d
         def get_next(self) -> dict[str, Any] | None:
             return next(self._samples, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(dst),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=list(keep_float),
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+    # No quant_pre_process: it fuses MatMul+Add into renamed Gemms, and --keep-float names
+    # must stay the node names the user sees in the model.
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=list(keep_float),
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
     return {
         "precision": "int8",
         "format": "QDQ",

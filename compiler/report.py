@@ -104,6 +104,17 @@ def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
+def _summary(detail: dict[str, Any]) -> str:
+    """Scalar settings as ``key=value``; nested results by name (report.json has them all)."""
+    parts = []
+    for key, value in detail.items():
+        if isinstance(value, dict | list):
+            parts.append(f"{key} (see report.json)")
+        else:
+            parts.append(f"{key}={value}")
+    return "; ".join(parts).replace("|", "/") or "-"
+
+
 def write_model_card(report: dict[str, Any], out_dir: Path) -> Path:
     """The metadata a model registry needs, for people: what, from what, how, how good."""
     lines = [
@@ -121,8 +132,7 @@ def write_model_card(report: dict[str, Any], out_dir: Path) -> Path:
         "| --- | ---: | --- |",
     ]
     for step in report["steps"]:
-        detail = json.dumps(step["detail"], sort_keys=True)
-        lines.append(f"| {step['name']} | {step['seconds']:.2f} | `{detail[:300]}` |")
+        lines.append(f"| {step['name']} | {step['seconds']:.2f} | {_summary(step['detail'])} |")
     lines += [
         "",
         "## Candidates",

@@ -89,6 +89,12 @@ def _strategy(trials: int) -> str:
     return "evolutionary" if trials >= _EVOLUTIONARY_MIN_TRIALS else "replay-trace"
 
 
+def _trials_per_round(trials: int, tasks: int) -> int:
+    """Spread the budget over every task: MetaSchedule's default of 64 a round would spend
+    a budget of 64 on one operator of a 30-operator network and leave the rest untuned."""
+    return max(1, min(64, trials // max(tasks, 1)))
+
+
 def _drop_stale_tuning_loggers() -> None:
     """Close the handlers an earlier tune in this process left on MetaSchedule's logger.
 
@@ -157,13 +163,14 @@ def tune_model(
         )
     _drop_stale_tuning_loggers()
     try:
+        tasks = len(ms.relax_integration.extract_tasks(mod, target))
         ms.relax_integration.tune_relax(
             mod,
             params={},
             target=target,
             work_dir=str(scratch),
             max_trials_global=trials,
-            num_trials_per_iter=min(trials, 64),
+            num_trials_per_iter=_trials_per_round(trials, tasks),
             runner=runner,
             strategy=_strategy(trials),
             seed=0,

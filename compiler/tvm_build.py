@@ -39,7 +39,7 @@ class GpuToolchainMissing(StepError):
 @dataclass(frozen=True)
 class TvmBuild:
     artifact: Path
-    runnable: Path | None
+    runnable: Path
     target: str
     tuned: bool
     seconds: float

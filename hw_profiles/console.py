@@ -8,8 +8,10 @@ command that needs them, so ``edgefleet --help`` works on an ``edgefleet[agent]`
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
-from rich.console import Console
 
 import agent.cli
 import compiler.cli
@@ -17,8 +19,6 @@ import fleet.cli
 import ota.cli
 
 from . import cli as profiles_cli
-from .errors import ProfileError
-from .loader import list_profiles, load_profile
 
 app = typer.Typer(
     name="edgefleet",
@@ -34,18 +34,12 @@ app.add_typer(agent.cli.app, name="agent")
 
 
 @app.command("demo")
-def demo() -> None:
-    """Run the end-to-end story on one machine (compile, bundle, roll out, serve)."""
-    console = Console()
-    profiles = []
-    for name in list_profiles():
-        try:
-            profiles.append(load_profile(name))
-        except ProfileError as e:
-            console.print(f"[yellow]skipped a broken profile:[/] {e}")
-    console.print(profiles_cli.profiles_table(profiles))
-    console.print(
-        "\n[bold]The full demo is coming.[/] Today edgefleet knows the hardware profiles above. "
-        "The end-to-end story (compile a model for a profile, sign a bundle, roll it out "
-        "through the fleet server, install it with the agent) arrives with issues #3 to #6."
-    )
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its models.")] = Path(
+        "build/demo"
+    ),
+) -> None:
+    """Run the end-to-end story on one machine: train, compile per profile, gate, report."""
+    from .demo import run_demo
+
+    run_demo(out)

@@ -108,11 +108,14 @@ def test_commands_of_later_issues_refuse_instead_of_pretending(args: list[str], 
     assert f"issue #{issue}" in result.stderr
 
 
-def test_demo_shows_the_profiles_and_says_what_is_coming() -> None:
-    result = runner.invoke(app, ["demo"])
+def test_demo_trains_and_compiles_for_this_machine_and_a_pi(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "jetson-orin-nano" in result.output
-    assert "full demo is coming" in result.output
+    assert "selected" in result.output
+    host = json.loads((tmp_path / "host" / "report.json").read_text())
+    assert host["selected"] is not None
+    assert (tmp_path / "rpi4" / "tvm-fp32.so").read_bytes()[18] == 183  # EM_AARCH64
+    assert (tmp_path / "rpi4" / "onnxruntime-int8.onnx").exists()
 
 
 def test_the_installed_console_script_runs() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,13 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.runtimes import OnnxRuntime, TvmRuntime, load_runtime
-from compiler.errors import AccuracyGateError, DataError, ModelImportError, UnsupportedTargetError
+from compiler.errors import (
+    AccuracyGateError,
+    DataError,
+    ModelImportError,
+    StepError,
+    UnsupportedTargetError,
+)
 from compiler.pipeline import CompileOptions, compile_model, register_step
 from hw_profiles import load_profile
 from hw_profiles.cli_support import EXIT_ERROR
@@ -219,3 +227,44 @@ def test_a_data_file_that_does_not_fit_the_model_is_named(digits: Path, tmp_path
 def test_steps_cannot_be_registered_twice() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_step("quantize")(lambda ctx: {})
+
+
+def test_keep_float_leaves_the_named_operator_unquantized(digits: Path, tmp_path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(digits / "digits.onnx"))
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    report = _compile(digits, tmp_path / "out", quantize="int8", keep_float=(first_conv.name,))
+    assert _step(report, "quantize")["onnxruntime:int8"]["kept_in_float"] == [first_conv.name]
+    quantized = onnx.load(str(tmp_path / "out" / "onnxruntime-int8.onnx"))
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    conv = next(n for n in quantized.graph.node if n.name == first_conv.name)
+    weight_producer = producers.get(conv.input[1])
+    assert weight_producer is None or weight_producer.op_type != "DequantizeLinear"
+    others = [n for n in quantized.graph.node if n.op_type == "Conv" and n.name != conv.name]
+    assert producers[others[0].input[1]].op_type == "DequantizeLinear"
+    with pytest.raises(StepError, match="does not have"):
+        _compile(digits, tmp_path / "bad", quantize="int8", keep_float=("no-such-node",))
+
+
+def test_json_output_is_only_the_report_even_when_tensorflow_prints(
+    digits: Path, tmp_path: Path
+) -> None:
+    script = Path(sys.executable).parent / "edgefleet"
+    result = subprocess.run(
+        [str(script), "compile", str(digits / "digits.keras"), "--profile", "host",
+         "--quantize", "int8", "--calibration", str(digits / "digits.npz"),
+         "--out", str(tmp_path / "out"), "--json", "--latency-runs", "3"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report == json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "litert:int8" in {a["id"] for a in report["artifacts"]}
+
+
+def test_a_corrupt_data_file_is_a_data_error(digits: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "data.npz"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
+        _compile(digits, tmp_path / "out", calibration=corrupt)

@@ -1,0 +1,69 @@
+"""``edgefleet demo``: the end-to-end story on one machine, on the embedded defaults.
+
+Today the story runs as far as edgefleet goes: train the digits CNN (examples/digits),
+compile it for this machine (every runtime and precision, the fastest selected) and for a
+Raspberry Pi 4 (int8, cross-linked), behind the accuracy gate. Signing, rollout and the
+agent join as their issues land.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .cli_support import fail
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
+
+
+def run_demo(out: Path) -> None:
+    from compiler.cli import candidates_table
+    from compiler.errors import CompilerError
+    from compiler.pipeline import CompileOptions, compile_model
+
+    from .loader import load_profile
+
+    console = Console()
+    if not EXAMPLE.is_file():
+        fail(f"the demo trains {EXAMPLE}, which is not here: run it from a source checkout")
+    console.rule("1. Train a small CNN on scikit-learn's digits (examples/digits)")
+    data = out / "digits"
+    trained = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--out", str(data)], capture_output=True, text=True
+    )
+    if trained.returncode != 0:
+        fail(f"training failed:\n{trained.stderr[-2000:]}")
+    console.print(trained.stdout.strip())
+
+    plans = [
+        ("2. Compile for this machine: every runtime and precision, fastest selected", "host",
+         {"select": "fastest"}),
+        ("3. Compile for a Raspberry Pi 4: int8, TVM cross-linked for AArch64", "rpi4",
+         {"quantize": "int8"}),
+    ]  # fmt: skip
+    for title, profile, extra in plans:
+        console.rule(title)
+        try:
+            report = compile_model(
+                CompileOptions(
+                    model=data / "digits.keras",
+                    profile=load_profile(profile),
+                    out_dir=out / profile,
+                    calibration=data / "digits.npz",
+                    **extra,  # type: ignore[arg-type]
+                )
+            )
+        except CompilerError as e:
+            fail(e)
+        console.print(candidates_table(report))
+        for note in report["notes"]:
+            console.print(f"[yellow]note:[/] {note}")
+        console.print(f"artifacts, report.json and MODEL_CARD.md in {out / profile}")
+    console.rule("Next")
+    console.print(
+        "Signing these artifacts into TUF bundles (issue #4), rolling them out through the "
+        "fleet server (#5) and serving them with the agent (#6) join this demo as they land."
+    )
