@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from .candidates import Precision
 from .data import Dataset
@@ -28,25 +30,43 @@ def quantize_onnx(
     calibration: Dataset | None,
     keep_float: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write ``src`` at ``precision`` to ``dst``; ``keep_float`` names nodes left in float."""
-    unknown = set(keep_float) - {node.name for node in onnx.load(str(src)).graph.node}
-    if unknown:
-        raise StepError(f"--keep-float names nodes the model does not have: {sorted(unknown)}")
+    """Write ``src`` at ``precision`` to ``dst``; ``keep_float`` names nodes left in float.
+
+    Integer quantization runs on the model after ONNX Runtime's pre-processing (shape
+    inference and graph optimization, which folds and fuses nodes so fewer Q/DQ pairs are
+    needed); ``keep_float`` names nodes of that model.
+    """
     try:
         if precision == "none":
             shutil.copyfile(src, dst)
             return {"precision": "fp32"}
         if precision == "fp16":
             return _fp16(src, dst)
-        if precision == "int8-dynamic":
-            return _dynamic(src, dst, keep_float)
-        if calibration is None:
+        if precision == "int8" and calibration is None:
             raise StepError("static int8 needs calibration data")
-        return _static(src, dst, calibration, keep_float)
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            _check_node_names(prepared, keep_float)
+            if precision == "int8-dynamic":
+                return _dynamic(prepared, dst, keep_float)
+            assert calibration is not None
+            return _static(prepared, dst, calibration, keep_float)
     except StepError:
         raise
     except Exception as e:  # onnxruntime.quantization raises untyped errors
         raise StepError(f"ONNX Runtime could not quantize {src.name} to {precision}: {e}") from e
+
+
+def _check_node_names(model: Path, names: Sequence[str]) -> None:
+    nodes = [node.name for node in onnx.load(str(model)).graph.node]
+    unknown = sorted(set(names) - set(nodes))
+    if unknown:
+        raise StepError(
+            f"--keep-float names nodes that are not in the model as it is quantized: {unknown}. "
+            "ONNX Runtime's pre-processing fuses and renames some nodes (MatMul+Add into Gemm); "
+            f"its nodes are: {', '.join(nodes[:40])}{' ...' if len(nodes) > 40 else ''}"
+        )
 
 
 def _static(src: Path, dst: Path, data: Dataset, keep_float: Sequence[str]) -> dict[str, Any]:
@@ -65,8 +85,6 @@ def _static(src: Path, dst: Path, data: Dataset, keep_float: Sequence[str]) -> d
         def get_next(self) -> dict[str, Any] | None:
             return next(self._samples, None)
 
-    # No quant_pre_process: it fuses MatMul+Add into renamed Gemms, and --keep-float names
-    # must stay the node names the user sees in the model.
     quantize_static(
         str(src),
         str(dst),

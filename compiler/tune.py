@@ -95,6 +95,19 @@ def _trials_per_round(trials: int, tasks: int) -> int:
     return max(1, min(64, trials // max(tasks, 1)))
 
 
+def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default build without its ``import tvm.s_tir.tensor_intrin``.
+
+    That import takes ~20 s, every builder worker pays it again each round, and on 2 cores
+    builds then hit the builder's timeout. The schedules are made in this process, which has
+    the intrinsics loaded; the workers only lower and compile them.
+    """
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
 def _drop_stale_tuning_loggers() -> None:
     """Close the handlers an earlier tune in this process left on MetaSchedule's logger.
 
@@ -172,6 +185,7 @@ def tune_model(
             max_trials_global=trials,
             num_trials_per_iter=_trials_per_round(trials, tasks),
             runner=runner,
+            builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
             strategy=_strategy(trials),
             seed=0,
         )

@@ -134,8 +134,9 @@ def build(
     start = time.perf_counter()
     mod = _to_precision(import_relax(onnx_path, inputs), precision)
     target = tvm_target(profile, device)
+    database = database if device == "cpu" else None  # tuning covers the CPU target only
     try:
-        executable = compile_module(mod, target, database if device == "cpu" else None)
+        executable = compile_module(mod, target, database)
     except Exception as e:
         if device == "gpu" and ("nvcc" in str(e) or "nvrtc" in str(e).lower()):
             raise GpuToolchainMissing(
@@ -147,7 +148,9 @@ def build(
     write_tvm_metadata(out_path, specs_in, specs_out)
 
     here, why = runs_here(profile.arch, profile.targets.cpu)
-    if here and device == "cpu":
+    if device == "gpu":
+        here, why = False, "the artifact runs on the board's GPU"
+    if here:
         runnable, note = out_path, "the artifact itself"
     else:
         host = load_profile("host")
