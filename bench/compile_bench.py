@@ -88,7 +88,7 @@ def row(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-X
+        "--trials", default="136,544", help="MetaSchedule budgets, comma-separated ('' for none)"
     )
     parser.add_argument("--runs", type=int, default=100, help="timed calls per artifact")
     parser.add_argument("--samples", type=int, default=32, help="random inputs for agreement")
