@@ -10,15 +10,20 @@ from agent.runtimes import RuntimeName
 
 from .validate import Comparison
 
-__all__ = ["PRECISIONS", "Candidate", "Latency", "Precision", "candidate_id"]
+__all__ = ["PRECISIONS", "Candidate", "Latency", "Precision", "candidate_id", "precision_label"]
 
 Precision = Literal["none", "int8", "int8-dynamic", "fp16"]
 PRECISIONS: tuple[Precision, ...] = ("none", "int8", "int8-dynamic", "fp16")
 
 
+def precision_label(precision: Precision) -> str:
+    """How reports and file names say a precision: fp32 for no quantization."""
+    return "fp32" if precision == "none" else precision
+
+
 def candidate_id(runtime: str, precision: Precision) -> str:
-    """``runtime:precision`` as reports name it, fp32 for no quantization."""
-    return f"{runtime}:{'fp32' if precision == 'none' else precision}"
+    """``runtime:precision`` as reports name a candidate."""
+    return f"{runtime}:{precision_label(precision)}"
 
 
 @dataclass(frozen=True)

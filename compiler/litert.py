@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .candidates import Precision
+from .candidates import Precision, precision_label
 from .data import Dataset
 from .errors import StepError
 from .importers import SourceModel, load_keras
@@ -27,7 +27,7 @@ def convert(
         converter = tf.lite.TFLiteConverter.from_saved_model(str(source.path))
     else:
         converter = tf.lite.TFLiteConverter.from_keras_model(load_keras(source.path, source.kind))
-    detail: dict[str, Any] = {"precision": "fp32" if precision == "none" else precision}
+    detail: dict[str, Any] = {"precision": precision_label(precision)}
     if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]

@@ -27,7 +27,7 @@ from hw_profiles.host import runs_here
 from hw_profiles.schema import AccuracyGate
 
 from . import litert, quantize, tune, tvm_build
-from .candidates import Candidate, Latency, Precision, candidate_id
+from .candidates import Candidate, Latency, Precision, candidate_id, precision_label
 from .data import Dataset, load_dataset
 from .errors import AccuracyGateError, DataError, StepError, UnsupportedTargetError
 from .importers import SourceModel, import_model
@@ -223,8 +223,7 @@ def _prune(ctx: CompileContext) -> dict[str, Any]:
 
 
 def _artifact_path(ctx: CompileContext, runtime: str, precision: Precision, suffix: str) -> Path:
-    label = "fp32" if precision == "none" else precision
-    return ctx.staging / f"{runtime}-{label}{suffix}"
+    return ctx.staging / f"{runtime}-{precision_label(precision)}{suffix}"
 
 
 @register_step("quantize")
@@ -233,6 +232,8 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
     assert ctx.model_path is not None
     detail: dict[str, Any] = {}
     runtimes = {r.name: r for r in ctx.profile.runtimes}
+    if "litert" in runtimes and ctx.model().is_tensorflow and ctx.options.prune > 0:
+        ctx.notes.append("litert converts the TensorFlow model, which is not pruned")
     for precision in ctx.precisions:
         if "onnxruntime" in runtimes:
             path = _artifact_path(ctx, "onnxruntime", precision, ".onnx")
@@ -243,8 +244,6 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
                 Candidate("onnxruntime", precision, path, path, runtimes["onnxruntime"].device)
             )
         if "litert" in runtimes and ctx.model().is_tensorflow:
-            if ctx.options.prune > 0:
-                ctx.notes.append("litert converts the TensorFlow model, which is not pruned")
             path = _artifact_path(ctx, "litert", precision, ".tflite")
             detail[candidate_id("litert", precision)] = litert.convert(
                 ctx.model(), path, precision, ctx.calibration
@@ -267,8 +266,8 @@ def _tune(ctx: CompileContext) -> dict[str, Any]:
     trials = ctx.options.tune_trials
     if trials <= 0 or ctx.profile.runtime("tvm") is None:
         return {"skipped": "no --tune-trials" if trials <= 0 else "profile has no tvm runtime"}
-    runs_here, why = _runs_here(ctx)
-    if not runs_here and ctx.options.rpc is None:
+    here, why = _runs_here(ctx)
+    if not here and ctx.options.rpc is None:
         raise UnsupportedTargetError(
             f"tuning measures candidates on the target, and {why}; pass --rpc-tracker HOST:PORT "
             "--rpc-key KEY to tune on a board, or --tune-trials 0"
@@ -371,10 +370,10 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
 
 @register_step("measure")
 def _measure(ctx: CompileContext) -> dict[str, Any]:
-    runs_here, why = _runs_here(ctx)
+    here, why = _runs_here(ctx)
     sample = _latency_sample(ctx)
     detail: dict[str, Any] = {}
-    if runs_here:
+    if here:
         reference = OnnxRuntime(ctx.model().onnx_path)
         ctx.reference_latency = measure_latency(reference, sample, ctx.options.latency_runs)
         reference.close()
@@ -385,7 +384,7 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
             candidate.latency = tune.rpc_latency(
                 candidate.artifact, ctx.options.rpc, sample, ctx.options.latency_runs
             )
-        elif not runs_here:
+        elif not here:
             candidate.latency_note = f"not measured: {why}"
         elif candidate.device == "gpu":
             candidate.latency_note = "not measured: needs the board's GPU"
@@ -395,7 +394,7 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
             runtime.close()
         if candidate.latency:
             detail[candidate.id] = candidate.latency.as_report()
-    if not runs_here:
+    if not here:
         ctx.notes.append(f"latency not measured on this machine: {why}")
     return detail
 
