@@ -163,17 +163,11 @@ class LiteRTRuntime:
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [
-            TensorSpec(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"].__name__)
-            for d in self._in
-        ]
+        return [_litert_spec(d) for d in self._in]
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [
-            TensorSpec(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"].__name__)
-            for d in self._out
-        ]
+        return [_litert_spec(d) for d in self._out]
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         for detail, value in zip(self._in, inputs.values(), strict=True):
@@ -189,6 +183,12 @@ class LiteRTRuntime:
 
     def close(self) -> None:
         del self._interpreter
+
+
+def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(
+        detail["name"], tuple(int(x) for x in detail["shape"]), detail["dtype"].__name__
+    )
 
 
 def _quantize(value: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:

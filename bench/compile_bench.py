@@ -166,7 +166,11 @@ def main() -> None:
         for trials in budgets:
             start = time.perf_counter()
             result = tune.tune_model(
-                source.onnx_path, host, trials=trials, cache_root=work / f"cache-{trials}"
+                source.onnx_path,
+                host,
+                inputs=source.inputs,
+                trials=trials,
+                cache_root=work / f"cache-{trials}",
             )
             minutes = (time.perf_counter() - start) / 60
             tvm_row(f"tuned {trials} trials", result.database, f"tuning {minutes:.1f} min")

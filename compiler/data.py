@@ -25,14 +25,13 @@ LABELS_KEY = "labels"
 class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
-    source: Path | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def take(self, indices: slice | np.ndarray) -> Dataset:
         labels = None if self.labels is None else self.labels[indices]
-        return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source)
+        return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels)
 
     def split(self, fraction: float) -> tuple[Dataset, Dataset]:
         """The first ``fraction`` of samples and the rest, in order (deterministic)."""
@@ -81,7 +80,7 @@ def load_dataset(path: Path, model_inputs: Sequence[TensorSpec]) -> Dataset:
         raise DataError(
             f"{path}: every array needs the same, non-zero number of samples; got {counts}"
         )
-    return Dataset(inputs, labels, path)
+    return Dataset(inputs, labels)
 
 
 def _dim(d: int | None) -> str:

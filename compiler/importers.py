@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,11 @@ SourceKind = Literal["onnx", "keras", "saved_model"]
 
 @dataclass(frozen=True)
 class SourceModel:
-    """The model as given (``path``, ``kind``, ``sha256``) and its ONNX form (``onnx_path``)."""
+    """The model as given (``path``, ``kind``, ``sha256``) and its ONNX form (``onnx_path``).
+
+    ``keras_model`` is the loaded Keras model of a TensorFlow source, kept so the LiteRT
+    converter does not load it again for every precision.
+    """
 
     path: Path
     kind: SourceKind
@@ -34,6 +38,7 @@ class SourceModel:
     onnx_path: Path
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    keras_model: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_tensorflow(self) -> bool:
@@ -77,17 +82,18 @@ def import_model(path: Path, work_dir: Path) -> SourceModel:
         raise ModelImportError(f"model {path} does not exist")
     kind = _kind(path)
     sha = _sha256_tree(path) if kind == "saved_model" else sha256_file(path)
+    keras_model = None
     if kind == "onnx":
         onnx_path = path
         _check_onnx(path)
     else:
         onnx_path = work_dir / "source.onnx"
-        _tensorflow_to_onnx(path, kind, onnx_path)
+        keras_model = _tensorflow_to_onnx(path, kind, onnx_path)
     try:
         session = OnnxRuntime(onnx_path)  # the fp32 reference runs on ONNX Runtime
     except ModelLoadError as e:
         raise ModelImportError(f"{path}: the fp32 reference does not load: {e}") from e
-    return SourceModel(path, kind, sha, onnx_path, session.inputs, session.outputs)
+    return SourceModel(path, kind, sha, onnx_path, session.inputs, session.outputs, keras_model)
 
 
 def _check_onnx(path: Path) -> None:
@@ -147,7 +153,8 @@ def _call_once(model: Any) -> None:
     model(zeros[0] if len(zeros) == 1 else zeros)
 
 
-def _tensorflow_to_onnx(path: Path, kind: SourceKind, onnx_path: Path) -> None:
+def _tensorflow_to_onnx(path: Path, kind: SourceKind, onnx_path: Path) -> Any:
+    """Write the ONNX form of a TensorFlow source; returns the loaded Keras model."""
     model: Any = load_keras(path, kind)
     try:
         _call_once(model)  # a loaded model must have been called before Keras exports it
@@ -156,3 +163,4 @@ def _tensorflow_to_onnx(path: Path, kind: SourceKind, onnx_path: Path) -> None:
         raise ModelImportError(f"converting {path} to ONNX needs tf2onnx: {e}") from e
     except Exception as e:
         raise ModelImportError(f"TensorFlow could not convert {path} to ONNX: {e}") from e
+    return model

@@ -26,7 +26,10 @@ def convert(
     if source.kind == "saved_model":
         converter = tf.lite.TFLiteConverter.from_saved_model(str(source.path))
     else:
-        converter = tf.lite.TFLiteConverter.from_keras_model(load_keras(source.path, source.kind))
+        model = source.keras_model
+        if model is None:
+            model = load_keras(source.path, source.kind)
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
     detail: dict[str, Any] = {"precision": precision_label(precision)}
     if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -276,6 +276,7 @@ def _tune(ctx: CompileContext) -> dict[str, Any]:
     result = tune.tune_model(
         ctx.model_path,
         ctx.profile,
+        inputs=ctx.model().inputs,
         trials=trials,
         cache_root=ctx.options.cache_dir,
         rpc=ctx.options.rpc,
@@ -313,6 +314,11 @@ def _build(ctx: CompileContext) -> dict[str, Any]:
     return detail
 
 
+def _load_reference(ctx: CompileContext) -> OnnxRuntime:
+    """The unpruned fp32 original on ONNX Runtime, threaded like every candidate."""
+    return OnnxRuntime(ctx.model().onnx_path, threads=os.cpu_count() or 1)
+
+
 def _load(candidate: Candidate) -> Runtime:
     """The runtime for what runs here of ``candidate``, on every core like TVM's runtime (so
     latencies compare); a build that does not load is a failed step, not bad input."""
@@ -337,16 +343,12 @@ def _tvm_precisions(ctx: CompileContext) -> list[Precision]:
     return chosen
 
 
-def _reference_outputs(ctx: CompileContext, data: Dataset) -> Any:
-    return OnnxRuntime(ctx.model().onnx_path).predict_batch(data.inputs)[0]
-
-
 @register_step("validate")
 def _validate(ctx: CompileContext) -> dict[str, Any]:
     """Every candidate that runs here against the unpruned fp32 original on ONNX Runtime."""
     if ctx.validation is None:
         return {"skipped": "no validation data"}
-    reference = _reference_outputs(ctx, ctx.validation)
+    reference = _load_reference(ctx).predict_batch(ctx.validation.inputs)[0]
     detail: dict[str, Any] = {}
     for candidate in ctx.candidates:
         runtime = _load(candidate)
@@ -374,7 +376,7 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
     sample = _latency_sample(ctx)
     detail: dict[str, Any] = {}
     if here:
-        reference = OnnxRuntime(ctx.model().onnx_path)
+        reference = _load_reference(ctx)
         ctx.reference_latency = measure_latency(reference, sample, ctx.options.latency_runs)
         reference.close()
     for candidate in ctx.candidates:

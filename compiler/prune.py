@@ -407,8 +407,9 @@ def structured_prune(
     """Remove ``sparsity`` of the output channels (lowest L1 norm first) of every layer that
     can shrink, and the matching inputs of the layers after it."""
     _check_sparsity(sparsity)
-    if _runs(model) is not None:
-        raise StepError(f"structured pruning needs a model onnxruntime can run: {_runs(model)}")
+    error = _runs(model)
+    if error is not None:
+        raise StepError(f"structured pruning needs a model onnxruntime can run: {error}")
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     layers, skipped = [], []

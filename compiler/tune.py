@@ -16,13 +16,13 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.runtimes import OnnxRuntime
+from agent.runtimes import TensorSpec
 from hw_profiles import Profile
 
 from .candidates import Latency
@@ -50,14 +50,7 @@ class TuneResult:
     seconds: float
 
     def as_detail(self) -> dict[str, Any]:
-        return {
-            "database": str(self.database),
-            "trials_requested": self.trials_requested,
-            "records": self.records,
-            "reused": self.reused,
-            "measured_on": self.measured_on,
-            "seconds": round(self.seconds, 3),
-        }
+        return {**asdict(self), "database": str(self.database), "seconds": round(self.seconds, 3)}
 
 
 def database_dir(cache_root: Path, profile: Profile, model: Path, target_json: str) -> Path:
@@ -144,6 +137,7 @@ def tune_model(
     onnx_path: Path,
     profile: Profile,
     *,
+    inputs: list[TensorSpec],
     trials: int,
     cache_root: Path,
     rpc: RpcTarget | None = None,
@@ -160,7 +154,6 @@ def tune_model(
 
     from tvm.s_tir import meta_schedule as ms
 
-    inputs = OnnxRuntime(onnx_path).inputs
     mod = _fused(import_relax(onnx_path, inputs), target)
     scratch = database.parent / f".{database.name}.tuning-{uuid.uuid4().hex[:8]}"
     scratch.mkdir(parents=True)
