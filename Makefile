@@ -13,7 +13,7 @@ STAMP := $(VENV)/.edgefleet-installed
 SYSTEM_PACKAGES := python3-venv gcc g++ gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
 	mosquitto mosquitto-clients
 
-.PHONY: setup system-packages test lint demo bench clean
+.PHONY: setup system-packages test lint demo bench conformance clean
 
 setup: system-packages $(STAMP)
 
@@ -43,6 +43,17 @@ bench: setup
 		echo "== $$script"; $(BIN)/python "$$script"; \
 	done; \
 	[ $$found -eq 1 ] || echo "No benchmarks yet: bench/*_bench.py arrive with the compiler, OTA, fleet and agent issues."
+
+# The public TUF conformance suite against edgefleet's client (`edgefleet ota tuf-client`).
+# It is not on PyPI: point TUF_CONFORMANCE at a checkout of
+# https://github.com/theupdateframework/tuf-conformance (it needs faketime too).
+TUF_CONFORMANCE ?= ../tuf-conformance
+
+conformance: setup
+	@test -f $(TUF_CONFORMANCE)/pyproject.toml || { echo "set TUF_CONFORMANCE to a checkout of theupdateframework/tuf-conformance"; exit 1; }
+	@.ci/ensure-system-packages faketime
+	@test -x $(TUF_CONFORMANCE)/env/bin/pytest || { $(PYTHON) -m venv $(TUF_CONFORMANCE)/env && $(TUF_CONFORMANCE)/env/bin/pip install --quiet -e $(TUF_CONFORMANCE); }
+	cd $(TUF_CONFORMANCE) && ./env/bin/pytest tuf_conformance -q -p no:cacheprovider --entrypoint "$(abspath $(BIN))/edgefleet ota tuf-client"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

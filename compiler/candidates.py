@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.runtimes import RuntimeName
 
 from .validate import Comparison
+
+if TYPE_CHECKING:
+    from .golden import Golden
 
 __all__ = ["PRECISIONS", "Candidate", "Latency", "Precision", "candidate_id", "precision_label"]
 
@@ -56,6 +59,7 @@ class Candidate:
     latency: Latency | None = None
     latency_note: str | None = None
     selected: bool = False
+    golden: Golden | None = None
 
     @property
     def id(self) -> str:

@@ -30,6 +30,7 @@ from . import litert, quantize, tune, tvm_build
 from .candidates import Candidate, Latency, Precision, candidate_id, precision_label
 from .data import Dataset, load_dataset
 from .errors import AccuracyGateError, DataError, StepError, UnsupportedTargetError
+from .golden import golden_inputs, write_golden
 from .importers import SourceModel, import_model
 from .measure import measure_latency
 from .prune import PruneScope, magnitude_prune, structured_prune
@@ -119,7 +120,17 @@ class CompileContext:
 
 StepFn = Callable[[CompileContext], dict[str, Any]]
 _STEPS: dict[str, StepFn] = {}
-DEFAULT_PIPELINE = ("import", "prune", "quantize", "tune", "build", "validate", "measure", "select")
+DEFAULT_PIPELINE = (
+    "import",
+    "prune",
+    "quantize",
+    "tune",
+    "build",
+    "validate",
+    "measure",
+    "select",
+    "golden",
+)
 
 
 def register_step(name: str) -> Callable[[StepFn], StepFn]:
@@ -426,6 +437,23 @@ def _select(ctx: CompileContext) -> dict[str, Any]:
     fastest = min(p50, key=p50.__getitem__)
     next(c for c in ctx.candidates if c.id == fastest).selected = True
     return {"selected": fastest, "p50_ms": p50}
+
+
+@register_step("golden")
+def _golden(ctx: CompileContext) -> dict[str, Any]:
+    """A few inputs and each shipped artifact's answers, for the agent's health check."""
+    data = ctx.validation or ctx.calibration
+    inputs = golden_inputs(data.inputs if data else None, ctx.model().inputs)
+    detail: dict[str, Any] = {"inputs": "validation data" if data else "seeded noise"}
+    for candidate in ctx.candidates:
+        if not candidate.passed:
+            continue
+        runtime = _load(candidate)
+        path = candidate.artifact.with_name(f"{candidate.artifact.stem}.golden.npz")
+        candidate.golden = write_golden(runtime, inputs, candidate.precision, path)
+        runtime.close()
+        detail[candidate.id] = candidate.golden.as_report()
+    return detail
 
 
 # --- driver ------------------------------------------------------------------------------

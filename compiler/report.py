@@ -47,6 +47,8 @@ def _artifact(candidate: Candidate) -> dict[str, Any]:
     sidecar = candidate.artifact.with_suffix(".json")
     if candidate.runtime == "tvm" and sidecar.exists():
         entry["metadata_path"] = sidecar.name
+    if candidate.golden is not None:
+        entry["golden"] = candidate.golden.as_report()
     return entry
 
 

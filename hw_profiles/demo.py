@@ -2,12 +2,15 @@
 
 Today the story runs as far as edgefleet goes: train the digits CNN (examples/digits),
 compile it for this machine (every runtime and precision, the fastest selected) and for a
-Raspberry Pi 4 (int8, cross-linked), behind the accuracy gate. Signing, rollout and the
-agent join as their issues land.
+Raspberry Pi 4 (int8, cross-linked), behind the accuracy gate; pack both into bundles,
+sign them into a TUF repository and verify them as a device would. Rollout and the agent
+join as their issues land.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,8 @@ from rich.console import Console
 from .cli_support import fail
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
+# The demo's keys protect nothing; real repositories take the passphrase from the env.
+DEMO_PASSPHRASE = b"edgefleet-demo-only"
 
 
 def run_demo(out: Path) -> None:
@@ -62,8 +67,44 @@ def run_demo(out: Path) -> None:
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"artifacts, report.json and MODEL_CARD.md in {out / profile}")
+    _sign_and_verify(console, out)
     console.rule("Next")
     console.print(
-        "Signing these artifacts into TUF bundles (issue #4), rolling them out through the "
-        "fleet server (#5) and serving them with the agent (#6) join this demo as they land."
+        "Rolling these bundles out through the fleet server (#5) and serving them with the "
+        "agent (#6) join this demo as they land."
+    )
+
+
+def _sign_and_verify(console: Console, out: Path) -> None:
+    from ota.bundle import bundle_compile_output
+    from ota.errors import OtaError
+    from ota.keys import PASSPHRASE_ENV, KeyStore
+    from ota.repository import OtaRepository
+    from ota.verify import verify_sideloaded
+
+    console.rule("4. Bundle, sign (TUF) and verify as a device would")
+    passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or DEMO_PASSPHRASE
+    bundles = out / "bundles"
+    for previous in (out / "ota-keys", out / "ota-repo", bundles):  # the demo's own, re-made
+        shutil.rmtree(previous, ignore_errors=True)
+    try:
+        keys = KeyStore(out / "ota-keys", passphrase)
+        repository = OtaRepository.create(out / "ota-repo", keys)
+        for profile, artifact in (("host", None), ("rpi4", "tvm:fp32")):
+            bundle = bundles / f"digits-{profile}-1.0.0.efb"
+            manifest = bundle_compile_output(
+                out / profile, version="1.0.0", out=bundle, artifact_id=artifact
+            )
+            target = repository.add_bundle(bundle)
+            verified = verify_sideloaded(bundle, repository.root_file, repository.metadata_dir)
+            console.print(
+                f"{target.path}: {manifest.runtime} {manifest.precision}, "
+                f"{bundle.stat().st_size} bytes, signed; verified against "
+                f"{verified.target.hashes['sha256'][:12]}… and {len(manifest.files)} file hashes"
+            )
+    except OtaError as e:
+        fail(e)
+    console.print(
+        f"repository in {repository.path} (serve it over HTTP); devices trust "
+        f"{repository.root_file}"
     )

@@ -60,3 +60,22 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def compiled_digits(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``edgefleet compile digits.onnx --profile host``: fp32 on ONNX Runtime and TVM."""
+    from compiler.pipeline import CompileOptions, compile_model
+    from hw_profiles import load_profile
+
+    out = tmp_path_factory.mktemp("compiled") / "digits-host"
+    compile_model(
+        CompileOptions(
+            model=digits / "digits.onnx",
+            profile=load_profile("host"),
+            out_dir=out,
+            calibration=digits / "digits.npz",
+            latency_runs=3,
+        )
+    )
+    return out

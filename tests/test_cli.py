@@ -94,8 +94,6 @@ def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
 @pytest.mark.parametrize(
     ("args", "issue"),
     [
-        (["ota", "bundle", "out", "--version", "1.0.0", "--out", "b.efb"], 4),
-        (["ota", "keys", "init"], 4),
         (["fleet", "serve"], 5),
         (["fleet", "rollout", "status", "r1"], 5),
         (["agent", "run", "--config", "agent.toml"], 6),
@@ -116,6 +114,9 @@ def test_demo_trains_and_compiles_for_this_machine_and_a_pi(tmp_path: Path) -> N
     assert host["selected"] is not None
     assert (tmp_path / "rpi4" / "tvm-fp32.so").read_bytes()[18] == 183  # EM_AARCH64
     assert (tmp_path / "rpi4" / "onnxruntime-int8.onnx").exists()
+    published = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "ota-repo").rglob("*.efb"))
+    assert published == ["digits-host-1.0.0.efb", "digits-rpi4-1.0.0.efb"]
+    assert "verified against" in result.output
 
 
 def test_the_installed_console_script_runs() -> None:

@@ -1,0 +1,85 @@
+"""Golden vectors: a few inputs and what each shipped artifact answered for them.
+
+The agent's health check runs them after an install and compares with a tolerance that
+depends on the precision: the board's CPU rounds differently from the build machine's, and
+reduced precisions more so. The tolerance is ``atol + rtol * |expected|`` element-wise,
+with ``atol`` a fraction of the largest expected magnitude, and the same top-1 class for
+classifiers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.runtimes import Runtime, TensorSpec
+
+from .candidates import Precision
+from .validate import is_classifier
+
+__all__ = ["GOLDEN_COUNT", "Golden", "golden_inputs", "write_golden"]
+
+GOLDEN_COUNT = 4
+# Fraction of the largest expected magnitude allowed as absolute error, per precision.
+_ATOL_FRACTION: dict[Precision, float] = {
+    "none": 1e-3,
+    "fp16": 2e-2,
+    "int8": 5e-2,
+    "int8-dynamic": 5e-2,
+}
+_RTOL: dict[Precision, float] = {"none": 1e-3, "fp16": 1e-2, "int8": 5e-2, "int8-dynamic": 5e-2}
+
+
+@dataclass(frozen=True)
+class Golden:
+    path: Path
+    count: int
+    atol: float
+    rtol: float
+    top1: bool
+
+    def as_report(self) -> dict[str, Any]:
+        return {
+            "path": self.path.name,
+            "count": self.count,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "top1": self.top1,
+        }
+
+
+def golden_inputs(
+    data: Mapping[str, np.ndarray] | None, specs: list[TensorSpec]
+) -> dict[str, np.ndarray]:
+    """The first samples of ``data``; without data, seeded normal noise of the input shapes."""
+    if data is not None:
+        return {name: array[:GOLDEN_COUNT] for name, array in data.items()}
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for spec in specs:
+        shape = tuple(1 if d is None else d for d in spec.shape[1:])
+        inputs[spec.name] = rng.standard_normal((GOLDEN_COUNT, *shape)).astype(spec.dtype)
+    return inputs
+
+
+def write_golden(
+    runtime: Runtime, inputs: Mapping[str, np.ndarray], precision: Precision, path: Path
+) -> Golden:
+    """Run ``inputs`` through ``runtime`` and save both, with the tolerance, to ``path``."""
+    outputs = runtime.predict_batch(inputs)
+    arrays = {f"input:{name}": value for name, value in inputs.items()}
+    arrays |= {f"output:{i}": value for i, value in enumerate(outputs)}
+    with path.open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    scale = max(float(np.max(np.abs(o))) if o.size else 0.0 for o in outputs)
+    return Golden(
+        path=path,
+        count=len(next(iter(inputs.values()))),
+        atol=max(scale * _ATOL_FRACTION[precision], 1e-6),
+        rtol=_RTOL[precision],
+        top1=is_classifier(outputs[0]),
+    )
