@@ -1,4 +1,7 @@
 """Update bundles, TUF signing and verification, deltas and resumable downloads.
 
-Lands with issue #4; only the command line exists so far.
+Map: ``manifest`` (what a bundle holds) → ``archive`` (the .efb file) → ``bundle`` (from a
+compile output) → ``keys`` and ``repository`` (signing, TUF) → ``client`` and ``download``
+(the device: verify, resume) → ``verify`` (side-loaded, offline) and ``delta``.
+``errors`` holds the one exception hierarchy. docs/ota.md has the whole story.
 """

@@ -228,12 +228,6 @@ class OtaClient:
             raise TargetNotFoundError(f"{target_path} is not listed in the signed targets")
         return info
 
-    def targets(self) -> dict[str, TargetFile]:
-        """Every top-level target, for choosing a bundle by its custom fields."""
-        self._refreshed()
-        targets = Metadata.from_file(str(self.metadata_dir / "targets.json")).signed
-        return dict(targets.targets)  # type: ignore[attr-defined]
-
     def local_path(self, target: TargetFile) -> Path:
         """Where ``download`` stores ``target``: the same name each time, for caching."""
         if self.target_dir is None:

@@ -27,7 +27,7 @@ app = typer.Typer(
 
 
 class _Options:
-    metadata_dir: Path
+    metadata_dir: Path | None
     metadata_url: str | None
     target_names: list[str]
     target_base_url: str | None
@@ -39,7 +39,9 @@ _options = _Options()
 
 @app.callback()
 def options(
-    metadata_dir: Annotated[Path, typer.Option(help="Trusted metadata directory.")],
+    metadata_dir: Annotated[
+        Path | None, typer.Option(help="Trusted metadata directory (required).")
+    ] = None,
     metadata_url: Annotated[str | None, typer.Option(help="Repository metadata URL.")] = None,
     target_name: Annotated[
         list[str] | None, typer.Option(help="Target path to download (repeatable).")
@@ -61,13 +63,19 @@ def _fail(message: object) -> NoReturn:
     raise typer.Exit(1)
 
 
+def _metadata_dir() -> Path:
+    if _options.metadata_dir is None:
+        _fail("--metadata-dir is required")
+    return _options.metadata_dir
+
+
 def _client() -> OtaClient:
     from ota.client import OtaClient
 
     if not _options.metadata_url:
         _fail("--metadata-url is required")
     return OtaClient(
-        _options.metadata_dir,
+        _metadata_dir(),
         str(_options.metadata_url),
         targets_url=_options.target_base_url,
         target_dir=_options.target_dir,
@@ -80,7 +88,7 @@ def init(trusted_root: Annotated[Path, typer.Argument(help="Initial root.json.")
     from ota.client import OtaClient
 
     try:
-        OtaClient.init(_options.metadata_dir, trusted_root)
+        OtaClient.init(_metadata_dir(), trusted_root)
     except OSError as e:
         _fail(e)
 

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_FILES",
     "MAX_FILE_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_PATH_BYTES",
     "BundleFile",
     "GoldenVectors",
     "Manifest",
@@ -39,6 +40,7 @@ MANIFEST_SCHEMA = "edgefleet.bundle/1"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_FILES = 256
 MAX_FILE_BYTES = 16 << 30
+MAX_PATH_BYTES = 100
 
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -58,13 +60,18 @@ def parse_semver(version: str) -> tuple[int, int, int, str]:
 
 
 def check_member_path(path: str) -> str:
-    """A file name inside a bundle: relative, POSIX, no ``..``, no empty or dot parts."""
-    if not path or len(path) > 200:
-        raise ValueError(f"file path {path!r} must be 1 to 200 characters")
+    """A file name inside a bundle: relative, POSIX, no ``..``, no empty or dot parts, and at
+    most 100 bytes of UTF-8 so that every ustar header and every file system holds it."""
+    if not path or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ValueError(f"file path {path!r} must be 1 to {MAX_PATH_BYTES} bytes of UTF-8")
     if path.startswith("/") or "\\" in path or "\x00" in path:
         raise ValueError(f"file path {path!r} must be relative and use '/'")
     parts = PurePosixPath(path).parts
-    if any(part in ("", ".", "..") for part in parts) or str(PurePosixPath(path)) != path:
+    if (
+        not parts
+        or any(part in ("", ".", "..") for part in parts)
+        or str(PurePosixPath(path)) != path
+    ):
         raise ValueError(f"file path {path!r} must not contain '.', '..' or empty parts")
     if path == MANIFEST_NAME:
         raise ValueError(f"{MANIFEST_NAME} cannot list itself")
@@ -162,6 +169,10 @@ class Manifest(_Strict):
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise ValueError("files lists a path twice")
+        directories = {str(parent) for p in paths for parent in PurePosixPath(p).parents}
+        clashes = sorted(directories.intersection(paths))
+        if clashes:
+            raise ValueError(f"{clashes[0]!r} is listed as a file and used as a directory")
         for field_name, path in (
             ("artifact", self.artifact),
             ("artifact_metadata", self.artifact_metadata),
@@ -190,7 +201,7 @@ def parse_manifest(data: bytes) -> Manifest:
         raise ManifestError(f"{MANIFEST_NAME} is {len(data)} bytes, more than the 1 MiB allowed")
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, 4300+ digit integers
         raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{MANIFEST_NAME} must hold a JSON object, not {type(raw).__name__}")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from hw_profiles import BUILTIN_PROFILE_DIR, PROFILES_PATH_ENV
+
+# CI replays the same examples on every run (a red build is then reproducible); locally
+# Hypothesis explores new ones each time.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SHIPPED_PROFILES = {"rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86_64-avx2", "host"}
 

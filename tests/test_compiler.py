@@ -60,8 +60,11 @@ def test_report_follows_the_contract(digits: Path, tmp_path: Path) -> None:
     assert set(report["latency_ms"]) >= {"reference_onnxruntime", "onnxruntime:int8", "tvm:fp32"}
     assert report["accuracy"]["metric"] == "top1_agreement"
     assert [s["name"] for s in report["steps"]] == [
-        "import", "prune", "quantize", "tune", "build", "validate", "measure", "select"
+        "import", "prune", "quantize", "tune", "build", "validate", "measure", "select", "golden"
     ]  # fmt: skip
+    for artifact in report["artifacts"]:  # the agent's health check reads these
+        golden = artifact["golden"]
+        assert (tmp_path / "out" / golden["path"]).exists() and golden["count"] == 4
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert report["source"]["sha256"] in card and "onnxruntime" in card
 
