@@ -182,13 +182,6 @@ class Manifest(_Strict):
                 raise ValueError(f"{field_name} {path!r} is not in files")
         return self
 
-    def file(self, path: str) -> BundleFile:
-        return next(f for f in self.files if f.path == path)
-
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
-
     def to_json(self) -> bytes:
         """Canonical bytes: sorted keys, no whitespace variation, so bundles are reproducible."""
         data = self.model_dump(mode="json", by_alias=True)

@@ -240,12 +240,9 @@ class OtaRepository:
         timer; a cron job can run ``edgefleet ota refresh`` instead.
         """
         within = within if within is not None else self.expiry.for_role("timestamp") / 2
-        timestamp = self.timestamp().signed
-        if timestamp.expires - _now() > within:
+        if self.timestamp().signed.expires - _now() > within:
             return False
-        timestamp.version += 1
-        timestamp.expires = _now() + self.expiry.for_role("timestamp")
-        self._write_versioned(timestamp, "timestamp.json")
+        self._publish_timestamp()
         return True
 
     # --- key rotation ---------------------------------------------------------------------
@@ -279,10 +276,7 @@ class OtaRepository:
         elif role == "snapshot":
             self._publish_chain(None)
         elif role == "timestamp":
-            timestamp = self.timestamp().signed
-            timestamp.version += 1
-            timestamp.expires = _now() + self.expiry.for_role("timestamp")
-            self._write_versioned(timestamp, "timestamp.json")
+            self._publish_timestamp()
         return [s.public_key.keyid for s in new_signers]
 
     # --- signing and writing --------------------------------------------------------------
@@ -323,11 +317,9 @@ class OtaRepository:
             previous = snapshot_meta.get("targets.json")
             targets.version = previous.version + 1 if previous else 1
             targets.expires = now + self.expiry.for_role("targets")
-            md = Metadata(targets)
-            self._sign(md, root)
             _atomic_write(
                 self.metadata_dir / f"{targets.version}.targets.json",
-                md.to_bytes(JSONSerializer(compact=False)),
+                self._signed_bytes(targets, root),
             )
             snapshot_meta["targets.json"] = MetaFile(version=targets.version)
         snapshot = Snapshot(
@@ -337,27 +329,34 @@ class OtaRepository:
         )
         snapshot_bytes = self._signed_bytes(snapshot, root)
         _atomic_write(self.metadata_dir / f"{snapshot.version}.snapshot.json", snapshot_bytes)
-        timestamp_version = 0
-        if (self.metadata_dir / "timestamp.json").exists():
-            timestamp_version = self.timestamp().signed.version
-        timestamp = Timestamp(
-            version=timestamp_version + 1,
-            expires=now + self.expiry.for_role("timestamp"),
-            snapshot_meta=MetaFile(
+        self._publish_timestamp(
+            MetaFile(
                 version=snapshot.version,
                 length=len(snapshot_bytes),
                 hashes={"sha256": hashlib.sha256(snapshot_bytes).hexdigest()},
-            ),
+            )
         )
-        self._write_versioned(timestamp, "timestamp.json")
+
+    def _publish_timestamp(self, snapshot_meta: MetaFile | None = None) -> None:
+        """A new timestamp version with a fresh expiry, pointing at ``snapshot_meta`` (by
+        default at the snapshot the current timestamp points at)."""
+        path = self.metadata_dir / "timestamp.json"
+        previous = self.timestamp().signed if path.exists() else None
+        if snapshot_meta is None:
+            if previous is None:
+                raise RuntimeError("no timestamp yet: publish a snapshot first")
+            snapshot_meta = previous.snapshot_meta
+        timestamp = Timestamp(
+            version=previous.version + 1 if previous else 1,
+            expires=_now() + self.expiry.for_role("timestamp"),
+            snapshot_meta=snapshot_meta,
+        )
+        _atomic_write(path, self._signed_bytes(timestamp, self.root().signed))
 
     def _signed_bytes(self, signed: Root | Targets | Snapshot | Timestamp, root: Root) -> bytes:
         md: Metadata[Any] = Metadata(signed)
         self._sign(md, root)
         return md.to_bytes(JSONSerializer(compact=False))
-
-    def _write_versioned(self, signed: Timestamp, name: str) -> None:
-        _atomic_write(self.metadata_dir / name, self._signed_bytes(signed, self.root().signed))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

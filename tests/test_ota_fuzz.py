@@ -726,7 +726,9 @@ def test_a_valid_manifest_parses_and_round_trips() -> None:
     manifest = _parse(_manifest_bytes(_manifest_doc(REFERENCE_FILES)))
     assert manifest is not None
     assert [f.path for f in manifest.files] == list(REFERENCE_FILES)
-    assert manifest.file("model.onnx").size == len(REFERENCE_FILES["model.onnx"])
+    assert next(f for f in manifest.files if f.path == "model.onnx").size == len(
+        REFERENCE_FILES["model.onnx"]
+    )
     assert manifest.golden_vectors.path == "golden.npz"
 
 
