@@ -11,7 +11,7 @@ STAMP := $(VENV)/.edgefleet-installed
 # the Raspberry Pi and Jetson profiles name, mosquitto for the MQTT tests, python3-venv
 # for the virtual environment.
 SYSTEM_PACKAGES := python3-venv gcc g++ gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
-	mosquitto mosquitto-clients
+	mosquitto mosquitto-clients postgresql
 
 .PHONY: setup system-packages test lint demo bench conformance clean
 

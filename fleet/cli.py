@@ -1,51 +1,287 @@
-"""``edgefleet fleet``: the fleet server and rollouts."""
+"""``edgefleet fleet``: run the fleet server, and drive it over its HTTP API.
+
+Every command but ``serve`` is an API client: ``--server`` (or ``$EDGEFLEET_SERVER``)
+and ``--token`` (or ``$EDGEFLEET_TOKEN``, else the admin token a local server left in
+``fleet-data/admin.token``).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from hw_profiles.cli_support import not_implemented
+from hw_profiles.cli_support import JsonOption, fail, print_json
 
 app = typer.Typer(help="Fleet server: registry, devices, rollouts.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Staged rollouts through cohorts.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 
-RolloutId = Annotated[str, typer.Argument(help="Rollout id.")]
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="Where the server keeps its database, keys, broker.")
+]
+Server = Annotated[
+    str, typer.Option("--server", envvar="EDGEFLEET_SERVER", help="The fleet server's URL.")
+]
+Token = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="EDGEFLEET_TOKEN", help="API token (default: DATA_DIR/admin.token)."
+    ),
+]
+RolloutId = Annotated[str, typer.Argument(help="Rollout id (r-...).")]
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+DEFAULT_DATA_DIR = Path("fleet-data")
 
 
 @app.command("serve")
-def serve() -> None:
+def serve(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    host: Annotated[str, typer.Option(help="HTTP listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    database_url: Annotated[
+        str | None, typer.Option(help="postgresql://... (default: a SQLite file in DATA_DIR).")
+    ] = None,
+    mqtt_url: Annotated[
+        str | None, typer.Option(help="mqtt(s)://user:pass@host:port of an external broker.")
+    ] = None,
+    mqtt_tls: Annotated[
+        bool, typer.Option(help="Embedded broker: mTLS with device certificates.")
+    ] = False,
+    mqtt_port: Annotated[int | None, typer.Option(help="Embedded broker's port.")] = None,
+    public_url: Annotated[
+        str | None, typer.Option(help="URL devices reach this server at.")
+    ] = None,
+    rollout_tick: Annotated[float, typer.Option(help="Seconds between rollout checks.")] = 1.0,
+) -> None:
     """Run the fleet server (embedded defaults: a SQLite file and a local mosquitto)."""
-    not_implemented("fleet serve", issue=5)
+    import logging
+
+    import uvicorn
+
+    from .app import create_app
+    from .config import FleetSettings
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = FleetSettings(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        mqtt_tls=mqtt_tls,
+        mqtt_port=mqtt_port,
+        public_url=public_url,
+        rollout_tick_s=rollout_tick,
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+# --- API client commands --------------------------------------------------------------------
+
+
+def _client(server: str, token: str | None, data_dir: Path = DEFAULT_DATA_DIR) -> Any:
+    import httpx
+
+    if token is None:
+        token_file = data_dir / "admin.token"
+        if not token_file.is_file():
+            fail(f"pass --token or set EDGEFLEET_TOKEN (no {token_file} here)")
+        token = token_file.read_text().strip()
+    return httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def _call(server: str, token: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    with _client(server, token) as client:
+        try:
+            response = client.request(method, f"/api/v1{path}", **kwargs)
+        except httpx.HTTPError as e:
+            fail(f"cannot reach the fleet server at {server}: {e}")
+    if response.is_error:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        fail(f"{response.status_code}: {detail}")
+    return response.json()
+
+
+@app.command("publish")
+def publish(
+    bundle: Annotated[
+        Path, typer.Argument(help="A .efb bundle (edgefleet ota bundle).", exists=True)
+    ],
+    stage: Annotated[str | None, typer.Option(help="Move the model version to this stage.")] = None,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Register the bundle's model version (if new) and attach the bundle to it."""
+    from ota.archive import read_manifest
+    from ota.errors import OtaError
+
+    try:
+        manifest = read_manifest(bundle)
+    except OtaError as e:
+        fail(e)
+    name, version = manifest.model.name, manifest.model.version
+    existing = _call(server, token, "GET", "/models", params={"name": name})
+    if not any(v["version"] == version for v in existing):
+        _call(server, token, "POST", "/models", json={"name": name, "version": version})
+    attached = _call(
+        server,
+        token,
+        "POST",
+        f"/models/{name}/versions/{version}/bundles",
+        content=bundle.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    if stage:
+        _call(
+            server, token, "PUT", f"/models/{name}/versions/{version}/stage", json={"stage": stage}
+        )
+    if json_output:
+        print_json(attached)
+    else:
+        typer.echo(f"bundle {attached['id']}: {attached['target_path']} ({name} {version})")
+
+
+@app.command("enrollment-token")
+def enrollment_token(
+    profile: Annotated[str, typer.Option(help="Hardware profile of the devices.")],
+    tags: Annotated[str, typer.Option(help="Comma-separated tags.")] = "",
+    uses: Annotated[int, typer.Option(help="Devices that may enroll with it.")] = 1,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+) -> None:
+    """Create an enrollment token (printed once)."""
+    issued = _call(
+        server,
+        token,
+        "POST",
+        "/enrollment-tokens",
+        json={"profile": profile, "tags": _split(tags), "uses": uses},
+    )
+    typer.echo(issued["token"])
+
+
+@app.command("devices")
+def devices(
+    server: Server = DEFAULT_SERVER, token: Token = None, json_output: JsonOption = False
+) -> None:
+    """List enrolled devices."""
+    found = _call(server, token, "GET", "/devices")
+    if json_output:
+        print_json(found)
+        return
+    for d in found:
+        state = "online" if d["online"] else "offline"
+        bundle = d["bundle"] or "-"
+        typer.echo(f"{d['id']:24} {d['profile']:16} {state:8} {bundle:28} {','.join(d['tags'])}")
+
+
+@app.command("revoke")
+def revoke(
+    device_id: Annotated[str, typer.Argument(help="Device to revoke.")],
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+) -> None:
+    """Revoke a device: the broker cuts and refuses it, its tokens stop working."""
+    _call(server, token, "POST", f"/devices/{device_id}/revoke")
+    typer.echo(f"revoked {device_id}")
 
 
 @rollout_app.command("create")
-def rollout_create() -> None:
+def rollout_create(
+    bundle: Annotated[int, typer.Option(help="Bundle id (from `fleet publish`).")],
+    waves: Annotated[str, typer.Option(help="Percentages and/or cohort tags.")] = "1,10,50,100",
+    tags: Annotated[str, typer.Option(help="Only devices with all these tags.")] = "",
+    soak: Annotated[float, typer.Option(help="Seconds each wave soaks before its gate.")] = 300,
+    min_healthy: Annotated[float, typer.Option(help="Share of a wave that must be healthy.")] = 0.9,
+    max_failure: Annotated[float, typer.Option(help="Share of failures that stops it.")] = 0.1,
+    on_failure: Annotated[str, typer.Option(help="pause or rollback.")] = "pause",
+    manual: Annotated[bool, typer.Option(help="Wait for `advance` after each gate.")] = False,
+    shadow: Annotated[
+        bool, typer.Option(help="Run beside the serving model; report agreement.")
+    ] = False,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    json_output: JsonOption = False,
+) -> None:
     """Start a rollout of a bundle to devices chosen by profile and tags."""
-    not_implemented("fleet rollout create", issue=5)
+    body = {
+        "bundle_id": bundle,
+        "waves": _split(waves),
+        "tags": _split(tags),
+        "gate": {
+            "soak_s": soak,
+            "min_healthy_ratio": min_healthy,
+            "max_failure_ratio": max_failure,
+        },
+        "on_failure": on_failure,
+        "auto_advance": not manual,
+        "mode": "shadow" if shadow else "deploy",
+    }
+    rollout = _call(server, token, "POST", "/rollouts", json=body)
+    _show(rollout, json_output)
 
 
 @rollout_app.command("status")
-def rollout_status(rollout: RolloutId) -> None:
+def rollout_status(
+    rollout: RolloutId,
+    server: Server = DEFAULT_SERVER,
+    token: Token = None,
+    json_output: JsonOption = False,
+) -> None:
     """Show a rollout's waves, gates and device counts."""
-    not_implemented("fleet rollout status", issue=5)
+    _show(_call(server, token, "GET", f"/rollouts/{rollout}"), json_output)
 
 
-@rollout_app.command("pause")
-def rollout_pause(rollout: RolloutId) -> None:
-    """Pause a rollout before its next wave."""
-    not_implemented("fleet rollout pause", issue=5)
+def _action(action: str, doc: str) -> None:
+    def command(
+        rollout: RolloutId,
+        reason: Annotated[str, typer.Option(help="Goes into the audit log.")] = "",
+        server: Server = DEFAULT_SERVER,
+        token: Token = None,
+        json_output: JsonOption = False,
+    ) -> None:
+        result = _call(
+            server, token, "POST", f"/rollouts/{rollout}/{action}", json={"reason": reason}
+        )
+        _show(result, json_output)
+
+    command.__doc__ = doc
+    rollout_app.command(action)(command)
 
 
-@rollout_app.command("resume")
-def rollout_resume(rollout: RolloutId) -> None:
-    """Resume a paused rollout."""
-    not_implemented("fleet rollout resume", issue=5)
+_action("pause", "Pause a rollout before its next step.")
+_action("resume", "Resume a paused rollout at its current wave.")
+_action("advance", "Start the next wave now (past a held or failed gate).")
+_action("abort", "Stop a rollout; devices keep what they run.")
+_action("rollback", "Send every device that took the bundle back to its previous one.")
 
 
-@rollout_app.command("rollback")
-def rollout_rollback(rollout: RolloutId) -> None:
-    """Send every device that took the bundle back to its previous one."""
-    not_implemented("fleet rollout rollback", issue=5)
+def _show(rollout: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        print_json(rollout)
+        return
+    typer.echo(
+        f"{rollout['id']}  {rollout['mode']}  bundle {rollout['bundle_id']}  {rollout['state']}  "
+        f"wave {rollout['wave'] + 1}/{len(rollout['waves'])}"
+    )
+    for wave, counts in sorted(rollout["devices"].items(), key=lambda item: int(item[0])):
+        label = rollout["waves"][int(wave)]
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        typer.echo(f"  wave {int(wave) + 1} ({label}): {summary}")
+    if rollout["reason"]:
+        typer.echo(f"  {rollout['reason']}")
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]

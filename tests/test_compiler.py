@@ -100,10 +100,14 @@ def test_select_fastest_marks_the_lowest_p50_that_passed(digits: Path, tmp_path:
     report = _compile(digits, tmp_path / "out", model="digits.keras", select="fastest")
     ids = {c["id"] for c in report["candidates"]}
     assert {"onnxruntime:fp32", "onnxruntime:int8", "litert:int8", "tvm:fp32", "tvm:fp16"} <= ids
-    timed = [c for c in report["candidates"] if c["passed"] and c["latency_ms"]]
-    fastest = min(timed, key=lambda c: c["latency_ms"]["p50"])
-    assert report["selected"] == fastest["id"]
-    assert [c["id"] for c in report["candidates"] if c["selected"]] == [fastest["id"]]
+    timed = {
+        c["id"]: c["latency_ms"]["p50"]
+        for c in report["candidates"]
+        if c["passed"] and c["latency_ms"]
+    }
+    # The report rounds p50 to 0.1 µs, so two candidates may tie there: any of the tied ones.
+    assert timed[report["selected"]] == min(timed.values())
+    assert [c["id"] for c in report["candidates"] if c["selected"]] == [report["selected"]]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""The fleet's HTTP API: one router per resource, mounted under ``/api/v1``."""

@@ -1,0 +1,54 @@
+"""Prometheus metrics of one fleet server (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["FleetMetrics"]
+
+
+class FleetMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter(
+            "edgefleet_mqtt_messages",
+            "MQTT messages received by channel.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.malformed = Counter(
+            "edgefleet_mqtt_malformed",
+            "MQTT messages dropped as malformed, by channel.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.telemetry_records = Counter(
+            "edgefleet_telemetry_records", "Telemetry records stored.", registry=self.registry
+        )
+        self.telemetry_duplicates = Counter(
+            "edgefleet_telemetry_duplicates",
+            "Telemetry records received again and skipped (same device and record id).",
+            registry=self.registry,
+        )
+        self.commands = Counter(
+            "edgefleet_commands_sent",
+            "Commands published to devices, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.devices_online = Gauge(
+            "edgefleet_devices_online",
+            "Devices whose retained status says online.",
+            registry=self.registry,
+        )
+        self.rollouts_active = Gauge(
+            "edgefleet_rollouts_active", "Rollouts not yet finished.", registry=self.registry
+        )
+        self.timestamp_refresh_failures = Gauge(
+            "edgefleet_timestamp_refresh_failures",
+            "Failed attempts to re-sign the TUF timestamp since start.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,420 @@
+"""The fleet's tables and API shapes (SQLModel).
+
+Each resource follows one chain: ``XBase`` (fields a client may set) → ``XCreate`` →
+``X(table=True)`` (what is stored) → ``XPublic`` (what the API returns; never a secret).
+Times are UTC; JSON columns hold what has no fixed shape (metrics, tags, waves).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import field_validator
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "ApiToken",
+    "ApiTokenCreate",
+    "ApiTokenPublic",
+    "AuditEntry",
+    "Bundle",
+    "BundlePublic",
+    "CommandRecord",
+    "Device",
+    "DevicePublic",
+    "DeviceState",
+    "EnrollmentToken",
+    "EnrollmentTokenCreate",
+    "Gate",
+    "ModelVersion",
+    "ModelVersionCreate",
+    "ModelVersionPublic",
+    "Role",
+    "Rollout",
+    "RolloutCreate",
+    "RolloutDevice",
+    "RolloutDeviceState",
+    "RolloutMode",
+    "RolloutPublic",
+    "RolloutState",
+    "Stage",
+    "TelemetryRecordRow",
+    "utcnow",
+]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _json(default_factory: Callable[[], Any] = dict) -> Any:
+    return Field(default_factory=default_factory, sa_column=Column(JSON))
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+class Stage(enum.StrEnum):
+    DEVELOPMENT = "development"
+    STAGING = "staging"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
+
+
+class ModelVersionBase(SQLModel):
+    name: str = Field(index=True, min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    owner: str = ""
+    source_sha256: str | None = Field(default=None, max_length=64)
+    training_data: str | None = None
+    """Where the training data lives (a URI, a dataset name and version)."""
+    model_card: str | None = None
+    metrics: dict[str, float] = _json()
+    hyperparameters: dict[str, Any] = _json()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "letters, digits, '.', '_' and '-' only, starting with a letter or digit"
+            )
+        return value
+
+
+class ModelVersionCreate(ModelVersionBase):
+    pass
+
+
+class ModelVersion(ModelVersionBase, table=True):
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    stage: Stage = Field(default=Stage.DEVELOPMENT, index=True)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    created_by: str = ""
+
+
+class ModelVersionPublic(ModelVersionBase):
+    id: int
+    stage: Stage
+    created_at: dt.datetime
+    created_by: str
+    bundles: list[BundlePublic] = []
+
+
+class BundleBase(SQLModel):
+    profile: str
+    runtime: str
+    precision: str
+    version: str
+    version_number: int
+    target_path: str
+    """The bundle's TUF target path (``PROFILE/NAME-VERSION.efb``)."""
+    sha256: str
+    length: int
+
+
+class Bundle(BundleBase, table=True):
+    __table_args__ = (UniqueConstraint("target_path"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_version_id: int = Field(foreign_key="modelversion.id", index=True)
+    bundle_name: str
+    """``NAME-VERSION`` as devices report it in status and telemetry."""
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class BundlePublic(BundleBase):
+    id: int
+    model_version_id: int
+    bundle_name: str
+    created_at: dt.datetime
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+class DeviceState(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class Device(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    profile: str = Field(index=True)
+    tags: list[str] = _json(list)
+    state: DeviceState = Field(default=DeviceState.ACTIVE, index=True)
+    password_hash: str | None = None
+    """The broker's hash of the device's MQTT password (TLS off), never the password."""
+    certificate_serial: str | None = None
+    api_token_hash: str | None = Field(default=None, index=True)
+    online: bool = False
+    agent_version: str | None = None
+    bundle: str | None = None
+    """``NAME-VERSION`` the device reported serving."""
+    bundle_version_number: int | None = None
+    agent_state: str | None = None
+    last_seen: dt.datetime | None = None
+    enrolled_at: dt.datetime = Field(default_factory=utcnow)
+    revoked_at: dt.datetime | None = None
+
+
+class DevicePublic(SQLModel):
+    id: str
+    profile: str
+    tags: list[str]
+    state: DeviceState
+    online: bool
+    agent_version: str | None
+    bundle: str | None
+    bundle_version_number: int | None
+    agent_state: str | None
+    last_seen: dt.datetime | None
+    enrolled_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+class EnrollmentTokenCreate(SQLModel):
+    profile: str
+    tags: list[str] = []
+    uses: int = Field(default=1, ge=1, le=100_000)
+    """How many devices may enroll with it (1: a one-time token)."""
+    ttl_s: int = Field(default=24 * 3600, ge=1)
+
+
+class EnrollmentToken(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(index=True, unique=True)
+    profile: str
+    tags: list[str] = _json(list)
+    uses_left: int
+    expires_at: dt.datetime
+    created_by: str
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+class Role(enum.StrEnum):
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+    def allows(self, needed: Role) -> bool:
+        order = [Role.VIEWER, Role.OPERATOR, Role.ADMIN]
+        return order.index(self) >= order.index(needed)
+
+
+class ApiTokenCreate(SQLModel):
+    name: str = Field(min_length=1, max_length=64)
+    role: Role
+
+
+class ApiToken(ApiTokenCreate, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(index=True, unique=True)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    revoked_at: dt.datetime | None = None
+
+
+class ApiTokenPublic(ApiTokenCreate):
+    id: int
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+class AuditEntry(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = Field(default_factory=utcnow, index=True)
+    actor: str
+    """Token name, ``device:ID`` or ``fleet`` for what the server decided itself."""
+    action: str
+    target: str
+    before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+# ---------------------------------------------------------------------------- rollouts
+
+
+class RolloutState(enum.StrEnum):
+    DEPLOYING = "deploying"
+    """Commands for the current wave are out; waiting for the devices' final acks."""
+    SOAKING = "soaking"
+    """The wave has installed; health is watched until the soak time has passed."""
+    AWAITING_APPROVAL = "awaiting_approval"
+    PAUSED = "paused"
+    ROLLING_BACK = "rolling_back"
+    COMPLETED = "completed"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RolloutState.COMPLETED, RolloutState.ROLLED_BACK, RolloutState.ABORTED)
+
+
+class RolloutMode(enum.StrEnum):
+    DEPLOY = "deploy"
+    SHADOW = "shadow"
+
+
+class Gate(SQLModel):
+    """What a wave must show before the next one starts."""
+
+    min_healthy_ratio: float = Field(default=0.9, ge=0, le=1)
+    """Share of the wave's devices that must report ``healthy``."""
+    max_failure_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Share of failed devices that stops the rollout at once, soak or not."""
+    soak_s: float = Field(default=300, ge=0)
+    deploy_timeout_s: float = Field(default=1800, gt=0)
+    """Devices silent this long after their command count as failed."""
+    max_error_rate_increase: float = Field(default=0.02, ge=0)
+    """Error rate may exceed the previous version's by this much (absolute)."""
+    max_latency_ratio: float = Field(default=1.5, gt=0)
+    """p95 latency may be this multiple of the previous version's."""
+    max_fallback_rate_increase: float = Field(default=0.05, ge=0)
+    min_inferences: int = Field(default=0, ge=0)
+    """Telemetry needed from the wave before health is judged (0: judge acks only)."""
+    min_agreement: float = Field(default=0.0, ge=0, le=1)
+    """Shadow rollouts: share of agreeing predictions the challenger must reach."""
+
+
+class RolloutCreate(SQLModel):
+    bundle_id: int
+    profile: str | None = None
+    """Devices of this profile; default: the bundle's profile."""
+    tags: list[str] = []
+    """Devices carrying all these tags."""
+    waves: list[str] = ["1", "10", "50", "100"]
+    """Cumulative percentages of the selected devices, or cohort tags (``canary``)."""
+    gate: Gate = Gate()
+    auto_advance: bool = True
+    on_failure: Literal["pause", "rollback"] = "pause"
+    mode: RolloutMode = RolloutMode.DEPLOY
+
+
+class Rollout(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=32)
+    bundle_id: int = Field(foreign_key="bundle.id")
+    profile: str
+    tags: list[str] = _json(list)
+    waves: list[str] = _json(list)
+    gate: dict[str, Any] = _json()
+    auto_advance: bool = True
+    on_failure: str = "pause"
+    mode: RolloutMode = RolloutMode.DEPLOY
+    state: RolloutState = Field(default=RolloutState.DEPLOYING, index=True)
+    wave: int = 0
+    wave_started_at: dt.datetime = Field(default_factory=utcnow)
+    soak_started_at: dt.datetime | None = None
+    reason: str = ""
+    """Why the rollout is where it is (the gate's verdict, who paused it)."""
+    last_gate: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_by: str = ""
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class RolloutDeviceState(enum.StrEnum):
+    PENDING = "pending"
+    """Assigned to a wave that has not started."""
+    COMMANDED = "commanded"
+    IN_PROGRESS = "in_progress"
+    HEALTHY = "healthy"
+    FAILED = "failed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+
+
+class RolloutDevice(SQLModel, table=True):
+    """One device's place in one rollout; created for every selected device at the start."""
+
+    __table_args__ = (Index("ix_rolloutdevice_rollout_wave", "rollout_id", "wave"),)
+
+    rollout_id: str = Field(foreign_key="rollout.id", primary_key=True)
+    device_id: str = Field(foreign_key="device.id", primary_key=True)
+    wave: int
+    rank: str
+    """The hash that orders devices into waves: sticky for a rollout, different across."""
+    state: RolloutDeviceState = RolloutDeviceState.PENDING
+    previous_bundle_id: int | None = None
+    command_id: str | None = Field(default=None, index=True)
+    last_ack: str | None = None
+    detail: str = ""
+    commanded_at: dt.datetime | None = None
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class RolloutPublic(SQLModel):
+    id: str
+    bundle_id: int
+    profile: str
+    tags: list[str]
+    waves: list[str]
+    gate: Gate
+    auto_advance: bool
+    on_failure: str
+    mode: RolloutMode
+    state: RolloutState
+    wave: int
+    reason: str
+    last_gate: dict[str, Any] | None
+    created_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    devices: dict[str, dict[str, int]] = {}
+    """Per wave (as a string index): device count by RolloutDeviceState."""
+
+
+class CommandRecord(SQLModel, table=True):
+    """Every command the fleet sent, for the audit trail and idempotent resends."""
+
+    id: str = Field(primary_key=True, max_length=128)
+    device_id: str = Field(index=True)
+    kind: str
+    rollout_id: str | None = Field(default=None, index=True)
+    payload: dict[str, Any] = _json()
+    last_ack: str | None = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+# ---------------------------------------------------------------------------- telemetry
+
+
+class TelemetryRecordRow(SQLModel, table=True):
+    """One device report; ``(device_id, record_id)`` makes ingest idempotent."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_bundle_ts", "bundle", "ts"),)
+
+    device_id: str = Field(primary_key=True, max_length=64)
+    record_id: str = Field(primary_key=True, max_length=128)
+    ts: dt.datetime
+    received_at: dt.datetime = Field(default_factory=utcnow)
+    bundle: str | None = None
+    inferences: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    shadow_bundle: str | None = None
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
+    dropped: int = 0
+    extra: dict[str, Any] = _json()
+
+
+ModelVersionPublic.model_rebuild()

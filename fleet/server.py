@@ -1,0 +1,195 @@
+"""One fleet server: the database, the broker, the OTA repository and the loops around them.
+
+``FleetServer.start()`` brings everything up in dependency order (database and its
+migrations, signing keys and repository, certificate authority, broker, MQTT bridge,
+rollout engine); ``stop()`` takes it down in reverse. The FastAPI app (``fleet.app``)
+holds one and calls these from its lifespan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from ota.keys import KeyStore
+from ota.repository import ExpiryPolicy, OtaRepository
+
+from . import registry
+from .bridge import MqttBridge
+from .broker import MosquittoBroker, MqttEndpoint
+from .ca import FleetCA
+from .config import FleetSettings
+from .db import make_engine, session_scope
+from .devices import RESERVED_PREFIX, broker_credentials
+from .inference import CloudModel, CloudModels
+from .metrics import FleetMetrics
+from .migrate import upgrade
+from .models import ApiToken, Role
+from .rollouts import RolloutEngine
+from .security import hash_token, new_token
+
+__all__ = ["ADMIN_TOKEN_FILE", "FLEET_MQTT_USER", "FleetServer"]
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin.token"
+FLEET_MQTT_USER = f"{RESERVED_PREFIX}fleet"
+
+
+class FleetServer:
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+        self.metrics = FleetMetrics()
+        self.cloud_models = CloudModels()
+        self.db: Engine
+        self.repository: OtaRepository
+        self.ca: FleetCA | None = None
+        self.broker: MosquittoBroker | None = None
+        self.mqtt: MqttEndpoint
+        self.bridge: MqttBridge
+        self.rollouts: RolloutEngine
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.data_dir, 0o700)
+        self.db = make_engine(settings.db_url)
+        upgrade(self.db)
+        self._bootstrap_admin_token()
+        self.repository = self._open_repository()
+        if settings.mqtt_tls and settings.mqtt_url is None:
+            self.ca = FleetCA.load_or_create(settings.ca_dir)
+        self.mqtt = self._start_broker()
+        self.bridge = MqttBridge(self.mqtt, self.db, self.metrics, on_final_ack=self._wake)
+        self.bridge.start()
+        self.rollouts = RolloutEngine(
+            self.db,
+            self.bridge.send,
+            metadata_url=f"{settings.base_url}/ota/metadata/",
+            targets_url=f"{settings.base_url}/ota/targets/",
+            tick_s=settings.rollout_tick_s,
+            health_window_s=settings.health_window_s,
+        )
+        resent = self.rollouts.resend_unacknowledged(older_than_s=0)
+        if resent:
+            log.info("resent %d commands no device had acknowledged before the restart", resent)
+        self.rollouts.start()
+
+    def stop(self) -> None:
+        for stop in (
+            getattr(self, "rollouts", None) and self.rollouts.stop,
+            getattr(self, "bridge", None) and self.bridge.stop,
+            self.broker and self.broker.stop,
+        ):
+            if stop:
+                try:
+                    stop()
+                except Exception:  # keep stopping the rest
+                    log.exception("error while stopping the fleet server")
+        if hasattr(self, "db"):
+            self.db.dispose()
+
+    def _wake(self) -> None:
+        self.rollouts.wake()
+
+    # --- parts ----------------------------------------------------------------------------
+
+    def _bootstrap_admin_token(self) -> None:
+        """The first start creates an admin token and leaves it in DATA_DIR/admin.token."""
+        with session_scope(self.db) as session:
+            if session.exec(select(ApiToken)).first() is not None:
+                return
+            token = new_token("efa")
+            session.add(ApiToken(name="admin", role=Role.ADMIN, token_hash=hash_token(token)))
+        path = self.settings.data_dir / ADMIN_TOKEN_FILE
+        _write_secret(path, token)
+        log.warning("created the first admin API token in %s", path)
+
+    def _open_repository(self) -> OtaRepository:
+        """The OTA repository in DATA_DIR, created with new keys on the first start.
+
+        The keys are encrypted with the passphrase in ``key_passphrase_env``; when that is
+        unset (the embedded defaults) a random passphrase is kept in a 0600 file beside them.
+        """
+        settings = self.settings
+        passphrase = os.environ.get(settings.key_passphrase_env)
+        if not passphrase:
+            secret_file = settings.data_dir / "ota-keys.passphrase"
+            if not secret_file.exists():
+                _write_secret(secret_file, secrets.token_urlsafe(32))
+                log.warning(
+                    "%s is unset: the OTA signing keys are encrypted with a passphrase kept in "
+                    "%s; set the variable in production",
+                    settings.key_passphrase_env,
+                    secret_file,
+                )
+            passphrase = secret_file.read_text().strip()
+        keys = KeyStore(settings.ota_keys_dir, passphrase.encode())
+        if (settings.ota_dir / "metadata" / "root.json").exists():
+            return OtaRepository(settings.ota_dir, keys)
+        return OtaRepository.create(
+            settings.ota_dir, keys, expiry=ExpiryPolicy(timestamp_s=settings.timestamp_expiry_s)
+        )
+
+    def _start_broker(self) -> MqttEndpoint:
+        if self.settings.mqtt_url is not None:
+            log.info(
+                "using the external broker %s: its ACLs must follow docs/fleet.md",
+                self.settings.mqtt_url,
+            )
+            return MqttEndpoint.from_url(self.settings.mqtt_url)
+        password_file = self.settings.data_dir / "mqtt-fleet.password"
+        if not password_file.exists():
+            _write_secret(password_file, secrets.token_urlsafe(24))
+        self.broker = MosquittoBroker(
+            self.settings.broker_dir, port=self.settings.mqtt_port, ca=self.ca
+        )
+        with Session(self.db) as session:
+            devices = broker_credentials(session)
+        return self.broker.start(
+            fleet_username=FLEET_MQTT_USER,
+            fleet_password=password_file.read_text().strip(),
+            devices=devices,
+        )
+
+    # --- used by the API ------------------------------------------------------------------
+
+    @property
+    def device_mqtt(self) -> MqttEndpoint:
+        """The broker as devices reach it (same host and port as the fleet's connection)."""
+        return self.mqtt
+
+    def sync_broker(self) -> None:
+        """Make the broker's credentials and ACL match the database's active devices."""
+        if self.broker is None:
+            return
+        with Session(self.db) as session:
+            self.broker.set_devices(broker_credentials(session))
+
+    def cloud_model(self, name: str) -> CloudModel | None:
+        with Session(self.db) as session:
+            return registry.cloud_model(
+                session,
+                name=name,
+                repository=self.repository,
+                cache_dir=_private_dir(self.settings.cloud_models_dir),
+            )
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value + "\n")
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path

@@ -1,0 +1,131 @@
+"""Telemetry: idempotent ingest of device batches, and the health figures gates read."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, func
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col
+
+from .models import TelemetryRecordRow, utcnow
+from .protocol import TelemetryRecord
+
+__all__ = ["HealthStats", "health_stats", "ingest"]
+
+
+def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord]]) -> int:
+    """Store ``(device_id, record)`` pairs once each; returns how many were new.
+
+    A record id already stored for that device (a resend after a lost PUBACK, a replayed
+    queue) is skipped by the database itself (``ON CONFLICT DO NOTHING``).
+    """
+    values = [_row(device_id, record) for device_id, record in rows]
+    if not values:
+        return 0
+    dialect = session.get_bind().dialect.name
+    insert: Any = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
+    table: Any = TelemetryRecordRow.__table__  # type: ignore[attr-defined]
+    statement = (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["device_id", "record_id"])
+        .returning(table.c.record_id)
+    )
+    return len(session.execute(statement, values).all())
+
+
+def _row(device_id: str, record: TelemetryRecord) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "record_id": record.id,
+        "ts": dt.datetime.fromtimestamp(record.ts, dt.UTC),
+        "received_at": utcnow(),
+        "bundle": record.bundle,
+        "inferences": record.inferences,
+        "errors": record.errors,
+        "fallbacks": record.fallbacks,
+        "latency_p50_ms": record.latency_p50_ms,
+        "latency_p95_ms": record.latency_p95_ms,
+        "shadow_bundle": record.shadow_bundle,
+        "shadow_compared": record.shadow_compared,
+        "shadow_agreed": record.shadow_agreed,
+        "dropped": record.dropped,
+        "extra": record.extra,
+    }
+
+
+@dataclass(frozen=True)
+class HealthStats:
+    """Totals over a set of telemetry records. Rates are ``None`` without inferences."""
+
+    records: int
+    inferences: int
+    errors: int
+    fallbacks: int
+    latency_p95_ms: float | None
+    """Inference-weighted mean of the records' p95 (devices report per-interval p95s)."""
+    shadow_compared: int
+    shadow_agreed: int
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.inferences if self.inferences else None
+
+    @property
+    def fallback_rate(self) -> float | None:
+        return self.fallbacks / self.inferences if self.inferences else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.shadow_agreed / self.shadow_compared if self.shadow_compared else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "inferences": self.inferences,
+            "error_rate": self.error_rate,
+            "fallback_rate": self.fallback_rate,
+            "latency_p95_ms": self.latency_p95_ms,
+            "agreement": self.agreement,
+        }
+
+
+def health_stats(
+    session: Session,
+    *,
+    bundles: Sequence[str],
+    since: dt.datetime,
+    device_ids: Sequence[str] | None = None,
+    shadow: bool = False,
+) -> HealthStats:
+    """Totals of records serving one of ``bundles`` (or shadowing it) since ``since``."""
+    t = TelemetryRecordRow
+    bundle_column = col(t.shadow_bundle) if shadow else col(t.bundle)
+    query = sa_select(
+        func.count(),
+        func.coalesce(func.sum(t.inferences), 0),
+        func.coalesce(func.sum(t.errors), 0),
+        func.coalesce(func.sum(t.fallbacks), 0),
+        func.sum(col(t.latency_p95_ms) * t.inferences),
+        func.sum(case((col(t.latency_p95_ms).is_not(None), t.inferences), else_=0)),
+        func.coalesce(func.sum(t.shadow_compared), 0),
+        func.coalesce(func.sum(t.shadow_agreed), 0),
+    ).where(bundle_column.in_(list(bundles)), col(t.ts) >= since)
+    if device_ids is not None:
+        query = query.where(col(t.device_id).in_(list(device_ids)))
+    count, inferences, errors, fallbacks, weighted, weight, compared, agreed = session.execute(
+        query
+    ).one()
+    return HealthStats(
+        records=int(count),
+        inferences=int(inferences),
+        errors=int(errors),
+        fallbacks=int(fallbacks),
+        latency_p95_ms=float(weighted) / float(weight) if weighted is not None and weight else None,
+        shadow_compared=int(compared),
+        shadow_agreed=int(agreed),
+    )

@@ -1,0 +1,132 @@
+"""Real MQTT clients for broker tests: mosquitto_sub and mosquitto_pub as subprocesses.
+
+Each takes an ``MqttEndpoint`` for whom to connect as (username/password, or CA,
+certificate and key). All speak MQTT 5, so a refusal comes back with its reason.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from types import TracebackType
+
+from fleet.broker import MqttEndpoint
+
+Result = tuple[int, str, str]
+"""``(returncode, stdout, stderr)``."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def client_args(endpoint: MqttEndpoint) -> list[str]:
+    args = ["-h", endpoint.host, "-p", str(endpoint.port), "-V", "mqttv5"]
+    if endpoint.username:
+        args += ["-u", endpoint.username]
+    if endpoint.password is not None:
+        args += ["-P", endpoint.password]
+    if endpoint.tls:
+        args += ["--cafile", str(endpoint.ca_file)]
+    if endpoint.cert_file and endpoint.key_file:
+        args += ["--cert", str(endpoint.cert_file), "--key", str(endpoint.key_file)]
+    return args
+
+
+def mqtt_pub(endpoint: MqttEndpoint, topic: str, message: str, *, qos: int = 1) -> Result:
+    """One publish on a new connection. A refused QoS 1 publish exits 0 but says
+    ``Publish 1 failed: Not authorized`` on stderr."""
+    cmd = ["mosquitto_pub", *client_args(endpoint), "-q", str(qos), "-t", topic, "-m", message]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    return done.returncode, done.stdout, done.stderr
+
+
+def mqtt_sub(endpoint: MqttEndpoint, *topics: str, count: int = 1, wait_s: int = 3) -> Result:
+    """Subscribe, print ``topic payload`` lines; exit after ``count`` messages or
+    ``wait_s`` seconds without one (returncode 27)."""
+    cmd = ["mosquitto_sub", *client_args(endpoint), "-v", "-C", str(count), "-W", str(wait_s)]
+    for topic in topics:
+        cmd += ["-t", topic]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=wait_s + 10, check=False)
+    return done.returncode, done.stdout, done.stderr
+
+
+class Subscriber:
+    """A ``mosquitto_sub -d -v`` left running; its output is collected as it comes.
+
+    Debug lines start with ``Client ``; ``Subscribed (mid: 1): 0`` means granted (a
+    refused subscription shows 135); message lines are ``topic payload``.
+    """
+
+    def __init__(self, endpoint: MqttEndpoint, *topics: str) -> None:
+        # stdbuf: mosquitto_sub's debug lines are block-buffered when piped.
+        cmd = ["stdbuf", "-oL", "mosquitto_sub", *client_args(endpoint), "-d", "-v", "-q", "1"]
+        for topic in topics:
+            cmd += ["-t", topic]
+        self._process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self._lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self._lines)
+
+    def messages(self) -> list[str]:
+        return [
+            line
+            for line in list(self._lines)
+            if not line.startswith(("Client ", "Subscribed ", "Connection error", "Error"))
+        ]
+
+    def wait_for(self, text: str, timeout_s: float = 5.0) -> bool:
+        """Whether ``text`` appears in the output within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.output:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def wait_subscribed(self, timeout_s: float = 5.0) -> None:
+        assert self.wait_for("Subscribed (mid:", timeout_s), self.output
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """The exit status, or ``None`` if it still runs after ``timeout_s``."""
+        try:
+            return self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._reader.join(5)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
