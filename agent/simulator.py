@@ -633,7 +633,6 @@ class FleetSimulator:
         if reason.is_failure:
             self._refused(device, f"CONNACK {reason}")
             return
-        self._publish_status(device)
         _, device.sub_mid = client.subscribe(device.cmd_topic, qos=1)
 
     def _on_subscribe(
@@ -645,6 +644,7 @@ class FleetSimulator:
             self._refused(device, f"SUBACK {reasons[0]} for {device.cmd_topic}")
             return
         device.reconnects = 0
+        self._publish_status(device)  # online only once commands can reach it
         self._set_phase(device, _Phase.READY)
 
     def _refused(self, device: _Device, error: str) -> None:

@@ -62,10 +62,9 @@ def create_app(settings: FleetSettings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        server.metrics.timestamp_refresh_failures.set(
-            (getattr(app.state, "refresher", None) and app.state.refresher.failures) or 0
-        )
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+        refresher = getattr(app.state, "refresher", None)
+        body = server.render_metrics(refresher.failures if refresher else 0)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> HTMLResponse:

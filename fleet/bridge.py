@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from .broker import MqttEndpoint
 from .db import session_scope
-from .devices import apply_status
+from .devices import apply_statuses
 from .errors import BrokerError
 from .metrics import FleetMetrics
 from .protocol import (
@@ -41,7 +41,7 @@ from .protocol import (
     device_topic,
     shared_subscription,
 )
-from .rollouts import handle_ack
+from .rollouts import handle_acks
 from .telemetry import ingest
 
 __all__ = ["MqttBridge"]
@@ -59,6 +59,7 @@ class MqttBridge:
         metrics: FleetMetrics,
         *,
         on_final_ack: Callable[[], None] = lambda: None,
+        on_online: Callable[[list[str]], None] = lambda _devices: None,
         batch_size: int = 2000,
         client_id: str | None = None,
     ) -> None:
@@ -66,6 +67,7 @@ class MqttBridge:
         self._db = db
         self._metrics = metrics
         self._on_final_ack = on_final_ack
+        self._on_online = on_online
         self._batch_size = batch_size
         self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
         self._connected = threading.Event()
@@ -179,35 +181,34 @@ class MqttBridge:
 
     def _write(self, batch: list[mqtt.MQTTMessage]) -> None:
         telemetry: list[tuple[str, Any]] = []
-        final_ack = False
-        with session_scope(self._db) as session:
-            for message in batch:
-                try:
-                    device_id, channel = device_id_from_topic(message.topic)
-                    payload = bytes(message.payload)
-                    self._metrics.messages.labels(channel).inc()
-                    if channel == "telemetry":
-                        records = decode_payload(payload, TelemetryBatch).records
-                        telemetry.extend((device_id, r) for r in records)
-                    elif channel == "status":
-                        apply_status(
-                            session,
-                            device_id=device_id,
-                            status=decode_payload(payload, Status),
-                        )
-                    elif channel == "ack":
-                        ack = decode_payload(payload, Ack)
-                        if handle_ack(session, device_id=device_id, ack=ack) and ack.state.final:
-                            final_ack = True
-                    else:
-                        raise PayloadError(f"devices do not publish on {channel!r}")
-                except PayloadError as e:
-                    channel = message.topic.rsplit("/", 1)[-1][:32]
-                    self._metrics.malformed.labels(channel).inc()
-                    log.warning("dropped a malformed message on %s: %s", message.topic[:200], e)
+        acks: list[tuple[str, Ack]] = []
+        statuses: list[tuple[str, Status]] = []
+        for message in batch:
+            try:
+                device_id, channel = device_id_from_topic(message.topic)
+                payload = bytes(message.payload)
+                self._metrics.messages.labels(channel).inc()
+                if channel == "telemetry":
+                    records = decode_payload(payload, TelemetryBatch).records
+                    telemetry.extend((device_id, r) for r in records)
+                elif channel == "status":
+                    statuses.append((device_id, decode_payload(payload, Status)))
+                elif channel == "ack":
+                    acks.append((device_id, decode_payload(payload, Ack)))
+                else:
+                    raise PayloadError(f"devices do not publish on {channel!r}")
+            except PayloadError as e:
+                channel = message.topic.rsplit("/", 1)[-1][:32]
+                self._metrics.malformed.labels(channel).inc()
+                log.warning("dropped a malformed message on %s: %s", message.topic[:200], e)
+        with session_scope(self._db) as session:  # one transaction for the whole batch
+            online = apply_statuses(session, statuses) if statuses else []
+            final_acks = handle_acks(session, acks) if acks else 0
             if telemetry:
                 stored = ingest(session, telemetry)
                 self._metrics.telemetry_records.inc(stored)
                 self._metrics.telemetry_duplicates.inc(len(telemetry) - stored)
-        if final_ack:
+        if final_acks:
             self._on_final_ack()
+        if online:
+            self._on_online(online)

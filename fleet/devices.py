@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
@@ -24,7 +25,7 @@ from .security import hash_token, new_token
 __all__ = [
     "RESERVED_PREFIX",
     "Enrollment",
-    "apply_status",
+    "apply_statuses",
     "broker_credentials",
     "create_enrollment_token",
     "enroll",
@@ -180,17 +181,32 @@ def broker_credentials(session: Session) -> list[DeviceCredential]:
     return [DeviceCredential(device_id=i, password_hash=h) for i, h in rows]
 
 
-def apply_status(session: Session, *, device_id: str, status: Status) -> bool:
-    """Record a device's retained status (or its Last Will); False for unknown devices."""
-    device = session.get(Device, device_id)
-    if device is None or device.state != DeviceState.ACTIVE:
-        return False
-    device.online = status.online
-    device.last_seen = utcnow()
-    if status.online:
-        device.agent_version = status.agent_version
-        device.bundle = status.bundle
-        device.bundle_version_number = status.bundle_version_number
-        device.agent_state = status.state
-    session.add(device)
-    return True
+def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> list[str]:
+    """Record devices' retained statuses (or Last Wills), in arrival order, with one query.
+
+    Returns the active devices that came online; statuses of unknown or revoked devices
+    are ignored.
+    """
+    ids = {device_id for device_id, _ in statuses}
+    devices = {
+        d.id: d
+        for d in session.exec(
+            select(Device).where(col(Device.id).in_(ids), Device.state == DeviceState.ACTIVE)
+        )
+    }
+    now = utcnow()
+    online: list[str] = []
+    for device_id, status in statuses:
+        device = devices.get(device_id)
+        if device is None:
+            continue
+        device.online = status.online
+        device.last_seen = now
+        if status.online:
+            device.agent_version = status.agent_version
+            device.bundle = status.bundle
+            device.bundle_version_number = status.bundle_version_number
+            device.agent_state = status.state
+            online.append(device_id)
+        session.add(device)
+    return online

@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, func, select
 
 from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
@@ -29,7 +29,7 @@ from .devices import RESERVED_PREFIX, broker_credentials
 from .inference import CloudModel, CloudModels
 from .metrics import FleetMetrics
 from .migrate import upgrade
-from .models import ApiToken, Role
+from .models import ApiToken, Device, Role, Rollout, RolloutState
 from .rollouts import RolloutEngine
 from .security import hash_token, new_token
 
@@ -67,7 +67,13 @@ class FleetServer:
         if settings.mqtt_tls and settings.mqtt_url is None:
             self.ca = FleetCA.load_or_create(settings.ca_dir)
         self.mqtt = self._start_broker()
-        self.bridge = MqttBridge(self.mqtt, self.db, self.metrics, on_final_ack=self._wake)
+        self.bridge = MqttBridge(
+            self.mqtt,
+            self.db,
+            self.metrics,
+            on_final_ack=self._wake,
+            on_online=self._resend_to,
+        )
         self.bridge.start()
         self.rollouts = RolloutEngine(
             self.db,
@@ -77,7 +83,7 @@ class FleetServer:
             tick_s=settings.rollout_tick_s,
             health_window_s=settings.health_window_s,
         )
-        resent = self.rollouts.resend_unacknowledged(older_than_s=0)
+        resent = self.rollouts.resend_unacknowledged()
         if resent:
             log.info("resent %d commands no device had acknowledged before the restart", resent)
         self.rollouts.start()
@@ -98,6 +104,10 @@ class FleetServer:
 
     def _wake(self) -> None:
         self.rollouts.wake()
+
+    def _resend_to(self, device_ids: list[str]) -> None:
+        if rollouts := getattr(self, "rollouts", None):  # devices may beat the engine's start
+            rollouts.resend_unacknowledged(device_ids)
 
     # --- parts ----------------------------------------------------------------------------
 
@@ -172,6 +182,22 @@ class FleetServer:
             return
         with Session(self.db) as session:
             self.broker.set_devices(broker_credentials(session))
+
+    def render_metrics(self, timestamp_refresh_failures: int) -> bytes:
+        """The Prometheus exposition, with the fleet-wide gauges read fresh from the database."""
+        with Session(self.db) as session:
+            online = session.exec(
+                select(func.count()).select_from(Device).where(col(Device.online).is_(True))
+            ).one()
+            active = session.exec(
+                select(func.count())
+                .select_from(Rollout)
+                .where(col(Rollout.state).not_in([s for s in RolloutState if s.terminal]))
+            ).one()
+        self.metrics.devices_online.set(online)
+        self.metrics.rollouts_active.set(active)
+        self.metrics.timestamp_refresh_failures.set(timestamp_refresh_failures)
+        return self.metrics.render()
 
     def cloud_model(self, name: str) -> CloudModel | None:
         with Session(self.db) as session:

@@ -94,8 +94,6 @@ def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
 @pytest.mark.parametrize(
     ("args", "issue"),
     [
-        (["fleet", "serve"], 5),
-        (["fleet", "rollout", "status", "r1"], 5),
         (["agent", "run", "--config", "agent.toml"], 6),
         (["agent", "simulate", "--devices", "10"], 6),
     ],

@@ -101,6 +101,10 @@ def test_a_rollout_advances_through_every_wave_to_every_device(fleet: RunningFle
         )
         assert len(waves_seen) == 2  # wave 1 → 2 → 3, then complete
         observer.close()
+        metrics = fleet.client.get("/metrics").text
+        assert "edgefleet_devices_online 20.0" in metrics
+        assert "edgefleet_rollouts_active 0.0" in metrics
+        assert 'edgefleet_commands_sent_total{kind="deploy"} 20.0' in metrics
 
 
 def test_assignment_is_deterministic_and_sticky(fleet: RunningFleet) -> None:
@@ -293,7 +297,7 @@ def test_a_killed_fleet_server_resumes_the_rollout_where_it_was(
                 json={
                     "bundle_id": attached["id"],
                     "waves": ["10", "50", "100"],
-                    "gate": {"soak_s": 3},
+                    "gate": {"soak_s": 10},  # longer than a restart takes
                 },
             ).json()
             wait_for(

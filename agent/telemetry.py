@@ -1,0 +1,338 @@
+"""Telemetry on the device: per-inference outcomes summed into records, records sent in batches.
+
+:class:`InferenceStats` takes an :class:`InferenceOutcome` from every inference (from any
+thread) and, once per reporting interval, turns what it saw into
+:class:`~fleet.protocol.TelemetryRecord` s for the :class:`~agent.telemetry_queue.TelemetryQueue`.
+:class:`TelemetrySender` drains that queue over MQTT: one batch at a time, QoS 1, records
+removed only after the broker's PUBACK. A crash anywhere resends at most the batch in flight,
+and the fleet stores each record id once, so every record arrives exactly once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+
+from fleet.protocol import (
+    MAX_PAYLOAD_BYTES,
+    TelemetryBatch,
+    TelemetryRecord,
+    device_topic,
+    encode_telemetry,
+)
+
+from .config import TelemetryConfig
+from .errors import TelemetryQueueError
+from .telemetry_queue import TelemetryQueue
+
+__all__ = [
+    "FALLBACK_REASONS",
+    "LATENCY_BUCKETS_MS",
+    "InferenceOutcome",
+    "InferenceStats",
+    "TelemetrySender",
+]
+
+log = logging.getLogger(__name__)
+
+FALLBACK_REASONS = frozenset({"no_model", "error", "latency", "confidence"})
+LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+"""Upper edges of the latency histogram in ``extra``; a last bucket holds the slower ones."""
+
+_MAX_LATENCY_SAMPLES = 10_000
+"""Latencies kept per interval for p50/p95; past this a uniform sample (reservoir) is kept."""
+_ERROR_RETRY_S = 30.0
+"""Pause after the queue failed (disk full...), unless woken: one log line, not one a second."""
+_SERVED_BY = ("local", "cloud", "none")
+_BATCH_OVERHEAD = len('{"records":[]}')
+_MAX_BATCH_RECORDS = TelemetryBatch.model_fields["records"].metadata[0].max_length
+
+
+@dataclass(frozen=True)
+class InferenceOutcome:
+    """What one inference request came to, as the inference service reports it."""
+
+    bundle: str | None
+    """``NAME-VERSION`` of the local bundle that served or was tried; ``None`` without one."""
+    served_by: Literal["local", "cloud", "none"]
+    """Who answered: the local model, the cloud fallback, or nobody (the request failed)."""
+    latency_ms: float
+    """The whole request as the caller saw it, fallback included."""
+    local_error: bool
+    """The local runtime raised."""
+    fallback_reason: str | None
+    """Why the cloud was asked (one of :data:`FALLBACK_REASONS`), ``None`` if it was not."""
+    predicted_class: int | None
+    shadow_bundle: str | None = None
+    shadow_agreed: bool | None = None
+    """Whether the shadow model's class matched; ``None`` when no comparison was made."""
+
+    def __post_init__(self) -> None:
+        if self.served_by not in _SERVED_BY:
+            raise ValueError(f"served_by must be one of {_SERVED_BY}, got {self.served_by!r}")
+        if self.fallback_reason is not None and self.fallback_reason not in FALLBACK_REASONS:
+            raise ValueError(
+                f"fallback_reason must be one of {sorted(FALLBACK_REASONS)} or None, "
+                f"got {self.fallback_reason!r}"
+            )
+        if not (math.isfinite(self.latency_ms) and self.latency_ms >= 0):
+            raise ValueError(f"latency_ms must be a finite number >= 0, got {self.latency_ms}")
+
+
+@dataclass
+class _Tally:
+    """One (bundle, shadow bundle) pair's outcomes in the current interval."""
+
+    inferences: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
+    latencies: list[float] = field(default_factory=list)
+    histogram: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    served_by: collections.Counter[str] = field(default_factory=collections.Counter)
+    fallback_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    predictions: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class InferenceStats:
+    """Outcomes since the last :meth:`report`, per bundle. Safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tallies: dict[tuple[str | None, str | None], _Tally] = {}
+        self._random = random.Random()
+
+    def observe(self, outcome: InferenceOutcome) -> None:
+        with self._lock:
+            key = (outcome.bundle, outcome.shadow_bundle)
+            tally = self._tallies.get(key)
+            if tally is None:
+                tally = self._tallies[key] = _Tally()
+            tally.inferences += 1
+            tally.errors += outcome.local_error
+            tally.served_by[outcome.served_by] += 1
+            if outcome.fallback_reason is not None:
+                tally.fallbacks += 1
+                tally.fallback_reasons[outcome.fallback_reason] += 1
+            if outcome.predicted_class is not None:
+                tally.predictions[outcome.predicted_class] += 1
+            if outcome.shadow_agreed is not None:
+                tally.shadow_compared += 1
+                tally.shadow_agreed += outcome.shadow_agreed
+            latency = outcome.latency_ms
+            tally.histogram[bisect.bisect_left(LATENCY_BUCKETS_MS, latency)] += 1
+            if len(tally.latencies) < _MAX_LATENCY_SAMPLES:
+                tally.latencies.append(latency)
+            else:  # reservoir sampling: each latency seen is kept with equal probability
+                slot = self._random.randrange(tally.inferences)
+                if slot < _MAX_LATENCY_SAMPLES:
+                    tally.latencies[slot] = latency
+
+    def report(self) -> list[TelemetryRecord]:
+        """One record per bundle served since the last call (none if idle); then start over.
+
+        Outcomes of different bundles (an update landed mid-interval) are never mixed into
+        one record, so the fleet's health figures per bundle stay right.
+
+        ``errors`` counts local runtime failures; ``fallbacks`` counts requests sent to the
+        cloud (answered or not). ``extra`` holds ``latency_histogram_ms`` (``edges``, and
+        ``counts`` with one more entry than edges: latency <= edge, the last > every edge),
+        ``predictions`` (class → count), ``served_by`` and ``fallback_reasons`` (→ count).
+        """
+        with self._lock:
+            tallies, self._tallies = self._tallies, {}
+        now = time.time()
+        return [
+            _record(bundle, shadow_bundle, tally, now)
+            for (bundle, shadow_bundle), tally in tallies.items()
+        ]
+
+
+def _record(
+    bundle: str | None, shadow_bundle: str | None, tally: _Tally, ts: float
+) -> TelemetryRecord:
+    latencies = sorted(tally.latencies)
+    extra: dict[str, Any] = {
+        "latency_histogram_ms": {"edges": list(LATENCY_BUCKETS_MS), "counts": tally.histogram},
+        "predictions": {str(k): v for k, v in sorted(tally.predictions.items())},
+        "served_by": dict(tally.served_by),
+        "fallback_reasons": dict(tally.fallback_reasons),
+    }
+    return TelemetryRecord(
+        id=uuid.uuid4().hex,
+        ts=ts,
+        bundle=bundle,
+        inferences=tally.inferences,
+        errors=tally.errors,
+        fallbacks=tally.fallbacks,
+        latency_p50_ms=_percentile(latencies, 0.50),
+        latency_p95_ms=_percentile(latencies, 0.95),
+        shadow_bundle=shadow_bundle,
+        shadow_compared=tally.shadow_compared,
+        shadow_agreed=tally.shadow_agreed,
+        extra=extra,
+    )
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class TelemetrySender:
+    """A thread that sends the queue's records to the fleet and removes what the broker acked.
+
+    ``client`` belongs to the caller, who connects it (``loop_start`` or an external
+    loop) and keeps it connected; the sender only calls ``publish`` and
+    ``is_connected``. While the client is disconnected nothing is published: the sender
+    waits, checking every ``retry_s`` or when :meth:`wake` is called (call it when a record
+    is put and from ``on_connect``). A batch published before a disconnect stays in paho's
+    session and is resent by paho on reconnect; the sender keeps waiting for its PUBACK,
+    and sends the batch again only after ``ack_timeout_s`` connected without one.
+    """
+
+    def __init__(
+        self,
+        queue: TelemetryQueue,
+        device_id: str,
+        client: mqtt.Client,
+        config: TelemetryConfig,
+        *,
+        retry_s: float = 1.0,
+        ack_timeout_s: float = 30.0,
+    ) -> None:
+        if retry_s <= 0 or ack_timeout_s <= 0:
+            raise ValueError("retry_s and ack_timeout_s must be > 0")
+        self._queue = queue
+        self._client = client
+        self._config = config
+        self._topic = device_topic(device_id, "telemetry")
+        self._batch_records = min(config.batch_records, _MAX_BATCH_RECORDS)
+        self._retry_s = retry_s
+        self._ack_timeout_s = ack_timeout_s
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the telemetry sender is already started")
+        self._thread = threading.Thread(target=self._run, name="telemetry-sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look at the queue and the connection now rather than after ``retry_s``."""
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued record is acknowledged; whether the queue is empty."""
+        deadline = time.monotonic() + timeout_s
+        self.wake()
+        while len(self._queue):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread; a batch still waiting for its PUBACK stays queued for next time."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            pause = self._retry_s
+            try:
+                if self._send_batch():
+                    continue
+            except TelemetryQueueError as e:
+                pause = max(pause, _ERROR_RETRY_S)
+                log.error("telemetry not sent: %s; retrying in %.0f s", e, pause)
+            except Exception:  # keep sending whatever a single batch did
+                pause = max(pause, _ERROR_RETRY_S)
+                log.exception("telemetry sender failed; retrying in %.0f s", pause)
+            self._wake.wait(pause)
+
+    def _send_batch(self) -> bool:
+        """Send the oldest batch and remove it once acknowledged; whether to go on at once."""
+        if not self._client.is_connected():
+            return False
+        records = self._queue.peek(self._batch_records)
+        if not records:
+            return False
+        batch = self._fit(records)
+        if not batch:
+            return True  # the oldest record was discarded; look again
+        info = self._client.publish(
+            self._topic,
+            encode_telemetry(TelemetryBatch(records=batch), compress=self._config.compress),
+            qos=1,
+        )
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.info("telemetry batch not published (%s); retrying", mqtt.error_string(info.rc))
+            return False
+        if not self._await_puback(info):
+            return False
+        self._queue.remove(r.id for r in batch)
+        return True
+
+    def _fit(self, records: list[TelemetryRecord]) -> list[TelemetryRecord]:
+        """The longest prefix of ``records`` whose JSON fits one payload.
+
+        The fleet caps the decompressed JSON at ``MAX_PAYLOAD_BYTES`` too, so the cap is
+        applied before compression. A first record too large on its own is discarded.
+        """
+        size = _BATCH_OVERHEAD - 1  # no comma before the first record
+        for count, record in enumerate(records):
+            size += len(record.model_dump_json(exclude_defaults=True).encode()) + 1
+            if size > MAX_PAYLOAD_BYTES:
+                if count == 0:
+                    self._queue.discard(
+                        [record.id],
+                        f"record {record.id} is {size - _BATCH_OVERHEAD} bytes of JSON, over "
+                        f"the {MAX_PAYLOAD_BYTES}-byte MQTT payload cap; it can never be sent",
+                    )
+                return records[:count]
+        return records
+
+    def _await_puback(self, info: mqtt.MQTTMessageInfo) -> bool:
+        """Whether the broker acknowledged ``info`` before ``ack_timeout_s`` connected."""
+        step = min(self._retry_s, self._ack_timeout_s)
+        connected_for = 0.0
+        while not self._stopping.is_set():
+            try:
+                info.wait_for_publish(step)
+                if info.is_published():
+                    return True
+            except (RuntimeError, ValueError) as e:
+                log.info("telemetry batch not published (%s); retrying", e)
+                return False
+            if self._client.is_connected():
+                connected_for += step
+                if connected_for >= self._ack_timeout_s:
+                    log.warning(
+                        "no PUBACK for a telemetry batch in %.0f s; sending it again",
+                        self._ack_timeout_s,
+                    )
+                    return False
+        return False

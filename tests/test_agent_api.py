@@ -1,0 +1,218 @@
+"""The agent's local Open Inference Protocol API, served by uvicorn and called with httpx.
+
+The model is the real digits bundle; the cloud fallback is the fleet's endpoint, also under
+uvicorn (``tests/utils/oip_cloud.py``). Answers are compared with ONNX Runtime directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.api import local_api_server
+from agent.config import ApiConfig, FallbackConfig
+from agent.inference import InferenceService
+from agent.model import load_installed, unpack_bundle
+from tests.utils.fleet import make_bundle
+from tests.utils.oip_cloud import TOKEN, CloudEndpoint, running
+
+pytestmark = pytest.mark.slow  # the digits model is trained and compiled once per session
+
+
+@pytest.fixture(scope="module")
+def slot(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("agent-api")
+    unpack_bundle(make_bundle(compiled_digits, out, "1.0.0"), out / "slot")
+    return out / "slot"
+
+
+@pytest.fixture(scope="module")
+def onnx_file(compiled_digits: Path) -> Path:
+    return compiled_digits / "onnxruntime-fp32.onnx"
+
+
+@pytest.fixture(scope="module")
+def images(digits: Path) -> np.ndarray:
+    with np.load(digits / "digits.npz") as data:
+        return np.asarray(data["image"][:4])
+
+
+@pytest.fixture
+def service() -> Iterator[InferenceService]:
+    with InferenceService() as service:
+        yield service
+
+
+def _serve(service: InferenceService, **options: Any) -> Any:
+    return running(local_api_server(service, ApiConfig(port=0), **options))
+
+
+@pytest.fixture
+def api(service: InferenceService) -> Iterator[httpx.Client]:
+    with _serve(service) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        yield client
+
+
+def _request(images: np.ndarray, **extra: Any) -> dict[str, Any]:
+    tensor = {
+        "name": "image",
+        "shape": list(images.shape),
+        "datatype": "FP32",
+        "data": images.reshape(-1).tolist(),
+    }
+    return {"inputs": [tensor], **extra}
+
+
+def test_live_always_and_ready_only_with_a_model(
+    api: httpx.Client, service: InferenceService, slot: Path
+) -> None:
+    assert api.get("/v2/health/live").json() == {"live": True}
+    not_ready = api.get("/v2/health/ready")
+    assert (not_ready.status_code, not_ready.json()) == (503, {"ready": False})
+    service.set_model(load_installed(slot))
+    ready = api.get("/v2/health/ready")
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert api.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
+
+
+def test_metadata_lists_the_runtimes_tensors(
+    api: httpx.Client, service: InferenceService, slot: Path
+) -> None:
+    model = load_installed(slot)
+    service.set_model(model)
+    output = model.runtime.outputs[0].name
+    assert api.get("/v2/models/digits").json() == {
+        "name": "digits",
+        "versions": ["1.0.0"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8, 1]}],
+        "outputs": [{"name": output, "datatype": "FP32", "shape": [-1, 10]}],
+    }
+
+
+def test_infer_answers_locally_as_onnx_runtime_does(
+    api: httpx.Client, service: InferenceService, slot: Path, onnx_file: Path, images: np.ndarray
+) -> None:
+    service.set_model(load_installed(slot))
+    response = api.post("/v2/models/digits/infer", json=_request(images, id="req-1"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["model_name"], body["model_version"], body["id"]) == ("digits", "1.0.0", "req-1")
+    assert body["parameters"] == {"served_by": "local", "bundle": "digits-host-1.0.0"}
+    [output] = body["outputs"]
+    assert (output["datatype"], output["shape"]) == ("FP32", [4, 10])
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"image": images})[0]
+    got = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uint8_pixels_are_converted_but_fp64_is_refused(
+    api: httpx.Client, service: InferenceService, slot: Path, images: np.ndarray
+) -> None:
+    service.set_model(load_installed(slot))
+    pixels = _request(images)
+    pixels["inputs"][0] |= {"datatype": "UINT8", "data": [0] * images.size}
+    assert api.post("/v2/models/digits/infer", json=pixels).status_code == 200
+    wide = _request(images)
+    wide["inputs"][0]["datatype"] = "FP64"
+    response = api.post("/v2/models/digits/infer", json=wide)
+    assert response.status_code == 400
+    assert "is FP64, but the model takes FP32" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not an inference request"),
+        ({"inputs": []}, "inputs: List should have at least 1 item"),
+        (
+            {"inputs": [{"name": "img", "shape": [1], "datatype": "FP32", "data": [0.0]}]},
+            "model digits takes the inputs 'image'; unknown: 'img'; missing: 'image'",
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32", "data": [0]}]},
+            "input 'image' has shape [1, 8, 8], but the model takes [-1, 8, 8, 1]",
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": [0]}]},
+            "shape [1, 8, 8, 1] holds 64 elements, but data has 1",
+        ),
+        (
+            _request(np.zeros((1, 8, 8, 1)), outputs=[{"name": "probs"}]),
+            "model digits has no output 'probs'",
+        ),
+    ],
+)
+def test_a_request_the_model_cannot_take_is_a_400_that_says_why(
+    api: httpx.Client, service: InferenceService, slot: Path, body: Any, message: str
+) -> None:
+    service.set_model(load_installed(slot))
+    if isinstance(body, bytes):
+        response = api.post("/v2/models/digits/infer", content=body)
+    else:
+        response = api.post("/v2/models/digits/infer", json=body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_an_unknown_model_is_a_404(
+    api: httpx.Client, service: InferenceService, slot: Path, images: np.ndarray
+) -> None:
+    service.set_model(load_installed(slot))
+    for response in (
+        api.post("/v2/models/cats/infer", json=_request(images)),
+        api.get("/v2/models/cats"),
+    ):
+        assert response.status_code == 404
+        assert response.json() == {"error": "no model named 'cats' is served here; 'digits' is"}
+
+
+def test_no_model_and_no_fallback_is_a_503(service: InferenceService, images: np.ndarray) -> None:
+    with (
+        _serve(service, model_name="digits") as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}") as api,
+    ):
+        response = api.post("/v2/models/digits/infer", json=_request(images))
+        assert response.status_code == 503
+        assert (
+            "no model is installed and no cloud fallback is configured"
+            in (response.json()["error"])
+        )
+        assert api.get("/v2/models/digits").status_code == 503
+        assert api.get("/v2/models/digits/ready").status_code == 503
+
+
+def test_without_a_model_the_cloud_answers_and_the_response_says_so(
+    onnx_file: Path, tmp_path: Path, images: np.ndarray
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    endpoint = CloudEndpoint(onnx_file, broken)
+    with endpoint.serving():
+        config = FallbackConfig(url=endpoint.url, token=TOKEN, model="digits")
+        with (
+            InferenceService(config) as service,
+            _serve(service) as port,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}") as api,
+        ):
+            assert api.get("/v2/health/ready").status_code == 200
+            response = api.post("/v2/models/digits/infer", json=_request(images))
+            assert response.status_code == 200, response.text
+            assert response.json()["parameters"] == {
+                "served_by": "cloud",
+                "bundle": None,
+                "fallback_reason": "no_model",
+            }
+            assert response.json()["outputs"][0]["shape"] == [4, 10]
+            bad = _request(images[:, :4])
+            refused = api.post("/v2/models/digits/infer", json=bad)
+            assert refused.status_code == 400
+            assert "cloud endpoint refused" in refused.json()["error"]
+            assert "shape [4, 4, 8, 1]" in refused.json()["error"]
