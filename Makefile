@@ -8,10 +8,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefleet-installed
 
 # Debian packages the suite uses: a C compiler TVM links with, the aarch64 cross compiler
-# the Raspberry Pi and Jetson profiles name, mosquitto for the MQTT tests, python3-venv
-# for the virtual environment.
+# the Raspberry Pi and Jetson profiles name, mosquitto for the MQTT tests, PostgreSQL for
+# the fleet's PostgreSQL tests, systemd (systemd-analyze verify) and shellcheck for the
+# agent's install files, python3-venv for the virtual environment.
 SYSTEM_PACKAGES := python3-venv gcc g++ gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
-	mosquitto mosquitto-clients postgresql
+	mosquitto mosquitto-clients postgresql systemd shellcheck
 
 .PHONY: setup system-packages test lint demo bench conformance clean
 

@@ -116,6 +116,8 @@ class AgentConfig(_Section):
     """Slots, the telemetry queue and the updater's state live here."""
     model_name: str | None = None
     """The name the local API serves the model under; the bundle's model name when unset."""
+    api_token: str | None = None
+    """The device's fleet API token, sent with TUF metadata and bundle downloads."""
     mqtt: MqttConfig = MqttConfig()
     ota: OtaConfig = OtaConfig()
     api: ApiConfig = ApiConfig()

@@ -6,6 +6,7 @@ __all__ = [
     "AgentError",
     "CircuitOpenError",
     "ConfigError",
+    "EnrollmentError",
     "FallbackError",
     "FallbackRejectedError",
     "FallbackTimeout",
@@ -84,3 +85,7 @@ class FallbackRejectedError(FallbackError):
 
 class InstallError(AgentError, RuntimeError):
     """Installing or removing the agent on a board failed; the message says what to do."""
+
+
+class EnrollmentError(AgentError):
+    """The fleet refused the enrollment, or could not be reached."""

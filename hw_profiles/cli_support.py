@@ -1,7 +1,7 @@
 """What every ``edgefleet`` sub-command shares: JSON output, errors, exit codes.
 
 Exit codes: 0 success, 1 a user-facing error (the message says what to do), 2 a usage
-error (typer's), 3 a command that a later release fills in.
+error (typer's).
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from rich.console import Console
 
 __all__ = [
     "EXIT_ERROR",
-    "EXIT_NOT_IMPLEMENTED",
     "JsonOption",
     "fail",
-    "not_implemented",
     "print_json",
 ]
 
 EXIT_ERROR = 1
-EXIT_NOT_IMPLEMENTED = 3
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
 
@@ -38,13 +35,3 @@ def fail(message: object) -> NoReturn:
     """Print ``error: message`` on stderr and exit with EXIT_ERROR."""
     _stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_ERROR)
-
-
-def not_implemented(command: str, issue: int) -> NoReturn:
-    """Refuse honestly: the command exists in the contract but does nothing yet."""
-    _stderr.print(
-        f"[bold yellow]not yet implemented:[/] `edgefleet {command}` lands with issue #{issue}.",
-        highlight=False,
-        soft_wrap=True,
-    )
-    raise typer.Exit(EXIT_NOT_IMPLEMENTED)

@@ -1,10 +1,12 @@
 """``edgefleet demo``: the end-to-end story on one machine, on the embedded defaults.
 
-Today the story runs as far as edgefleet goes: train the digits CNN (examples/digits),
-compile it for this machine (every runtime and precision, the fastest selected) and for a
-Raspberry Pi 4 (int8, cross-linked), behind the accuracy gate; pack both into bundles,
-sign them into a TUF repository and verify them as a device would. Rollout and the agent
-join as their issues land.
+Train the digits CNN (examples/digits); compile it for this machine (every runtime and
+precision, the fastest selected) and for a Raspberry Pi 4 (int8, cross-linked), behind the
+accuracy gate; pack both into bundles, sign them into a TUF repository and verify them as a
+device would. Then the fleet: start ``edgefleet fleet serve`` on the embedded defaults
+(SQLite, its own mosquitto), publish two releases, enroll a real agent on this machine and
+twenty simulated devices, roll release 1.0.0 and then 1.1.0 out in waves, and ask the
+agent's local API before (the cloud answers) and after (the installed model answers).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .cli_support import fail
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
 # The demo's keys protect nothing; real repositories take the passphrase from the env.
 DEMO_PASSPHRASE = b"edgefleet-demo-only"
+DEMO_MAX_ACCURACY_DROP = 0.03
 
 
 def run_demo(out: Path) -> None:
@@ -51,11 +54,16 @@ def run_demo(out: Path) -> None:
     ]  # fmt: skip
     for title, profile, extra in plans:
         console.rule(title)
+        hw = load_profile(profile)
+        # The demo validates on 200 held-out images, where one image is half a point of
+        # accuracy: a 1-point gate would fail on noise. It allows 3 points here.
+        gate = hw.accuracy_gate.model_copy(update={"max_accuracy_drop": DEMO_MAX_ACCURACY_DROP})
         try:
             report = compile_model(
                 CompileOptions(
                     model=data / "digits.keras",
-                    profile=load_profile(profile),
+                    profile=hw,
+                    gate=gate,
                     out_dir=out / profile,
                     calibration=data / "digits.npz",
                     **extra,  # type: ignore[arg-type]
@@ -68,11 +76,9 @@ def run_demo(out: Path) -> None:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"artifacts, report.json and MODEL_CARD.md in {out / profile}")
     _sign_and_verify(console, out)
-    console.rule("Next")
-    console.print(
-        "Rolling these bundles out through the fleet server (#5) and serving them with the "
-        "agent (#6) join this demo as they land."
-    )
+    from .demo_fleet import run_fleet_demo
+
+    run_fleet_demo(console, out)
 
 
 def _sign_and_verify(console: Console, out: Path) -> None:

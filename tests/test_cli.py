@@ -14,7 +14,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from hw_profiles import load_profile
-from hw_profiles.cli_support import EXIT_ERROR, EXIT_NOT_IMPLEMENTED
+from hw_profiles.cli_support import EXIT_ERROR
 from hw_profiles.console import app
 
 from .conftest import SHIPPED_PROFILES
@@ -89,19 +89,6 @@ def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
     assert result.exit_code == EXIT_ERROR
     assert "no hardware profile named 'rpi9'" in result.stderr
     assert "rpi4" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "issue"),
-    [
-        (["agent", "run", "--config", "agent.toml"], 6),
-        (["agent", "simulate", "--devices", "10"], 6),
-    ],
-)
-def test_commands_of_later_issues_refuse_instead_of_pretending(args: list[str], issue: int) -> None:
-    result = runner.invoke(app, args)
-    assert result.exit_code == EXIT_NOT_IMPLEMENTED
-    assert f"issue #{issue}" in result.stderr
 
 
 def test_demo_trains_and_compiles_for_this_machine_and_a_pi(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from .. import audit, devices
-from ..models import Device, DevicePublic, EnrollmentTokenCreate
+from ..models import Device, DevicePublic, EnrollmentTokenCreate, TelemetryRecordRow
 from ..protocol import TOPIC_PREFIX
 from .deps import Admin, Operator, ServerDep, SessionDep, Viewer
 
@@ -157,6 +157,22 @@ def set_tags(
     )
     session.commit()
     return DevicePublic.model_validate(device)
+
+
+@router.get("/devices/{device_id}/telemetry")
+def device_telemetry(
+    device_id: str, session: SessionDep, _: Viewer, limit: int = 100
+) -> list[TelemetryRecordRow]:
+    """The device's latest telemetry records, newest first."""
+    devices.get_device(session, device_id)  # 404 for an unknown device
+    return list(
+        session.exec(
+            select(TelemetryRecordRow)
+            .where(TelemetryRecordRow.device_id == device_id)
+            .order_by(col(TelemetryRecordRow.ts).desc())
+            .limit(min(max(limit, 1), 1000))
+        )
+    )
 
 
 @router.post("/devices/{device_id}/revoke")

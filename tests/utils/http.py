@@ -27,10 +27,11 @@ class ServedApp:
 
 
 @contextmanager
-def serve_app(app: Any) -> Iterator[ServedApp]:
-    """``app`` at ``http://127.0.0.1:PORT`` until the block ends."""
+def serve_app(app: Any, port: int = 0) -> Iterator[ServedApp]:
+    """``app`` at ``http://127.0.0.1:PORT`` until the block ends (``port`` 0: a free one)."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     served = ServedApp(url=f"http://127.0.0.1:{port}", port=port)
 

@@ -1,0 +1,322 @@
+"""The agent daemon: one MQTT connection, the updater, inference, telemetry and the local API.
+
+``edgefleet agent run --config agent.toml`` builds an :class:`AgentDaemon` and runs it until
+SIGTERM. The daemon only wires the parts together; each lives in its own module:
+
+- ``agent.updater``: deploy and rollback commands, A/B slots, health check;
+- ``agent.inference`` (+ ``agent.fallback``): answers, cloud fallback, shadow mode;
+- ``agent.telemetry`` / ``agent.telemetry_queue``: per-interval records, kept on disk until
+  the broker acknowledged them;
+- ``agent.api``: the local Open Inference Protocol server.
+
+MQTT (topics in ``fleet.protocol``): the device subscribes to its ``cmd`` topic and only
+then publishes its retained ``online`` status, so the fleet, which resends unacknowledged
+commands when a device comes online, never sends into the void. The Last Will marks it
+offline. The session starts clean on every connect; paho reconnects with backoff.
+Commands run one at a time on a worker thread (downloads block); a malformed command is
+logged and dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import ValidationError
+
+from fleet.protocol import Ack, AckState, Command, CommandKind, Status, device_topic
+from ota.client import OtaClient
+from ota.errors import OtaError
+
+from . import sd_notify
+from .config import AgentConfig
+from .errors import AgentError
+from .inference import InferenceService
+from .model import LoadedModel, load_installed, unpack_bundle
+from .telemetry import InferenceOutcome, InferenceStats, TelemetrySender
+from .telemetry_queue import TelemetryQueue
+from .updater import Updater
+
+__all__ = ["AGENT_VERSION", "AgentDaemon"]
+
+log = logging.getLogger(__name__)
+
+try:
+    AGENT_VERSION = importlib.metadata.version("edgefleet")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    AGENT_VERSION = "0.0.0"
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        headers = {"Authorization": f"Bearer {config.api_token}"} if config.api_token else {}
+        self._http = httpx.Client(headers=headers, timeout=30.0, follow_redirects=True)
+        fallback = config.fallback
+        if fallback.model is None and config.model_name is not None:
+            fallback = fallback.model_copy(update={"model": config.model_name})
+        self.service = InferenceService(fallback)
+        self.stats = InferenceStats()
+        self.queue = TelemetryQueue(data / "telemetry.db", config.telemetry.max_queue_bytes)
+        self.updater = Updater(
+            data,
+            ack=self._publish_ack,
+            activate=self._activate,
+            ota=config.ota,
+            health=config.health,
+            http=self._http,
+        )
+        self.service.add_observer(self._observe)
+        self.client = self._mqtt_client()
+        self.sender = TelemetrySender(self.queue, config.device_id, self.client, config.telemetry)
+        self._commands: queue.Queue[Command | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._api: Any = None
+        self.malformed_commands = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve what is installed, then connect; returns once everything runs."""
+        self.updater.recover()
+        if self.config.api.enabled:
+            from .api import local_api_server  # FastAPI only where the local API runs
+
+            self._api = local_api_server(
+                self.service, self.config.api, model_name=self.config.model_name
+            )
+            self._spawn("local-api", self._api.run)
+        self._spawn("commands", self._command_loop)
+        self.sender.start()
+        mqtt_config = self.config.mqtt
+        self.client.connect_async(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
+        self.client.loop_start()
+        sd_notify.notify("READY=1")
+
+    def run(self) -> None:
+        """Queue a telemetry record every interval, keep the watchdog fed; until :meth:`stop`."""
+        watchdog = sd_notify.watchdog_interval()
+        tick = min(self.config.telemetry.interval_s, watchdog / 2 if watchdog else 1.0, 1.0)
+        next_report = time.monotonic() + self.config.telemetry.interval_s
+        while not self._stop.wait(tick):
+            if watchdog:
+                sd_notify.notify("WATCHDOG=1")
+            self.updater.poll()
+            if time.monotonic() >= next_report:
+                next_report += self.config.telemetry.interval_s
+                self.report()
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return (safe from a signal handler)."""
+        self._stop.set()
+
+    def report(self) -> None:
+        """Queue what the inferences since the last report add up to, and wake the sender."""
+        records = self.stats.report()
+        if records:
+            self.queue.put_many(records)
+            self.sender.wake()
+
+    def stop(self) -> None:
+        """Queue the last record, give the sender a moment, say goodbye, shut down."""
+        self._stop.set()
+        self.report()
+        self._commands.put(None)
+        self.sender.flush(timeout_s=5.0)
+        self.sender.stop()
+        if self.client.is_connected():
+            info = self._publish_status(online=False)
+            info.wait_for_publish(timeout=5.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._api is not None:
+            self._api.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout=30.0)
+        self.service.close()
+        self.updater.close()
+        self.queue.close()
+        self._http.close()
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # --- MQTT -----------------------------------------------------------------------------
+
+    def _mqtt_client(self) -> mqtt.Client:
+        config = self.config.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.config.device_id, protocol=mqtt.MQTTv5
+        )
+        if config.username:
+            client.username_pw_set(config.username, config.password)
+        if config.tls:
+            client.tls_set(
+                ca_certs=str(config.ca_file) if config.ca_file else None,
+                certfile=str(config.cert_file) if config.cert_file else None,
+                keyfile=str(config.key_file) if config.key_file else None,
+            )
+        client.will_set(
+            device_topic(self.config.device_id, "status"),
+            Status(online=False, agent_version=AGENT_VERSION).model_dump_json(exclude_none=True),
+            qos=1,
+            retain=True,
+        )
+        client.reconnect_delay_set(int(config.reconnect_min_s), int(config.reconnect_max_s))
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("the broker refused the connection: %s (credentials revoked?)", reason)
+            return
+        log.info("connected to the broker")
+        client.subscribe(device_topic(self.config.device_id, "cmd"), qos=1)
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[ReasonCode], _p: Any
+    ) -> None:
+        if reasons and reasons[0].is_failure:
+            log.error("the broker refused the command subscription: %s", reasons[0])
+            return
+        self._publish_status(online=True)
+        self.sender.wake()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            command = Command.model_validate_json(message.payload)
+        except ValidationError as e:
+            self.malformed_commands += 1
+            log.warning("dropped a malformed command on %s: %s", message.topic, e)
+            return
+        self._commands.put(command)
+
+    def _publish_status(self, *, online: bool) -> mqtt.MQTTMessageInfo:
+        serving = self.updater.serving
+        status = Status(
+            online=online,
+            agent_version=AGENT_VERSION,
+            bundle=f"{serving.name}-{serving.version}" if serving else None,
+            bundle_version_number=serving.version_number if serving else None,
+            state=str(self.updater.state),
+            ts=time.time(),
+        )
+        return self.client.publish(
+            device_topic(self.config.device_id, "status"),
+            status.model_dump_json(exclude_none=True),
+            qos=1,
+            retain=True,
+        )
+
+    def _publish_ack(self, ack: Ack) -> None:
+        log.info("command %s: %s %s", ack.command, ack.state, ack.detail)
+        self.client.publish(
+            device_topic(self.config.device_id, "ack"), ack.model_dump_json(), qos=1
+        )
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _command_loop(self) -> None:
+        while (command := self._commands.get()) is not None:
+            try:
+                if command.kind in (CommandKind.DEPLOY, CommandKind.ROLLBACK):
+                    self.updater.handle(command)
+                elif command.kind is CommandKind.SHADOW:
+                    self._start_shadow(command)
+                else:
+                    self._stop_shadow(command)
+            except Exception as e:  # one bad command must not stop the next ones
+                log.exception("command %s failed", command.id)
+                self._publish_ack(_ack(command, AckState.FAILED, f"the agent failed: {e}"))
+            if self.client.is_connected():
+                self._publish_status(online=True)
+
+    def _start_shadow(self, command: Command) -> None:
+        """Install the challenger beside the champion (never serving) and run it in shadow."""
+        if command.bundle is None or command.metadata_url is None:
+            self._publish_ack(_ack(command, AckState.FAILED, "a shadow command needs a bundle"))
+            return
+        self._publish_ack(_ack(command, AckState.DOWNLOADING))
+        shadow_dir = self.config.data_dir / "shadow"
+        try:
+            client = OtaClient(
+                self.config.data_dir / "ota" / "metadata",
+                command.metadata_url,
+                targets_url=command.targets_url,
+                target_dir=self.config.data_dir / "ota" / "downloads",
+                http=self._http,
+            )
+            target = client.target(command.bundle.target_path)
+            if target.hashes.get("sha256") != command.bundle.sha256:
+                raise OtaError("the signed target does not match the command's sha256")
+            path = client.download(target)
+            self._publish_ack(_ack(command, AckState.VERIFIED))
+            self._stop_shadow(None)
+            shutil.rmtree(shadow_dir, ignore_errors=True)
+            unpack_bundle(path, shadow_dir)
+            challenger = load_installed(shadow_dir)
+            golden = challenger.check_golden_vectors()
+            if not golden.passed:
+                raise AgentError(f"the challenger failed its golden vectors: {golden.detail}")
+        except (OtaError, AgentError, OSError) as e:
+            self._publish_ack(_ack(command, AckState.FAILED, str(e)))
+            return
+        self.service.set_shadow(challenger)
+        self._publish_ack(_ack(command, AckState.INSTALLED))
+        self._publish_ack(_ack(command, AckState.HEALTHY, f"{challenger.bundle} in shadow"))
+
+    def _stop_shadow(self, command: Command | None) -> None:
+        self.service.set_shadow(None)
+        if command is not None:
+            self._publish_ack(_ack(command, AckState.ROLLED_BACK, "shadow stopped"))
+
+    # --- inference ------------------------------------------------------------------------
+
+    def _activate(self, model: LoadedModel | None) -> None:
+        """The updater hands over the model to serve; the one it replaces is left to the
+        garbage collector once in-flight calls are done with it."""
+        self.service.set_model(model)
+
+    def _observe(self, outcome: InferenceOutcome) -> None:
+        self.stats.observe(outcome)
+        if outcome.bundle is not None:
+            self.updater.observe(outcome.local_error)
+
+
+def _ack(command: Command, state: AckState, detail: str = "") -> Ack:
+    return Ack(command=command.id, state=state, detail=detail, ts=time.time())
+
+
+def run_agent(config_path: Path) -> None:
+    """``edgefleet agent run``: load the config, start, run until SIGTERM or Ctrl-C."""
+    import signal
+
+    from .config import load_config
+
+    daemon = AgentDaemon(load_config(config_path))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.request_stop())
+    daemon.start()
+    try:
+        daemon.run()
+    finally:
+        daemon.stop()

@@ -1,0 +1,214 @@
+"""The agent daemon end to end: ``edgefleet agent enroll`` and ``edgefleet agent run`` as a
+user runs them, against a real fleet (HTTP on a loopback port, mosquitto, SQLite).
+
+One device goes through its life: no model (the cloud answers), a rollout installs v1, a
+second rollout moves it to v2, telemetry from its local API reaches the fleet, and after
+SIGKILL the restarted agent serves v2 at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.utils.fleet import RunningFleet, make_bundle, running_fleet, wait_for
+from tests.utils.http import serve_app
+
+V1, V2 = "digits-host-1.0.0", "digits-host-1.1.0"
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, compiled_digits: Path) -> Iterator[tuple[RunningFleet, str]]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (
+        running_fleet(tmp_path / "fleet", public_url=url) as running,
+        serve_app(running.client.app, port=port),
+    ):
+        bundles = tmp_path / "bundles"
+        bundles.mkdir()
+        running.v1 = running.publish(  # type: ignore[attr-defined]
+            make_bundle(compiled_digits, bundles, "1.0.0"), stage="production"
+        )
+        running.v2 = running.publish(make_bundle(compiled_digits, bundles, "1.1.0"))  # type: ignore[attr-defined]
+        yield running, url
+
+
+def _enroll(fleet: RunningFleet, url: str, out: Path) -> Path:
+    grant = fleet.api("POST", "/enrollment-tokens", json={"profile": "host"})["token"]
+    result = subprocess.run(
+        [EDGEFLEET, "agent", "enroll", "--fleet", url, "--token", grant, "--out", str(out),
+         "--device-id", "board-1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = out / "agent.toml"
+    assert config.stat().st_mode & 0o077 == 0, "agent.toml holds secrets: owner only"
+    text = config.read_text().replace("port = 8800", f"port = {_free_port()}")
+    config.write_text(  # a model name for the cloud to answer under; quick reports
+        'model_name = "digits"\n'
+        + text
+        + "\n[telemetry]\ninterval_s = 0.3\n\n[health]\nwatch_inferences = 0\n"
+    )
+    return config
+
+
+def _start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [EDGEFLEET, "agent", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _local(config: Path) -> str:
+    import tomllib
+
+    return f"http://127.0.0.1:{tomllib.loads(config.read_text())['api']['port']}"
+
+
+def _infer(base: str, images: np.ndarray) -> dict[str, Any]:
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": list(images.shape),
+                "datatype": "FP32",
+                "data": images.ravel().tolist(),
+            }
+        ]
+    }
+    response = httpx.post(f"{base}/v2/models/digits/infer", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def _rollout_to(fleet: RunningFleet, bundle: dict[str, Any]) -> dict[str, Any]:
+    rollout = fleet.api(
+        "POST",
+        "/rollouts",
+        json={"bundle_id": bundle["id"], "waves": ["100"], "gate": {"soak_s": 0}},
+    )
+    return wait_for(
+        lambda: (
+            (r := fleet.api("GET", f"/rollouts/{rollout['id']}"))["state"]
+            in ("completed", "paused", "rolled_back")
+            and r
+        ),
+        timeout_s=120,
+        what="the rollout to finish",
+    )
+
+
+def _device(fleet: RunningFleet) -> dict[str, Any]:
+    return dict(fleet.api("GET", "/devices/board-1"))
+
+
+def test_an_enrolled_agent_installs_rollouts_serves_reports_and_survives_sigkill(
+    fleet: tuple[RunningFleet, str], tmp_path: Path
+) -> None:
+    running, url = fleet
+    config = _enroll(running, url, tmp_path / "board")
+    log = tmp_path / "agent.log"
+    agent = _start_agent(config, log)
+    images = np.random.default_rng(0).random((3, 8, 8, 1), dtype=np.float32)
+    try:
+        wait_for(lambda: _device(running)["online"], timeout_s=60, what="the agent online")
+        local = _local(config)
+        wait_for(lambda: _ready(local), timeout_s=30, what="the local API")
+
+        # no model yet: the fleet's cloud endpoint (the production v1) answers
+        answer = _infer(local, images)
+        assert answer["parameters"]["served_by"] == "cloud"
+        assert answer["parameters"]["fallback_reason"] == "no_model"
+
+        done = _rollout_to(running, running.v1)  # type: ignore[attr-defined]
+        assert done["state"] == "completed", (done["reason"], log.read_text()[-3000:])
+        wait_for(lambda: _device(running)["bundle"] == V1, what="status naming v1")
+        local_v1 = _infer(local, images)
+        assert local_v1["parameters"] == {"served_by": "local", "bundle": V1}
+        np.testing.assert_allclose(
+            local_v1["outputs"][0]["data"], answer["outputs"][0]["data"], rtol=1e-4, atol=1e-5
+        )
+
+        done = _rollout_to(running, running.v2)  # type: ignore[attr-defined]
+        assert done["state"] == "completed", (done["reason"], log.read_text()[-3000:])
+        assert _infer(local, images)["parameters"]["bundle"] == V2
+        wait_for(
+            lambda: any(
+                r["bundle"] == V2 and r["inferences"] >= 1
+                for r in running.api("GET", "/devices/board-1/telemetry")
+            ),
+            what="telemetry of the local inferences on v2",
+        )
+
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        agent = _start_agent(config, log)
+        wait_for(lambda: _ready(local), timeout_s=30, what="the local API after a restart")
+        assert _infer(local, images)["parameters"] == {"served_by": "local", "bundle": V2}
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0, log.read_text()[-3000:]
+    wait_for(lambda: not _device(running)["online"], what="the agent's goodbye status")
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_agent_simulate_enrolls_devices_once_and_they_answer_a_rollout(
+    fleet: tuple[RunningFleet, str], tmp_path: Path
+) -> None:
+    running, url = fleet
+    grant = running.api("POST", "/enrollment-tokens", json={"profile": "host", "uses": 3})
+    credentials = tmp_path / "sim.json"
+    command = [
+        *(EDGEFLEET, "agent", "simulate", "--devices", "3", "--fleet", url),
+        *("--credentials", str(credentials), "--bundle", V1, "--duration", "8", "--json"),
+    ]
+    simulate = subprocess.Popen(
+        [*command, "--token", grant["token"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(
+            lambda: len(running.api("GET", "/devices?online=true")) == 3,
+            timeout_s=60,
+            what="three simulated devices online",
+        )
+        done = _rollout_to(running, running.v2)  # type: ignore[attr-defined]
+        assert done["state"] == "completed", done["reason"]
+    finally:
+        out, err = simulate.communicate(timeout=60)
+    assert simulate.returncode == 0, err.decode()
+    summary = json.loads(out)
+    assert summary["devices"] == 3 and summary["commands"] == 3
+    assert credentials.stat().st_mode & 0o077 == 0
+    # a second run reuses the enrolled devices: no token needed (the grant is used up)
+    again = subprocess.run(
+        [*command[:-3], "--duration", "1", "--json"], capture_output=True, check=False
+    )
+    assert again.returncode == 0, again.stderr.decode()
+    assert json.loads(again.stdout)["connected"] == 3
