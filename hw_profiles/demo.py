@@ -55,8 +55,8 @@ def run_demo(out: Path) -> None:
     for title, profile, extra in plans:
         console.rule(title)
         hw = load_profile(profile)
-        # The demo validates on 200 held-out images, where one image is half a point of
-        # accuracy: a 1-point gate would fail on noise. It allows 3 points here.
+        # The demo validates on 300 held-out images, where one image is a third of a point
+        # of accuracy: a 1-point gate can fail on noise. It allows 3 points here.
         gate = hw.accuracy_gate.model_copy(update={"max_accuracy_drop": DEMO_MAX_ACCURACY_DROP})
         try:
             report = compile_model(

@@ -36,9 +36,12 @@ def run_fleet_demo(console: Console, out: Path) -> None:
     console.rule("5. Start the fleet server: SQLite, its own mosquitto, TUF repository")
     fleet_dir = out / "fleet"
     shutil.rmtree(fleet_dir, ignore_errors=True)
-    bundles = out / "bundles"
-    releases = [bundles / "digits-host-1.0.0.efb", bundles / "digits-host-1.1.0.efb"]
-    bundle_compile_output(out / "host", version="1.1.0", out=releases[1])
+    # ONNX Runtime bundles: the fleet's cloud endpoint runs the production one for fallback
+    releases = [out / "bundles" / f"digits-host-ort-{v}.efb" for v in ("1.0.0", "1.1.0")]
+    for release, version in zip(releases, ("1.0.0", "1.1.0"), strict=True):
+        bundle_compile_output(
+            out / "host", version=version, out=release, artifact_id="onnxruntime:fp32"
+        )
     with ExitStack() as stack:
         url = stack.enter_context(_fleet_server(fleet_dir))
         token = (fleet_dir / "admin.token").read_text().strip()

@@ -91,7 +91,7 @@ def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
     assert "rpi4" in result.stderr
 
 
-def test_demo_trains_and_compiles_for_this_machine_and_a_pi(tmp_path: Path) -> None:
+def test_demo_compiles_signs_and_rolls_out_to_an_agent_and_simulated_devices(tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "selected" in result.output
@@ -102,6 +102,10 @@ def test_demo_trains_and_compiles_for_this_machine_and_a_pi(tmp_path: Path) -> N
     published = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "ota-repo").rglob("*.efb"))
     assert published == ["digits-host-1.0.0.efb", "digits-rpi4-1.0.0.efb"]
     assert "verified against" in result.output
+    # the fleet chapter: a real agent and simulated devices take both releases
+    for release in ("digits-host-1.0.0", "digits-host-1.1.0"):
+        assert f"21 of 21 devices healthy on {release}" in result.output
+    assert "│ cloud " in result.output and "│ local     │ digits-host-1.1.0" in result.output
 
 
 def test_the_installed_console_script_runs() -> None:

@@ -193,7 +193,7 @@ def test_gate_thresholds_can_be_overridden(digits: Path, tmp_path: Path) -> None
         _compile(
             digits,
             tmp_path / "out",
-            prune=0.6,
+            prune=0.8,
             gate=load_profile("host").accuracy_gate.model_copy(
                 update={"min_top1_agreement": 0.0, "max_accuracy_drop": 0.0}
             ),
