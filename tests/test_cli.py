@@ -91,7 +91,9 @@ def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
     assert "rpi4" in result.stderr
 
 
-def test_demo_compiles_signs_and_rolls_out_to_an_agent_and_simulated_devices(tmp_path: Path) -> None:
+def test_demo_compiles_signs_and_rolls_out_to_an_agent_and_simulated_devices(
+    tmp_path: Path,
+) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "selected" in result.output
