@@ -20,6 +20,7 @@ import numpy as np
 from .errors import ModelLoadError, RuntimeUnavailableError
 
 __all__ = [
+    "PREFERRED_ORT_PROVIDERS",
     "RUNTIME_NAMES",
     "LiteRTRuntime",
     "OnnxRuntime",
@@ -88,13 +89,22 @@ def _check_file(path: Path, runtime: str) -> None:
         raise ModelLoadError(f"{runtime} model {path} does not exist or is not a file")
 
 
+PREFERRED_ORT_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+"""Tried in this order; those this onnxruntime build lacks are skipped (a Jetson's
+onnxruntime-gpu has the first two, PyPI's onnxruntime only the CPU)."""
+
+
 class OnnxRuntime:
     """An ``.onnx`` file on ONNX Runtime with the given execution providers."""
 
     name: RuntimeName = "onnxruntime"
 
     def __init__(
-        self, path: Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)
+        self, path: Path, threads: int = 0, providers: Sequence[str] = PREFERRED_ORT_PROVIDERS
     ) -> None:
         ort = _require("onnxruntime", "onnxruntime")
         _check_file(path, "onnxruntime")
@@ -129,7 +139,8 @@ class OnnxRuntime:
         return _metadata(self, providers=self.providers)
 
     def close(self) -> None:
-        del self._session
+        if hasattr(self, "_session"):  # closing twice is harmless
+            del self._session
 
 
 def _ort_spec(arg: Any) -> TensorSpec:
@@ -182,7 +193,8 @@ class LiteRTRuntime:
         return _metadata(self)
 
     def close(self) -> None:
-        del self._interpreter
+        if hasattr(self, "_interpreter"):  # closing twice is harmless
+            del self._interpreter
 
 
 def _litert_spec(detail: Mapping[str, Any]) -> TensorSpec:
@@ -272,7 +284,8 @@ class TvmRuntime:
         return _metadata(self)
 
     def close(self) -> None:
-        del self._vm
+        if hasattr(self, "_vm"):  # closing twice is harmless
+            del self._vm
 
 
 def _metadata(runtime: Runtime, **extra: Any) -> dict[str, Any]:

@@ -38,9 +38,9 @@ def run_fleet_demo(console: Console, out: Path) -> None:
     shutil.rmtree(fleet_dir, ignore_errors=True)
     # ONNX Runtime bundles: the fleet's cloud endpoint runs the production one for fallback
     releases = [out / "bundles" / f"digits-host-ort-{v}.efb" for v in ("1.0.0", "1.1.0")]
-    for release, version in zip(releases, ("1.0.0", "1.1.0"), strict=True):
+    for path, version in zip(releases, ("1.0.0", "1.1.0"), strict=True):
         bundle_compile_output(
-            out / "host", version=version, out=release, artifact_id="onnxruntime:fp32"
+            out / "host", version=version, out=path, artifact_id="onnxruntime:fp32"
         )
     with ExitStack() as stack:
         url = stack.enter_context(_fleet_server(fleet_dir))
