@@ -560,3 +560,23 @@ def test_watchdog_interval(
             own = str(os.getpid())
             monkeypatch.setenv(key, {"self": own, "other": own + "0"}.get(value, value))
     assert watchdog_interval() == expected
+
+
+def test_the_cli_prints_the_install_plan_and_changes_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hw_profiles.console import app
+
+    layout = [
+        *("--venv", str(tmp_path / "venv"), "--config-dir", str(tmp_path / "etc")),
+        *("--data-dir", str(tmp_path / "data"), "--systemd-dir", str(tmp_path / "units")),
+    ]
+    result = CliRunner().invoke(
+        app, ["agent", "install", "--dry-run", "--no-create-user", "--no-start", *layout]
+    )
+    assert result.exit_code == 0, result.output
+    assert "dry run: nothing is changed" in result.output
+    assert f"write the unit {tmp_path / 'units' / 'edgefleet-agent.service'}" in result.output
+    assert list(tmp_path.iterdir()) == []
+    removed = CliRunner().invoke(app, ["agent", "uninstall", "--dry-run", *layout])
+    assert removed.exit_code == 0, removed.output
