@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -46,6 +46,9 @@ from .model import LoadedModel, load_installed, unpack_bundle
 from .telemetry import InferenceOutcome, InferenceStats, TelemetrySender
 from .telemetry_queue import TelemetryQueue
 from .updater import Updater
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["AGENT_VERSION", "AgentDaemon"]
 
@@ -84,7 +87,7 @@ class AgentDaemon:
         self._commands: queue.Queue[Command | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._api: Any = None
+        self._api: uvicorn.Server | None = None
         self.malformed_commands = 0
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -107,7 +110,7 @@ class AgentDaemon:
         sd_notify.notify("READY=1")
 
     def run(self) -> None:
-        """Queue a telemetry record every interval, keep the watchdog fed; until :meth:`stop`."""
+        """Queue telemetry every interval, feed the watchdog; until :meth:`request_stop`."""
         watchdog = sd_notify.watchdog_interval()
         tick = min(self.config.telemetry.interval_s, watchdog / 2 if watchdog else 1.0, 1.0)
         next_report = time.monotonic() + self.config.telemetry.interval_s
