@@ -11,7 +11,6 @@ the device's identity (``POST /api/v1/enroll``) and writes, into one directory:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 
 from .config import load_config
+from .durable import write_atomic
 from .errors import EnrollmentError
 
 __all__ = ["Enrolled", "enroll_device"]
@@ -103,6 +103,4 @@ def enroll_device(
 
 
 def _write(path: Path, text: str, *, private: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
+    write_atomic(path, text.encode(), mode=0o600 if private else 0o644)

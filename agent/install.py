@@ -63,7 +63,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +72,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from .config import AgentConfig, load_config
+from .durable import write_atomic
 from .errors import ConfigError, InstallError
 
 __all__ = [
@@ -603,14 +603,7 @@ def _tail(done: subprocess.CompletedProcess[str], lines: int = 15) -> str:
 
 def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.chmod(tmp.name, mode)
-    os.replace(tmp.name, path)
+    write_atomic(path, text.encode(), mode=mode)
 
 
 def _user_ids(user: str) -> tuple[int, int] | None:

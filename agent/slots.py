@@ -31,7 +31,7 @@ from typing import Literal, cast
 from ota.errors import BundleError
 from ota.manifest import MANIFEST_NAME, Manifest, parse_manifest
 
-from ._durable import fsync_directory, fsync_tree, write_atomic
+from .durable import fsync_directory, fsync_tree, write_atomic
 from .errors import UpdateError
 from .model import unpack_bundle
 

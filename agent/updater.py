@@ -53,8 +53,8 @@ from ota.errors import OtaError, TrustError
 from ota.manifest import Manifest
 
 from ._crashpoints import CRASH_AT_ENV, CrashPoints
-from ._durable import write_atomic
 from .config import HealthConfig, OtaConfig
+from .durable import write_atomic
 from .errors import AgentError, UpdateError
 from .model import LoadedModel, load_installed
 from .slots import SlotName, Slots

@@ -40,7 +40,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+
+from agent.durable import write_atomic
 
 from .ca import FleetCA
 from .errors import BrokerError
@@ -525,16 +526,6 @@ def _raise_nofile_limit(pid: int) -> None:
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, data, mode=mode)
     except OSError as e:
         raise BrokerError(f"cannot write {path}: {e}") from e

@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.durable import write_atomic
 
 from .errors import CertificateError
 from .protocol import DEVICE_ID_PATTERN
@@ -399,21 +399,7 @@ def _now() -> dt.datetime:
 
 
 def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (created with ``mode``), fsync it,
-    and ``os.replace`` it over ``path``."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        write_atomic(path, data, mode=mode)
     except OSError as e:
         raise CertificateError(f"cannot write {path}: {e}") from e
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CertificateError(f"cannot write {path}: {e}") from e
-        raise

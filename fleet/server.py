@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
+from agent.durable import write_atomic
 from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
 
@@ -211,9 +212,7 @@ class FleetServer:
 
 def _write_secret(path: Path, value: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(value + "\n")
+    write_atomic(path, (value + "\n").encode(), mode=0o600)
 
 
 def _private_dir(path: Path) -> Path:

@@ -87,3 +87,13 @@ def compiled_digits(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         )
     )
     return out
+
+
+@pytest.fixture
+def bundles(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Bundles of the compiled digits model at 1.0.0 and 1.1.0 (made once per session)."""
+    from tests.utils.fleet import make_bundle
+
+    out = tmp_path_factory.getbasetemp() / "fleet-bundles"
+    out.mkdir(exist_ok=True)
+    return make_bundle(compiled_digits, out, "1.0.0"), make_bundle(compiled_digits, out, "1.1.0")

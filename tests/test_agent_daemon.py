@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,33 +21,24 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.utils.fleet import RunningFleet, make_bundle, running_fleet, wait_for
+from tests.utils.fleet import RunningFleet, running_fleet, wait_for
 from tests.utils.http import serve_app
+from tests.utils.mqtt import free_port
 
 V1, V2 = "digits-host-1.0.0", "digits-host-1.1.0"
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def fleet(tmp_path: Path, compiled_digits: Path) -> Iterator[tuple[RunningFleet, str]]:
-    port = _free_port()
+def fleet(tmp_path: Path, bundles: tuple[Path, Path]) -> Iterator[tuple[RunningFleet, str]]:
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (
         running_fleet(tmp_path / "fleet", public_url=url) as running,
         serve_app(running.client.app, port=port),
     ):
-        bundles = tmp_path / "bundles"
-        bundles.mkdir()
-        running.v1 = running.publish(  # type: ignore[attr-defined]
-            make_bundle(compiled_digits, bundles, "1.0.0"), stage="production"
-        )
-        running.v2 = running.publish(make_bundle(compiled_digits, bundles, "1.1.0"))  # type: ignore[attr-defined]
+        running.v1 = running.publish(bundles[0], stage="production")  # type: ignore[attr-defined]
+        running.v2 = running.publish(bundles[1])  # type: ignore[attr-defined]
         yield running, url
 
 
@@ -62,7 +52,7 @@ def _enroll(fleet: RunningFleet, url: str, out: Path) -> Path:
     assert result.returncode == 0, result.stderr
     config = out / "agent.toml"
     assert config.stat().st_mode & 0o077 == 0, "agent.toml holds secrets: owner only"
-    text = config.read_text().replace("port = 8800", f"port = {_free_port()}")
+    text = config.read_text().replace("port = 8800", f"port = {free_port()}")
     config.write_text(  # a model name for the cloud to answer under; quick reports
         'model_name = "digits"\n'
         + text

@@ -31,7 +31,8 @@ from agent.inference import InferenceService, confidence
 from agent.model import LoadedModel, load_installed, unpack_bundle
 from agent.telemetry import InferenceOutcome
 from tests.utils.fleet import make_bundle, wait_for
-from tests.utils.oip_cloud import TOKEN, CloudEndpoint, unused_port
+from tests.utils.mqtt import free_port
+from tests.utils.oip_cloud import TOKEN, CloudEndpoint
 
 pytestmark = pytest.mark.slow  # the digits model is trained and compiled once per session
 
@@ -245,7 +246,7 @@ def test_when_the_cloud_fails_a_local_answer_it_was_to_replace_is_served(
     installed: dict[str, Path], images: np.ndarray
 ) -> None:
     config = FallbackConfig(
-        url=f"http://127.0.0.1:{unused_port()}", latency_budget_ms=1e-6, retries=0
+        url=f"http://127.0.0.1:{free_port()}", latency_budget_ms=1e-6, retries=0
     )
     service, outcomes = _service(config, load_installed(installed["1.0.0"]))
     result = service.infer({"image": images})
@@ -258,7 +259,7 @@ def test_a_failing_runtime_and_a_failing_cloud_raise_with_both_reasons(
 ) -> None:
     model = load_installed(installed["1.0.0"])
     model.close()
-    config = FallbackConfig(url=f"http://127.0.0.1:{unused_port()}", model="digits", retries=0)
+    config = FallbackConfig(url=f"http://127.0.0.1:{free_port()}", model="digits", retries=0)
     service, outcomes = _service(config, model)
     with pytest.raises(FallbackError, match="failed after 1 attempt") as caught:
         service.infer({"image": images})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,14 +10,9 @@ import pytest
 
 from compiler.pipeline import CompileOptions, RpcTarget, compile_model
 from hw_profiles import load_profile
+from tests.utils.mqtt import free_port
 
 KEY = "edgefleet-test-board"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -28,7 +22,7 @@ def rpc_board() -> Iterator[RpcTarget]:
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker
 
-    tracker_port, server_port = _free_port(), _free_port()
+    tracker_port, server_port = free_port(), free_port()
     tracker = Tracker(host="127.0.0.1", port=tracker_port, port_end=tracker_port + 1, silent=True)
     server = Server(
         host="127.0.0.1",

@@ -19,14 +19,7 @@ import pytest
 from agent.runtimes import OnnxRuntime
 from fleet.protocol import TelemetryBatch, TelemetryRecord, device_topic, encode_telemetry
 from ota.archive import extract_bundle
-from tests.utils.fleet import RunningFleet, make_bundle, running_fleet, wait_for
-
-
-@pytest.fixture
-def bundles(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.getbasetemp() / "fleet-bundles"
-    out.mkdir(exist_ok=True)
-    return make_bundle(compiled_digits, out, "1.0.0"), make_bundle(compiled_digits, out, "1.1.0")
+from tests.utils.fleet import RunningFleet, running_fleet, wait_for
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ error rate in telemetry) is set per bundle by the test — they run no model.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,19 +23,12 @@ from ota.archive import read_manifest
 from tests.utils.fleet import (
     CommandObserver,
     RunningFleet,
-    make_bundle,
     running_fleet,
     wait_for,
 )
+from tests.utils.mqtt import free_port
 
 V1, V2 = "digits-host-1.0.0", "digits-host-1.1.0"
-
-
-@pytest.fixture
-def bundles(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.getbasetemp() / "fleet-bundles"
-    out.mkdir(exist_ok=True)
-    return make_bundle(compiled_digits, out, "1.0.0"), make_bundle(compiled_digits, out, "1.1.0")
 
 
 @pytest.fixture
@@ -221,12 +213,6 @@ def test_a_shadow_rollout_reports_agreement_without_serving(fleet: RunningFleet)
 # --- a fleet server process killed mid-rollout -----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(data_dir: Path, port: int, mqtt_port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [
@@ -261,7 +247,7 @@ def test_a_killed_fleet_server_resumes_the_rollout_where_it_was(
 ) -> None:
     data_dir = tmp_path / "fleet"
     data_dir.mkdir()
-    port, mqtt_port = _free_port(), _free_port()
+    port, mqtt_port = free_port(), free_port()
     process = _serve(data_dir, port, mqtt_port)
     token = (data_dir / "admin.token").read_text().strip()
     api = httpx.Client(

@@ -46,6 +46,7 @@ from fleet.protocol import (
     device_id_from_topic,
     device_topic,
 )
+from tests.utils.mqtt import free_port
 
 M = TypeVar("M")
 
@@ -62,12 +63,6 @@ class Broker:
     port: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _open_files_to_hard_limit() -> None:
     """In mosquitto's child process: room for a socket per simulated device."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -79,7 +74,7 @@ def mosquitto(
     directory: Path, *, allow_anonymous: bool = True, port: int = 0, tls: Tls | None = None
 ) -> Iterator[Broker]:
     directory.mkdir(parents=True, exist_ok=True)
-    port, log = port or _free_port(), directory / "mosquitto.log"
+    port, log = port or free_port(), directory / "mosquitto.log"
     config = directory / "mosquitto.conf"
     lines = [
         f"listener {port} 127.0.0.1",
@@ -566,7 +561,7 @@ def test_kill_makes_the_broker_publish_the_last_will(broker: Broker, observer: O
 
 
 def test_devices_reconnect_after_the_broker_restarts(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with mosquitto(tmp_path / "first", port=port) as first:
         devices = FleetSimulator("127.0.0.1", first.port, _specs(20), Behaviour())
         devices.start()

@@ -93,10 +93,3 @@ class CloudEndpoint:
                 yield self
         finally:
             sock.close()
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on (connections to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -8,6 +8,7 @@ rename itself is on disk. Readers see the old bytes or the new ones, never a mix
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["fsync_directory", "fsync_tree", "write_atomic"]
@@ -37,16 +38,18 @@ def fsync_tree(root: Path) -> None:
         fsync_directory(directory)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: tmp file + fsync + ``os.replace`` + fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` (file mode ``mode``): a uniquely named temporary file
+    beside it, fsync, ``os.replace``, fsync of the folder. Raises ``OSError``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with tmp.open("wb") as f:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
