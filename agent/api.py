@@ -39,12 +39,13 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from . import oip
+from contracts import oip
+from contracts.errors import InferenceRequestError
+
 from .config import ApiConfig
 from .errors import (
     FallbackError,
     FallbackRejectedError,
-    InferenceRequestError,
     LocalInferenceError,
     NoModelError,
 )

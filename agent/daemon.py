@@ -9,7 +9,7 @@ SIGTERM. The daemon only wires the parts together; each lives in its own module:
   the broker acknowledged them;
 - ``agent.api``: the local Open Inference Protocol server.
 
-MQTT (topics in ``fleet.protocol``): the device subscribes to its ``cmd`` topic and only
+MQTT (topics in ``contracts.mqtt``): the device subscribes to its ``cmd`` topic and only
 then publishes its retained ``online`` status, so the fleet, which resends unacknowledged
 commands when a device comes online, never sends into the void. The Last Will marks it
 offline. The session starts clean on every connect; paho reconnects with backoff.
@@ -34,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from fleet.protocol import Ack, AckState, Command, CommandKind, Status, device_topic
+from contracts.mqtt import Ack, AckState, Command, CommandKind, Status, device_topic
 from ota.client import OtaClient
 from ota.errors import OtaError
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import httpx
 
+from contracts.durable import write_atomic
+
 from .config import load_config
-from .durable import write_atomic
 from .errors import EnrollmentError
 
 __all__ = ["Enrolled", "enroll_device"]

@@ -10,7 +10,6 @@ __all__ = [
     "FallbackError",
     "FallbackRejectedError",
     "FallbackTimeout",
-    "InferenceRequestError",
     "InstallError",
     "LocalInferenceError",
     "ModelLoadError",
@@ -63,11 +62,6 @@ class CircuitOpenError(FallbackError):
 
 class FallbackTimeout(FallbackError, TimeoutError):
     """The cloud endpoint did not answer within ``fallback.timeout_s`` (after its retries)."""
-
-
-class InferenceRequestError(AgentError, ValueError):
-    """An inference request the model cannot take: malformed Open Inference Protocol JSON, or
-    input names, shapes or datatypes that do not match the model."""
 
 
 class LocalInferenceError(AgentError, RuntimeError):

@@ -31,7 +31,8 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
-from . import oip
+from contracts import oip
+
 from .config import FallbackConfig
 from .errors import CircuitOpenError, FallbackError, FallbackRejectedError, FallbackTimeout
 

@@ -71,8 +71,9 @@ from typing import Literal
 
 from pydantic import ValidationError
 
+from contracts.durable import write_atomic
+
 from .config import AgentConfig, load_config
-from .durable import write_atomic
 from .errors import ConfigError, InstallError
 
 __all__ = [

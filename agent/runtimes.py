@@ -11,39 +11,27 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from contracts.artifacts import RUNTIME_NAMES, Device, RuntimeName
+from contracts.tensors import TensorSpec, dtype_of_onnxruntime_type
 
 from .errors import ModelLoadError, RuntimeUnavailableError
 
 __all__ = [
     "PREFERRED_ORT_PROVIDERS",
-    "RUNTIME_NAMES",
     "LiteRTRuntime",
     "OnnxRuntime",
     "Runtime",
-    "RuntimeName",
-    "TensorSpec",
     "TvmRuntime",
     "load_runtime",
     "read_tvm_metadata",
     "write_tvm_metadata",
 ]
-
-RuntimeName = Literal["tvm", "onnxruntime", "litert"]
-RUNTIME_NAMES: tuple[RuntimeName, ...] = ("tvm", "onnxruntime", "litert")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output. ``None`` in ``shape`` is a dimension of any size."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
 
 
 class Runtime(Protocol):
@@ -144,9 +132,8 @@ class OnnxRuntime:
 
 
 def _ort_spec(arg: Any) -> TensorSpec:
-    dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
-    shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
-    return TensorSpec(arg.name, shape, dtype.get(arg.type, arg.type))
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+    return TensorSpec(arg.name, shape, dtype_of_onnxruntime_type(arg.type) or arg.type)
 
 
 class LiteRTRuntime:
@@ -247,7 +234,7 @@ class TvmRuntime:
 
     name: RuntimeName = "tvm"
 
-    def __init__(self, path: Path, device: Literal["cpu", "gpu"] = "cpu") -> None:
+    def __init__(self, path: Path, device: Device = "cpu") -> None:
         tvm = _require("tvm", "tvm")
         _check_file(path, "tvm")
         self._inputs, self._outputs = read_tvm_metadata(path)

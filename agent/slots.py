@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+from contracts.durable import fsync_directory, fsync_tree, write_atomic
 from ota.errors import BundleError
 from ota.manifest import MANIFEST_NAME, Manifest, parse_manifest
 
-from .durable import fsync_directory, fsync_tree, write_atomic
 from .errors import UpdateError
 from .model import unpack_bundle
 

@@ -2,7 +2,7 @@
 
 :class:`InferenceStats` takes an :class:`InferenceOutcome` from every inference (from any
 thread) and, once per reporting interval, turns what it saw into
-:class:`~fleet.protocol.TelemetryRecord` s for the :class:`~agent.telemetry_queue.TelemetryQueue`.
+:class:`~contracts.mqtt.TelemetryRecord` s for the :class:`~agent.telemetry_queue.TelemetryQueue`.
 :class:`TelemetrySender` drains that queue over MQTT: one batch at a time, QoS 1, records
 removed only after the broker's PUBACK. A crash anywhere resends at most the batch in flight,
 and the fleet stores each record id once, so every record arrives exactly once.
@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 
-from fleet.protocol import (
+from contracts.mqtt import (
     MAX_PAYLOAD_BYTES,
     TelemetryBatch,
     TelemetryRecord,

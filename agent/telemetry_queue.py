@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from fleet.protocol import TelemetryRecord
+from contracts.mqtt import TelemetryRecord
 
 from .errors import TelemetryQueueError
 

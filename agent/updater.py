@@ -46,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 
-from fleet.protocol import Ack, AckState, BundleRef, Command, CommandKind
+from contracts.durable import write_atomic
+from contracts.mqtt import Ack, AckState, BundleRef, Command, CommandKind
 from ota.archive import read_manifest
 from ota.client import OtaClient, TrustStatus, bundle_fields, check_not_older
 from ota.errors import OtaError, TrustError
@@ -54,7 +55,6 @@ from ota.manifest import Manifest
 
 from ._crashpoints import CRASH_AT_ENV, CrashPoints
 from .config import HealthConfig, OtaConfig
-from .durable import write_atomic
 from .errors import AgentError, UpdateError
 from .model import LoadedModel, load_installed
 from .slots import SlotName, Slots
@@ -235,7 +235,7 @@ class _Watch:
 class Updater:
     """Installs bundles the fleet commands into A/B slots under ``data_dir``, crash-safely.
 
-    ``ack`` receives each :class:`~fleet.protocol.Ack` to publish; ``activate`` receives
+    ``ack`` receives each :class:`~contracts.mqtt.Ack` to publish; ``activate`` receives
     the model to serve from now on (``None``: no model), and closes the one it replaces.
     Both are called with the updater's lock held, so they must not call back into it.
     ``http`` carries the device's token and TLS settings to the fleet (metadata and

@@ -111,17 +111,19 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import oip
 from agent.api import local_api_server
 from agent.config import ApiConfig, TelemetryConfig
 from agent.inference import InferenceService
 from agent.model import LoadedModel, load_installed, unpack_bundle
-from agent.runtimes import Runtime, RuntimeName, TensorSpec
+from agent.runtimes import Runtime
 from agent.slots import Slots
 from agent.telemetry import InferenceOutcome, InferenceStats, TelemetrySender
 from agent.telemetry_queue import TelemetryQueue
+from contracts import oip
+from contracts.artifacts import RuntimeName
+from contracts.mqtt import TOPIC_PREFIX, TelemetryRecord, device_topic
+from contracts.tensors import TensorSpec
 from fleet.broker import DeviceCredential, MosquittoBroker, MqttEndpoint, hash_password
-from fleet.protocol import TOPIC_PREFIX, TelemetryRecord, device_topic
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("mobilenetv2", "digits")

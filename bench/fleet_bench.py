@@ -7,7 +7,7 @@ For each database (SQLite file; PostgreSQL when its server binaries are installe
 throwaway cluster, the test suite's, with durability off), a fresh fleet server process,
 ``edgefleet fleet serve`` on the embedded defaults (migrations, TUF repository, its own
 mosquitto with per-device credentials and ACLs, MQTT bridge, rollout engine, HTTP on a
-loopback port), and ``agent.simulator.FleetSimulator`` devices in this process (one
+loopback port), and ``fleet.simulator.FleetSimulator`` devices in this process (one
 selector thread), speaking the real protocol through the real broker:
 
 - enroll: ``--devices`` devices enrolled in one database transaction (the service the
@@ -55,13 +55,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import Engine
 from sqlmodel import col, func, select
 
-from agent.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
+from contracts.mqtt import TOPIC_PREFIX
 from fleet import devices as device_service
 from fleet.db import make_engine, session_scope
 from fleet.migrate import upgrade
 from fleet.models import Device, EnrollmentTokenCreate, TelemetryRecordRow
-from fleet.protocol import TOPIC_PREFIX
 from fleet.server import ADMIN_TOKEN_FILE, FLEET_MQTT_USER
+from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
 from ota.archive import write_bundle
 from ota.manifest import BundleFile, GoldenVectors, Manifest, ModelInfo
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.runtimes import RuntimeName
+from contracts.artifacts import RuntimeName
 
 from .validate import Comparison
 

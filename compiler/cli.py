@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hw_profiles.cli_support import JsonOption, fail, print_json
+from contracts.cli import JsonOption, fail, print_json
 
 _stderr = Console(stderr=True)
 

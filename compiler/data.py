@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import TensorSpec
+from contracts.tensors import TensorSpec
 
 from .errors import DataError
 

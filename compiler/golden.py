@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtimes import Runtime, TensorSpec
+from agent.runtimes import Runtime
+from contracts.tensors import TensorSpec
 
 from .candidates import Precision
 from .validate import is_classifier

@@ -15,7 +15,8 @@ from typing import Any, Literal
 import onnx
 
 from agent.errors import ModelLoadError
-from agent.runtimes import OnnxRuntime, TensorSpec
+from agent.runtimes import OnnxRuntime
+from contracts.tensors import TensorSpec
 
 from .errors import ModelImportError
 

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 
 from agent.errors import AgentError
-from agent.runtimes import OnnxRuntime, Runtime, TensorSpec, load_runtime
+from agent.runtimes import OnnxRuntime, Runtime, load_runtime
+from contracts.tensors import TensorSpec
 from hw_profiles import Profile
 from hw_profiles.host import runs_here
 from hw_profiles.schema import AccuracyGate

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from contracts.artifacts import Device
 from hw_profiles import Profile
-from hw_profiles.schema import TargetDevice
 
 from .errors import UnsupportedTargetError
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["tvm_target"]
 
 
-def tvm_target(profile: Profile, device: TargetDevice = "cpu") -> tvm.target.Target:
+def tvm_target(profile: Profile, device: Device = "cpu") -> tvm.target.Target:
     """The TVM target for ``device`` on ``profile``; a GPU target gets the CPU as its host."""
     import tvm
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.runtimes import TensorSpec
+from contracts.tensors import TensorSpec
 from hw_profiles import Profile
 
 from .candidates import Latency

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import onnx
 
-from agent.runtimes import TensorSpec, write_tvm_metadata
+from agent.runtimes import write_tvm_metadata
+from contracts.tensors import TensorSpec
 from hw_profiles import Profile, load_profile
 from hw_profiles.host import runs_here
 

@@ -10,7 +10,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from .api import admin, devices, models, rollouts
+from .api import admin, devices, registry, rollouts
 from .api.deps import _device_or_viewer
 from .config import FleetSettings
 from .errors import RequestError
@@ -52,7 +52,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
     async def request_error(_request: Request, error: RequestError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=error.status_code)
 
-    for router in (models.router, devices.router, rollouts.router, admin.router):
+    for router in (registry.router, devices.router, rollouts.router, admin.router):
         app.include_router(router, prefix="/api/v1")
     device_or_viewer = [Depends(_device_or_viewer)]
     app.include_router(ota_router(settings.ota_dir, dependencies=device_or_viewer))

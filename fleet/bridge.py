@@ -24,12 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy.engine import Engine
 
-from .broker import MqttEndpoint
-from .db import session_scope
-from .devices import apply_statuses
-from .errors import BrokerError
-from .metrics import FleetMetrics
-from .protocol import (
+from contracts.mqtt import (
     Ack,
     Channel,
     Command,
@@ -41,6 +36,12 @@ from .protocol import (
     device_topic,
     shared_subscription,
 )
+
+from .broker import MqttEndpoint
+from .db import session_scope
+from .devices import apply_statuses
+from .errors import BrokerError
+from .metrics import FleetMetrics
 from .rollouts import handle_acks
 from .telemetry import ingest
 

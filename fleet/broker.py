@@ -48,11 +48,11 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
-from agent.durable import write_atomic
+from contracts.durable import write_atomic
+from contracts.mqtt import DEVICE_ID_PATTERN, MAX_PAYLOAD_BYTES, device_topic
 
 from .ca import FleetCA
 from .errors import BrokerError
-from .protocol import DEVICE_ID_PATTERN, MAX_PAYLOAD_BYTES, device_topic
 
 __all__ = ["DeviceCredential", "MosquittoBroker", "MqttEndpoint", "hash_password"]
 

@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.durable import write_atomic
+from contracts.durable import write_atomic
+from contracts.mqtt import DEVICE_ID_PATTERN
 
 from .errors import CertificateError
-from .protocol import DEVICE_ID_PATTERN
 
 __all__ = ["CA_VALIDITY", "DEVICE_VALIDITY", "FleetCA", "IssuedCertificate"]
 

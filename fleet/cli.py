@@ -7,12 +7,17 @@ and ``--token`` (or ``$EDGEFLEET_TOKEN``, else the admin token a local server le
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from hw_profiles.cli_support import JsonOption, fail, print_json
+from contracts.cli import JsonOption, fail, print_json
+
+if TYPE_CHECKING:
+    from .simulator import SimulatedDeviceSpec
 
 app = typer.Typer(help="Fleet server: registry, devices, rollouts.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Staged rollouts through cohorts.", no_args_is_help=True)
@@ -285,3 +290,100 @@ def _show(rollout: dict[str, Any], json_output: bool) -> None:
 
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command("simulate")
+def simulate(
+    devices: Annotated[int, typer.Option(help="How many devices to simulate.")],
+    fleet: Annotated[str, typer.Option(help="The fleet server's URL.")] = "http://127.0.0.1:8000",
+    token: Annotated[
+        str | None, typer.Option(help="An enrollment token for at least DEVICES devices.")
+    ] = None,
+    credentials: Annotated[
+        Path, typer.Option(help="Enrolled devices are kept here and reused on the next run.")
+    ] = Path("simulated-devices.json"),
+    prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-00000, ...")] = "sim",
+    bundle: Annotated[str | None, typer.Option(help="NAME-VERSION the devices start on.")] = None,
+    telemetry_interval: Annotated[float, typer.Option(help="Seconds between reports.")] = 10.0,
+    failing_bundle: Annotated[
+        list[str] | None, typer.Option(help="NAME-VERSION whose install fails (repeat).")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run many simulated devices (the agent's MQTT protocol, no model) against a fleet."""
+    from .simulator import Behaviour, FleetSimulator
+
+    host, port, devices_list = _simulated_devices(
+        credentials, fleet, token, devices, prefix, bundle
+    )
+    behaviour = Behaviour(
+        telemetry_interval_s=telemetry_interval, failing_bundles=set(failing_bundle or [])
+    )
+    with FleetSimulator(host, port, devices_list, behaviour) as simulator:
+        seconds = simulator.start()
+        typer.echo(f"{len(devices_list)} devices connected in {seconds:.1f} s", err=json_output)
+        start = time.monotonic()
+        try:
+            while duration is None or time.monotonic() - start < duration:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        summary = {
+            "devices": len(devices_list),
+            "connect_s": round(seconds, 2),
+            "connected": simulator.connected,
+            "commands": sum(len(simulator.received_commands(s.device_id)) for s in devices_list),
+            "malformed_commands": simulator.malformed_commands,
+        }
+    if json_output:
+        print_json(summary)
+    else:
+        typer.echo(json.dumps(summary))
+
+
+def _simulated_devices(
+    credentials: Path,
+    fleet: str,
+    token: str | None,
+    count: int,
+    prefix: str,
+    bundle: str | None,
+) -> tuple[str, int, list[SimulatedDeviceSpec]]:
+    """Broker address and devices: those enrolled on an earlier run (kept in
+    ``credentials``), and the rest enrolled now through the fleet's API."""
+    import httpx
+
+    from .simulator import SimulatedDeviceSpec
+
+    saved = json.loads(credentials.read_text()) if credentials.exists() else {"devices": []}
+    known = {d["device_id"]: d for d in saved["devices"]}
+    host, port = saved.get("host"), saved.get("port")
+    for i in range(count):
+        device_id = f"{prefix}-{i:05d}"
+        if device_id in known:
+            continue
+        if token is None:
+            fail(f"{credentials} has {len(known)} devices; pass --token to enroll the rest")
+        response = httpx.post(
+            f"{fleet.rstrip('/')}/api/v1/enroll",
+            json={"token": token, "device_id": device_id},
+            timeout=30,
+        )
+        if not response.is_success:
+            fail(f"enrolling {device_id}: {response.status_code} {response.text}")
+        body = response.json()
+        known[device_id] = {
+            "device_id": device_id,
+            "username": body["mqtt"]["username"],
+            "password": body["mqtt"]["password"],
+        }
+        host, port = body["mqtt"]["host"], body["mqtt"]["port"]
+        credentials.write_text(
+            json.dumps({"host": host, "port": port, "devices": list(known.values())})
+        )
+        credentials.chmod(0o600)
+    if host is None or port is None:
+        fail("no broker address known: enroll at least one device (--token)")
+    specs = [SimulatedDeviceSpec(bundle=bundle, **known[f"{prefix}-{i:05d}"]) for i in range(count)]
+    return str(host), int(port), specs

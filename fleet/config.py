@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ota.keys import PASSPHRASE_ENV
 
@@ -12,7 +12,12 @@ __all__ = ["FleetSettings"]
 
 
 class FleetSettings(BaseModel):
-    """Defaults are the embedded setup: everything under ``data_dir`` on this machine."""
+    """Defaults are the embedded setup: everything under ``data_dir`` on this machine.
+
+    Unknown keys are errors, as in ``agent.toml``: a misspelt setting must not be ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     data_dir: Path = Path("fleet-data")
     database_url: str | None = None

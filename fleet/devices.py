@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
+from contracts.mqtt import DEVICE_ID_PATTERN, Status
+
 from . import audit
 from .broker import DeviceCredential, hash_password
 from .ca import FleetCA
 from .errors import CertificateError, ConflictError, EnrollmentError, NotFoundError
 from .models import Device, DeviceState, EnrollmentToken, EnrollmentTokenCreate, utcnow
-from .protocol import DEVICE_ID_PATTERN, Status
 from .security import hash_token, new_token
 
 __all__ = [

@@ -4,7 +4,7 @@ Agents fall back to it when they cannot run a model themselves; because it speak
 protocol of KServe, Triton and MLServer, an agent can as well point at any of those. Only
 the JSON tensor encoding is supported (no ``BYTES`` tensors, no binary data extension).
 
-Tensors are read and written by the codec the agent shares (:mod:`agent.oip`, whose
+Tensors are read and written by the codec the agent shares (:mod:`contracts.oip`, whose
 docstring says which datatypes convert into which).
 
 Errors are ``{"error": MESSAGE}``: 404 for a model (or version) that is not served, 400 for
@@ -28,9 +28,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from agent import oip
-from agent.errors import InferenceRequestError
-from agent.oip import (
+from contracts import oip
+from contracts.errors import InferenceRequestError
+from contracts.oip import (
     DATATYPES,
     ErrorResponse,
     InferenceRequest,
@@ -42,7 +42,7 @@ from agent.oip import (
     ResponseOutput,
     TensorMetadata,
 )
-from agent.runtimes import TensorSpec
+from contracts.tensors import TensorSpec, dtype_of_onnxruntime_type
 
 from .errors import InferenceError, ModelUnavailableError, NotFoundError, RequestError
 
@@ -64,22 +64,6 @@ __all__ = [
 ]
 
 PLATFORM = "onnxruntime_onnx"
-
-_ORT_TYPES = {
-    "tensor(bool)": "bool",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(float16)": "float16",
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-}
-"""ONNX Runtime's tensor types the codec can carry, as NumPy type names."""
 
 
 @contextmanager
@@ -123,7 +107,7 @@ class ModelSession:
         self.outputs = {arg.name: self._spec(arg) for arg in self._session.get_outputs()}
 
     def _spec(self, arg: Any) -> TensorSpec:
-        dtype = _ORT_TYPES.get(arg.type)
+        dtype = dtype_of_onnxruntime_type(arg.type)
         if dtype is None:
             raise ModelUnavailableError(
                 f"model {self.model.name} {self.model.version}: {arg.name} is a {arg.type}, "

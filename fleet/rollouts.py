@@ -40,6 +40,8 @@ from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from contracts.mqtt import Ack, AckState, BundleRef, Command, CommandKind
+
 from . import audit
 from .db import session_scope
 from .errors import InvalidTransitionError, NotFoundError, RequestError
@@ -58,7 +60,6 @@ from .models import (
     RolloutState,
     utcnow,
 )
-from .protocol import Ack, AckState, BundleRef, Command, CommandKind
 from .telemetry import health_stats
 
 __all__ = [

@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
-from agent.durable import write_atomic
+from contracts.durable import write_atomic
 from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
 

@@ -12,10 +12,11 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
-from .models import TelemetryRecordRow, utcnow
-from .protocol import TelemetryRecord
+from contracts.mqtt import TelemetryRecord
 
-__all__ = ["HealthStats", "health_stats", "ingest"]
+from .models import TelemetryRecordRow, utcnow
+
+__all__ = ["COLUMN_OF_FIELD", "HealthStats", "health_stats", "ingest"]
 
 
 def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord]]) -> int:
@@ -24,7 +25,8 @@ def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord]]) -> int
     A record id already stored for that device (a resend after a lost PUBACK, a replayed
     queue) is skipped by the database itself (``ON CONFLICT DO NOTHING``).
     """
-    values = [_row(device_id, record) for device_id, record in rows]
+    now = utcnow()
+    values = [_row(device_id, record, now) for device_id, record in rows]
     if not values:
         return 0
     dialect = session.get_bind().dialect.name
@@ -38,24 +40,21 @@ def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord]]) -> int
     return len(session.execute(statement, values).all())
 
 
-def _row(device_id: str, record: TelemetryRecord) -> dict[str, Any]:
-    return {
-        "device_id": device_id,
-        "record_id": record.id,
-        "ts": dt.datetime.fromtimestamp(record.ts, dt.UTC),
-        "received_at": utcnow(),
-        "bundle": record.bundle,
-        "inferences": record.inferences,
-        "errors": record.errors,
-        "fallbacks": record.fallbacks,
-        "latency_p50_ms": record.latency_p50_ms,
-        "latency_p95_ms": record.latency_p95_ms,
-        "shadow_bundle": record.shadow_bundle,
-        "shadow_compared": record.shadow_compared,
-        "shadow_agreed": record.shadow_agreed,
-        "dropped": record.dropped,
-        "extra": record.extra,
-    }
+COLUMN_OF_FIELD = {"id": "record_id"}
+"""The one message field whose column has another name; every other field of
+:class:`~contracts.mqtt.TelemetryRecord` is stored under its own name."""
+
+
+def _row(device_id: str, record: TelemetryRecord, received_at: dt.datetime) -> dict[str, Any]:
+    """The record as the table stores it: the message's fields, ``ts`` as a UTC time, and
+    who sent it when."""
+    row = {COLUMN_OF_FIELD.get(k, k): v for k, v in record.model_dump().items()}
+    row.update(
+        device_id=device_id,
+        ts=dt.datetime.fromtimestamp(record.ts, dt.UTC),
+        received_at=received_at,
+    )
+    return row
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from .cli_support import JsonOption, fail, print_json
+from contracts.cli import JsonOption, fail, print_json
+
 from .errors import ProfileError
 from .loader import list_profiles, load_profile
 from .schema import Profile

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from contracts.artifacts import Device, RuntimeName
+
 __all__ = [
     "AccuracyGate",
     "AgentInstall",
@@ -20,16 +22,12 @@ __all__ = [
     "QuantizationMode",
     "Resources",
     "RuntimeChoice",
-    "RuntimeName",
-    "TargetDevice",
     "Targets",
     "Toolchain",
 ]
 
 Arch = Literal["aarch64", "x86_64"]
-RuntimeName = Literal["tvm", "onnxruntime", "litert"]
 QuantizationMode = Literal["none", "int8", "int8-dynamic", "fp16"]
-TargetDevice = Literal["cpu", "gpu"]
 
 # The LLVM triple prefix each architecture's CPU target must use.
 _TRIPLE_PREFIX: dict[str, str] = {"aarch64": "aarch64", "x86_64": "x86_64"}
@@ -90,7 +88,7 @@ class Resources(_Strict):
 
 class RuntimeChoice(_Strict):
     name: RuntimeName
-    device: TargetDevice = "cpu"
+    device: Device = "cpu"
     providers: list[str] = Field(
         default_factory=list,
         description="ONNX Runtime execution providers, most preferred first",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from hw_profiles.cli_support import JsonOption, fail, print_json
+from contracts.cli import JsonOption, fail, print_json
 
 from .conformance_cli import app as tuf_client_app
 

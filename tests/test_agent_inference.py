@@ -320,7 +320,7 @@ def test_a_cloud_that_does_not_answer_times_out_after_its_retries(images: np.nda
 
 
 def test_outputs_and_inputs_keep_their_datatypes_through_the_codec() -> None:
-    from agent import oip
+    from contracts import oip
 
     inputs: Mapping[str, np.ndarray] = {
         "a": np.arange(6, dtype=np.int64).reshape(2, 3),

@@ -565,7 +565,7 @@ def test_watchdog_interval(
 def test_the_cli_prints_the_install_plan_and_changes_nothing(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from hw_profiles.console import app
+    from edgefleet.cli import app
 
     layout = [
         *("--venv", str(tmp_path / "venv"), "--config-dir", str(tmp_path / "etc")),

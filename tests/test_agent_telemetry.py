@@ -28,12 +28,12 @@ from sqlmodel import Session, col, func, select
 
 from agent.config import TelemetryConfig
 from agent.errors import TelemetryQueueError
-from agent.simulator import SimulatedDeviceSpec
 from agent.telemetry import LATENCY_BUCKETS_MS, InferenceOutcome, InferenceStats, TelemetrySender
 from agent.telemetry_queue import MIN_QUEUE_BYTES, TelemetryQueue
+from contracts.mqtt import MAX_PAYLOAD_BYTES, TelemetryBatch, TelemetryRecord, device_topic
 from fleet.models import TelemetryRecordRow
-from fleet.protocol import MAX_PAYLOAD_BYTES, TelemetryBatch, TelemetryRecord, device_topic
 from fleet.server import FLEET_MQTT_USER
+from fleet.simulator import SimulatedDeviceSpec
 from tests.utils.fleet import RunningFleet, running_fleet, wait_for
 from tests.utils.mqtt import free_port, mqtt_pub
 from tests.utils.telemetry_agent import QUEUE_BYTES

@@ -42,7 +42,7 @@ from agent.updater import (
     State,
     Updater,
 )
-from fleet.protocol import Ack, AckState, BundleRef, Command, CommandKind
+from contracts.mqtt import Ack, AckState, BundleRef, Command, CommandKind
 from ota.bundle import bundle_compile_output
 from tests.utils.fleet import RunningFleet, make_bundle, running_fleet
 from tests.utils.http import ServedApp, serve_app

@@ -13,9 +13,9 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from contracts.cli import EXIT_ERROR
+from edgefleet.cli import app
 from hw_profiles import load_profile
-from hw_profiles.cli_support import EXIT_ERROR
-from hw_profiles.console import app
 
 from .conftest import SHIPPED_PROFILES
 
@@ -128,7 +128,7 @@ def test_the_cli_starts_on_a_device_without_the_compiler_libraries() -> None:
     code = (
         "import sys\n"
         f"for name in {blocked!r}: sys.modules[name] = None\n"
-        "from hw_profiles.console import app\n"
+        "from edgefleet.cli import app\n"
         "app(['--help'])\n"
     )
     result = subprocess.run(

@@ -21,9 +21,9 @@ from compiler.errors import (
     UnsupportedTargetError,
 )
 from compiler.pipeline import CompileOptions, compile_model, register_step
+from contracts.cli import EXIT_ERROR
+from edgefleet.cli import app
 from hw_profiles import load_profile
-from hw_profiles.cli_support import EXIT_ERROR
-from hw_profiles.console import app
 
 runner = CliRunner()
 EM_AARCH64 = 183

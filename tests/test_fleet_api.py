@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from agent.runtimes import OnnxRuntime
-from fleet.protocol import TelemetryBatch, TelemetryRecord, device_topic, encode_telemetry
+from contracts.mqtt import TelemetryBatch, TelemetryRecord, device_topic, encode_telemetry
 from ota.archive import extract_bundle
 from tests.utils.fleet import RunningFleet, running_fleet, wait_for
 
@@ -312,7 +312,7 @@ def test_devices_reach_only_their_own_topics_and_revocation_cuts_them_off(
 
 
 def _ping_command() -> Any:
-    from fleet.protocol import Command, CommandKind
+    from contracts.mqtt import Command, CommandKind
 
     return Command(id=f"test-{time.time_ns()}", kind=CommandKind.DEPLOY, issued_at=time.time())
 

@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
+from contracts.mqtt import device_topic, shared_subscription
 from fleet.broker import DeviceCredential, MosquittoBroker, MqttEndpoint, hash_password
 from fleet.ca import FleetCA
 from fleet.errors import BrokerError, CertificateError
-from fleet.protocol import device_topic, shared_subscription
 from tests.utils.mqtt import Subscriber, free_port, mqtt_pub, mqtt_sub
 
 PASSWORDS = {"dev-a": "secret-a", "dev-b": "secret-b"}

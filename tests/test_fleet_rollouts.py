@@ -1,6 +1,6 @@
 """Staged rollouts end to end: a real fleet server, mosquitto, SQLite and simulated devices.
 
-The devices are ``agent.simulator`` devices: they speak the real MQTT protocol through the
+The devices are ``fleet.simulator`` devices: they speak the real MQTT protocol through the
 real broker with their enrolled credentials, and their install outcome (healthy, failed,
 error rate in telemetry) is set per bundle by the test — they run no model.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
+from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
 from ota.archive import read_manifest
 from tests.utils.fleet import (
     CommandObserver,

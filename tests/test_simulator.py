@@ -32,8 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
-from fleet.protocol import (
+from contracts.mqtt import (
     TOPIC_PREFIX,
     Ack,
     AckState,
@@ -46,6 +45,7 @@ from fleet.protocol import (
     device_id_from_topic,
     device_topic,
 )
+from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
 from tests.utils.mqtt import free_port
 
 M = TypeVar("M")
@@ -359,7 +359,7 @@ def test_too_low_an_open_file_limit_is_refused_with_a_clear_error() -> None:
     code = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))\n"
-        "from agent.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec\n"
+        "from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec\n"
         "specs = [SimulatedDeviceSpec(f'd{i}', None, None) for i in range(1000)]\n"
         "FleetSimulator('127.0.0.1', 1, specs, Behaviour()).start()\n"
     )

@@ -10,9 +10,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
+from contracts.mqtt import TOPIC_PREFIX
+
 from .. import audit, devices
 from ..models import Device, DevicePublic, EnrollmentTokenCreate, TelemetryRecordRow
-from ..protocol import TOPIC_PREFIX
 from .deps import Admin, Operator, ServerDep, SessionDep, Viewer
 
 router = APIRouter(tags=["devices"])

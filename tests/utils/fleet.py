@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 from fastapi.testclient import TestClient
 
-from agent.simulator import SimulatedDeviceSpec
 from fleet.app import create_app
 from fleet.config import FleetSettings
 from fleet.server import ADMIN_TOKEN_FILE, FleetServer
+from fleet.simulator import SimulatedDeviceSpec
 from ota.bundle import bundle_compile_output
 
 T = TypeVar("T")
@@ -153,7 +153,7 @@ class CommandObserver:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from fleet.protocol import Command, decode_payload, device_id_from_topic
+        from contracts.mqtt import Command, decode_payload, device_id_from_topic
         from fleet.server import FLEET_MQTT_USER
 
         self.commands: list[tuple[str, Command]] = []

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import TelemetryConfig
 from agent.telemetry import InferenceOutcome, InferenceStats, TelemetrySender
 from agent.telemetry_queue import TelemetryQueue
-from fleet.protocol import TelemetryRecord
+from contracts.mqtt import TelemetryRecord
 
 QUEUE_BYTES = 64 * 1024 * 1024
 PUT_CHUNK = 100

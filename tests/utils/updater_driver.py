@@ -22,7 +22,7 @@ import httpx
 from agent.config import HealthConfig, OtaConfig
 from agent.model import LoadedModel
 from agent.updater import State, Updater
-from fleet.protocol import Ack, Command
+from contracts.mqtt import Ack, Command
 
 
 def _print(record: object) -> None:

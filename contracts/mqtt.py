@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import PayloadError
+
 __all__ = [
     "DEVICE_ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
@@ -75,10 +77,6 @@ def device_id_from_topic(topic: str) -> tuple[str, str]:
     if not DEVICE_ID_PATTERN.match(parts[-2]):
         raise PayloadError(f"topic {topic!r} has an invalid device id")
     return parts[-2], parts[-1]
-
-
-class PayloadError(ValueError):
-    """An MQTT payload or topic that does not follow this contract."""
 
 
 class _Message(BaseModel):

@@ -2,7 +2,7 @@
 
 Everything runs for real and on loopback: ``fleet.app`` under uvicorn with its own
 mosquitto and SQLite, ``agent.daemon.AgentDaemon`` enrolled through the HTTP API, and
-``agent.simulator`` devices speaking the same MQTT protocol.
+``fleet.simulator`` devices speaking the same MQTT protocol.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .cli_support import fail
+from contracts.cli import fail
 
 SIMULATED_DEVICES = 20
 
@@ -30,7 +30,7 @@ def run_fleet_demo(console: Console, out: Path) -> None:
     from agent.config import load_config
     from agent.daemon import AgentDaemon
     from agent.enroll import enroll_device
-    from agent.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
+    from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
     from ota.bundle import bundle_compile_output
 
     console.rule("5. Start the fleet server: SQLite, its own mosquitto, TUF repository")

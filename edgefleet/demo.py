@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .cli_support import fail
+from contracts.cli import fail
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
 # The demo's keys protect nothing; real repositories take the passphrase from the env.
@@ -31,8 +31,7 @@ def run_demo(out: Path) -> None:
     from compiler.cli import candidates_table
     from compiler.errors import CompilerError
     from compiler.pipeline import CompileOptions, compile_model
-
-    from .loader import load_profile
+    from hw_profiles import load_profile
 
     console = Console()
     if not EXAMPLE.is_file():

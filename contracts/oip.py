@@ -13,7 +13,7 @@ values, so it is refused, naming the type to send. Outputs are sent in the model
 types; NaN and infinities, which JSON cannot carry, become ``null`` (as in KServe and
 MLServer) and are read back as NaN.
 
-A request that does not fit raises :class:`~agent.errors.InferenceRequestError`, whose
+A request that does not fit raises :class:`~contracts.errors.InferenceRequestError`, whose
 message is meant for the caller who sent it.
 """
 
@@ -27,7 +27,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InferenceRequestError
-from .runtimes import TensorSpec
+from .tensors import ELEMENT_TYPES, TensorSpec
+from .tensors import oip_datatype_of as datatype_of
 
 __all__ = [
     "DATATYPES",
@@ -50,23 +51,8 @@ __all__ = [
     "tensor_metadata",
 ]
 
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
+DATATYPES: dict[str, np.dtype[Any]] = {t.oip: np.dtype(t.numpy) for t in ELEMENT_TYPES}
 """The protocol's datatypes this codec reads and writes, as NumPy types."""
-
-_DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 
 
 # --- the protocol's messages ----------------------------------------------------------------
@@ -152,23 +138,6 @@ class ErrorResponse(BaseModel):
 
 
 # --- datatypes ------------------------------------------------------------------------------
-
-
-def datatype_of(dtype: str | np.dtype[Any]) -> str:
-    """The protocol's name of a NumPy type (``"float32"`` → ``"FP32"``).
-
-    ``ValueError`` for a type the protocol's JSON encoding cannot carry here (strings).
-    """
-    try:
-        name = _DATATYPE_OF.get(np.dtype(dtype))
-    except TypeError:
-        name = None
-    if name is None:
-        raise ValueError(
-            f"{dtype} has no Open Inference Protocol datatype here; "
-            f"supported: {', '.join(DATATYPES)}"
-        )
-    return name
 
 
 def tensor_metadata(spec: TensorSpec) -> TensorMetadata:

@@ -1,4 +1,4 @@
-"""Simulated devices: thousands of MQTT clients in one process that speak ``fleet.protocol``.
+"""Simulated devices: thousands of MQTT clients in one process that speak ``contracts.mqtt``.
 
 They run no model. Each one connects as its own MQTT 5 client (client id = device id, its
 credentials, a Last Will on its ``status`` topic), answers commands with the ack sequence a
@@ -46,7 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleet.protocol import (
+from contracts.mqtt import (
     Ack,
     AckState,
     BundleRef,

@@ -1,9 +1,9 @@
-"""The ``edgefleet`` console script: one sub-command group per package.
+"""The ``edgefleet`` console script: the roof that puts every package's command group together.
 
-The top level of the repository is fixed, so the root lives in ``hw_profiles``, the one
-package every install carries with nothing but base dependencies. Each group lives in its
-own package's ``cli.py`` and imports heavy libraries (TVM, TensorFlow) only inside the
-command that needs them, so ``edgefleet --help`` works on an ``edgefleet[agent]`` device.
+Each group lives in its own package's ``cli.py`` and imports heavy libraries (TVM,
+TensorFlow, FastAPI) only inside the command that needs them, so ``edgefleet --help`` works
+on an ``edgefleet[agent]`` device. This package is the only one that imports all the
+others; nothing imports it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import typer
 import agent.cli
 import compiler.cli
 import fleet.cli
+import hw_profiles.cli
 import ota.cli
-
-from . import cli as profiles_cli
 
 app = typer.Typer(
     name="edgefleet",
@@ -26,11 +25,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(profiles_cli.app, name="profiles")
+app.add_typer(hw_profiles.cli.app, name="profiles")
 app.command("compile")(compiler.cli.compile_command)
 app.add_typer(ota.cli.app, name="ota")
 app.add_typer(fleet.cli.app, name="fleet")
 app.add_typer(agent.cli.app, name="agent")
+# The simulator is a fleet-side tool (it ships with the fleet, not on devices); its old
+# place under `agent` stays as an alias.
+agent.cli.app.command("simulate", help="Alias of `edgefleet fleet simulate`.")(fleet.cli.simulate)
 
 
 @app.command("demo")
