@@ -80,7 +80,7 @@ def row(
     if reference is not None:
         comparison = compare(reference, outputs, None, ANY_GATE)
         result["top1_agreement"] = float(np.mean(outputs.argmax(1) == reference.argmax(1)))
-        result["cosine"] = comparison.values["cosine_similarity"]
+        result["cosine"] = comparison.cosine_similarity
     print(f"measured {name}: p50 {latency.p50:.2f} ms {note}", file=sys.stderr, flush=True)
     return result
 
@@ -131,7 +131,7 @@ def main() -> None:
             )
         )
 
-        for precision, label in (("none", "fp32"), ("int8", "int8 (full integer)")):
+        for precision, label in (("fp32", "fp32"), ("int8", "int8 (full integer)")):
             path = work / f"litert-{precision}.tflite"
             litert.convert(source, path, precision, calibration)  # type: ignore[arg-type]
             rows.append(
@@ -151,7 +151,7 @@ def main() -> None:
                 source.onnx_path,
                 host,
                 path,
-                precision="none",
+                precision="fp32",
                 device="cpu",
                 database=database,
                 inputs=source.inputs,

@@ -65,11 +65,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
+from contracts.artifacts import Precision, artifact_id
+from contracts.report import GoldenVectors
 from ota.archive import verify_bundle, write_bundle
 from ota.bundle import bundle_compile_output
 from ota.delta import DeltaAlgorithm, apply_delta, make_delta
 from ota.keys import KeyStore
-from ota.manifest import BundleFile, GoldenVectors, Manifest, ModelInfo
+from ota.manifest import BundleFile, Manifest, ModelInfo
 from ota.repository import OtaRepository
 from ota.verify import verify_sideloaded
 
@@ -309,7 +311,7 @@ def train_models(work: Path) -> dict[str, Any]:
 
 def compile_and_bundle(
     model: Path,
-    precision: str,
+    precision: Precision,
     calibration: Path,
     validation: Path,
     out: Path,
@@ -330,14 +332,17 @@ def compile_and_bundle(
             out_dir=out_dir,
             calibration=calibration,
             validation=validation,
-            quantize=precision,  # type: ignore[arg-type]
+            quantize=precision,
             tune_trials=0,
             latency_runs=10,
         )
     )
-    label = "fp32" if precision == "none" else precision
     bundle_compile_output(
-        out_dir, version=version, out=out, artifact_id=f"onnxruntime:{label}", name="digits-host"
+        out_dir,
+        version=version,
+        out=out,
+        artifact_id=artifact_id("onnxruntime", precision),
+        name="digits-host",
     )
     return out
 
@@ -411,10 +416,10 @@ def bench_delta(work: Path, runs: int) -> tuple[str, list[dict[str, Any]]]:
     )
     log("delta: compiling and bundling 5 releases")
     base_fp32 = compile_and_bundle(
-        models["base"], "none", calib_a, validation, work / "base-fp32.efb", "1.0.0"
+        models["base"], "fp32", calib_a, validation, work / "base-fp32.efb", "1.0.0"
     )
     tuned_fp32 = compile_and_bundle(
-        models["finetuned"], "none", calib_a, validation, work / "tuned-fp32.efb", "1.0.1"
+        models["finetuned"], "fp32", calib_a, validation, work / "tuned-fp32.efb", "1.0.1"
     )
     int8_a = compile_and_bundle(
         models["base"], "int8", calib_a, validation, work / "base-int8-a.efb", "1.0.0"

@@ -36,10 +36,14 @@ __all__ = [
     "tvm_target",
 ]
 
-_LAZY = {"CompileOptions", "RpcTarget", "compile_model", "register_step"}
+_LAZY = {"CompileOptions", "compile_model", "register_step"}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "RpcTarget":
+        from .tune import RpcTarget
+
+        return RpcTarget
     if name in _LAZY:
         from . import pipeline
 

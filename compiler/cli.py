@@ -1,4 +1,4 @@
-"""``edgefleet compile``: the command line of the compiler (contract in DESIGN.md)."""
+"""``edgefleet compile``: the command line of the compiler (contract in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from contracts.artifacts import LEGACY_FP32, PRECISIONS
 from contracts.cli import JsonOption, fail, print_json
+from contracts.report import REFERENCE_LATENCY
+
+if TYPE_CHECKING:
+    from contracts.report import CompileReport
 
 _stderr = Console(stderr=True)
 
@@ -59,26 +64,26 @@ def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
         os.close(saved)
 
 
-def candidates_table(report: dict[str, Any]) -> Table:
-    metrics = {c["accuracy"]["metric"] for c in report["candidates"] if c["accuracy"]}
-    title = f"Candidates for {report['profile']}" + (f" ({', '.join(metrics)})" if metrics else "")
+def candidates_table(report: CompileReport) -> Table:
+    metrics = sorted({c.accuracy.metric for c in report.candidates if c.accuracy})
+    title = f"Candidates for {report.profile}" + (f" ({', '.join(metrics)})" if metrics else "")
     table = Table(title=title, title_justify="left")
     table.add_column("artifact", no_wrap=True)
     for column in ("gate", "metric", "p50 ms", "p95 ms", "bytes"):
         table.add_column(column, justify="left" if column == "gate" else "right")
-    reference = report["latency_ms"].get("reference_onnxruntime")
+    reference = report.latency_ms.get(REFERENCE_LATENCY)
     if reference:
-        p50, p95 = f"{reference['p50']:.3f}", f"{reference['p95']:.3f}"
+        p50, p95 = f"{reference.p50:.3f}", f"{reference.p95:.3f}"
         table.add_row("reference onnxruntime:fp32", "", "", p50, p95, "")
-    for c in report["candidates"]:
-        acc, lat = c["accuracy"] or {}, c["latency_ms"] or {}
+    for c in report.candidates:
+        acc, lat = c.accuracy, c.latency_ms
         table.add_row(
-            c["id"] + (" [bold green]selected[/]" if c["selected"] else ""),
-            "pass" if c["passed"] else "[red]fail[/]",
-            f"{acc['candidate']:.4f}" if acc else "-",
-            f"{lat['p50']:.3f}" if lat else "-",
-            f"{lat['p95']:.3f}" if lat else "-",
-            f"{c['size_bytes']:,}" if c["size_bytes"] else "-",
+            c.id + (" [bold green]selected[/]" if c.selected else ""),
+            "pass" if c.passed else "[red]fail[/]",
+            f"{acc.candidate:.4f}" if acc else "-",
+            f"{lat.p50:.3f}" if lat else "-",
+            f"{lat.p95:.3f}" if lat else "-",
+            f"{c.size_bytes:,}" if c.size_bytes else "-",
         )
     return table
 
@@ -95,8 +100,12 @@ def compile_command(
         typer.Option(help=".npz to validate on; default: the second half of --calibration."),
     ] = None,
     quantize: Annotated[
-        str, typer.Option(help="int8 (static, calibrated), int8-dynamic, fp16 or none.")
-    ] = "none",
+        str,
+        typer.Option(
+            help="fp32 (as trained), int8 (static, calibrated), int8-dynamic or fp16. "
+            "'none' is a deprecated alias of fp32."
+        ),
+    ] = "fp32",
     prune: Annotated[
         float, typer.Option(help="Target sparsity, 0 to <1.", min=0.0, max=0.99)
     ] = 0.0,
@@ -135,13 +144,19 @@ def compile_command(
     json_output: JsonOption = False,
 ) -> None:
     """Prune, quantize, tune and build MODEL for a hardware profile, behind an accuracy gate."""
+    from contracts.report import AccuracyGate
     from hw_profiles import ProfileError, load_profile
-    from hw_profiles.schema import AccuracyGate
 
-    from .candidates import PRECISIONS
     from .errors import CompilerError
-    from .pipeline import CompileOptions, RpcTarget, compile_model
+    from .pipeline import CompileOptions, compile_model
+    from .tune import RpcTarget
 
+    if quantize == LEGACY_FP32:
+        _stderr.print(
+            f"[yellow]warning:[/] --quantize {LEGACY_FP32} is deprecated; use --quantize fp32",
+            highlight=False,
+        )
+        quantize = "fp32"
     if quantize not in PRECISIONS:
         fail(f"--quantize must be one of {', '.join(PRECISIONS)}, got {quantize!r}")
     if prune_scope not in ("global", "layer"):
@@ -168,7 +183,7 @@ def compile_command(
             out_dir=out,
             calibration=calibration,
             validation=validation,
-            quantize=cast(Any, quantize),
+            quantize=quantize,
             prune=prune,
             prune_structured=prune_structured,
             prune_scope=cast(Literal["global", "layer"], prune_scope),
@@ -189,10 +204,10 @@ def compile_command(
     except (ProfileError, CompilerError, ValueError) as e:
         fail(e)
     if json_output:
-        print_json(report)
+        print_json(report.to_dict())
         return
     console = Console()
     console.print(candidates_table(report))
-    for note in report["notes"]:
+    for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"wrote {out / 'report.json'} and {out / 'MODEL_CARD.md'}")

@@ -10,46 +10,27 @@ classifiers.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from agent.runtimes import Runtime
+from contracts.artifacts import Precision
+from contracts.report import GoldenVectors
 from contracts.tensors import TensorSpec
 
-from .candidates import Precision
 from .validate import is_classifier
 
-__all__ = ["GOLDEN_COUNT", "Golden", "golden_inputs", "write_golden"]
+__all__ = ["GOLDEN_COUNT", "golden_inputs", "write_golden"]
 
 GOLDEN_COUNT = 4
 # Per precision: (absolute error as a fraction of the largest expected magnitude, rtol).
 _TOLERANCE: dict[Precision, tuple[float, float]] = {
-    "none": (1e-3, 1e-3),
+    "fp32": (1e-3, 1e-3),
     "fp16": (2e-2, 1e-2),
     "int8": (5e-2, 5e-2),
     "int8-dynamic": (5e-2, 5e-2),
 }
-
-
-@dataclass(frozen=True)
-class Golden:
-    path: Path
-    count: int
-    atol: float
-    rtol: float
-    top1: bool
-
-    def as_report(self) -> dict[str, Any]:
-        return {
-            "path": self.path.name,
-            "count": self.count,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "top1": self.top1,
-        }
 
 
 def golden_inputs(
@@ -68,8 +49,9 @@ def golden_inputs(
 
 def write_golden(
     runtime: Runtime, inputs: Mapping[str, np.ndarray], precision: Precision, path: Path
-) -> Golden:
-    """Run ``inputs`` through ``runtime`` and save both, with the tolerance, to ``path``."""
+) -> GoldenVectors:
+    """Run ``inputs`` through ``runtime`` and save both to ``path``; the record names the
+    file by its name alone (it sits beside the artifact) with the tolerance."""
     outputs = runtime.predict_batch(inputs)
     arrays = {f"input:{name}": value for name, value in inputs.items()}
     arrays |= {f"output:{i}": value for i, value in enumerate(outputs)}
@@ -77,8 +59,8 @@ def write_golden(
         np.savez(f, **arrays)  # type: ignore[arg-type]
     scale = max(float(np.max(np.abs(o))) if o.size else 0.0 for o in outputs)
     atol_fraction, rtol = _TOLERANCE[precision]
-    return Golden(
-        path=path,
+    return GoldenVectors(
+        path=path.name,
         count=len(next(iter(inputs.values()))),
         atol=max(scale * atol_fraction, 1e-6),
         rtol=rtol,

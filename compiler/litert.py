@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .candidates import Precision, precision_label
+from contracts.artifacts import Precision
+
 from .data import Dataset
 from .errors import StepError
 from .importers import SourceModel, load_keras
@@ -30,7 +31,7 @@ def convert(
         if model is None:
             model = load_keras(source.path, source.kind)
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    detail: dict[str, Any] = {"precision": precision_label(precision)}
+    detail: dict[str, Any] = {"precision": precision}
     if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]

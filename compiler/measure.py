@@ -8,10 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from agent.runtimes import Runtime
+from contracts.report import Latency
 
-from .candidates import Latency
-
-__all__ = ["measure_latency"]
+__all__ = ["latency_of", "measure_latency"]
 
 
 def measure_latency(
@@ -25,4 +24,14 @@ def measure_latency(
         start = time.perf_counter()
         runtime.predict(sample)
         times[i] = (time.perf_counter() - start) * 1000.0
-    return Latency(float(np.median(times)), float(np.percentile(times, 95)), runs, "host")
+    return latency_of(times, "host")
+
+
+def latency_of(times_ms: np.ndarray, where: str) -> Latency:
+    """Median and 95th percentile of ``times_ms``, to 0.1 µs as reports give them."""
+    return Latency(
+        p50=round(float(np.median(times_ms)), 4),
+        p95=round(float(np.percentile(times_ms, 95)), 4),
+        runs=len(times_ms),
+        where=where,
+    )

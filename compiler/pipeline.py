@@ -22,13 +22,22 @@ import onnx
 
 from agent.errors import AgentError
 from agent.runtimes import OnnxRuntime, Runtime, load_runtime
+from contracts.artifacts import LEGACY_FP32, PRECISIONS, Precision, RuntimeName, artifact_id
+from contracts.durable import fsync_directory, fsync_tree
+from contracts.report import (
+    AccuracyGate,
+    CompileReport,
+    CompileSettings,
+    Latency,
+    SourceInfo,
+    StepRecord,
+)
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile
 from hw_profiles.host import runs_here
-from hw_profiles.schema import AccuracyGate
 
 from . import litert, quantize, tune, tvm_build
-from .candidates import Candidate, Latency, Precision, candidate_id, precision_label
+from .candidates import Candidate
 from .data import Dataset, load_dataset
 from .errors import AccuracyGateError, DataError, StepError, UnsupportedTargetError
 from .golden import golden_inputs, write_golden
@@ -36,33 +45,17 @@ from .importers import SourceModel, import_model
 from .measure import measure_latency
 from .prune import PruneScope, magnitude_prune, structured_prune
 from .report import build_report, write_model_card, write_report
+from .tune import RpcTarget
 from .validate import compare
 
 __all__ = [
     "DEFAULT_PIPELINE",
     "CompileContext",
     "CompileOptions",
-    "RpcTarget",
     "StepHook",
     "compile_model",
     "register_step",
 ]
-
-
-@dataclass(frozen=True)
-class RpcTarget:
-    """A TVM RPC tracker and the key under which the boards registered."""
-
-    host: str
-    port: int
-    key: str
-
-    @classmethod
-    def parse(cls, address: str, key: str) -> RpcTarget:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"expected the RPC tracker as HOST:PORT, got {address!r}")
-        return cls(host, int(port), key)
 
 
 @dataclass(frozen=True)
@@ -72,7 +65,7 @@ class CompileOptions:
     out_dir: Path
     calibration: Path | None = None
     validation: Path | None = None
-    quantize: Precision = "none"
+    quantize: Precision = "fp32"
     prune: float = 0.0
     prune_structured: bool = False
     prune_scope: PruneScope = "global"
@@ -83,6 +76,13 @@ class CompileOptions:
     select: Literal["fastest"] | None = None
     gate: AccuracyGate | None = None  # None: the profile's
     latency_runs: int = 50
+
+    def __post_init__(self) -> None:
+        if self.quantize not in PRECISIONS:
+            renamed = " (it is now called 'fp32')" if self.quantize == LEGACY_FP32 else ""
+            raise ValueError(
+                f"quantize must be one of {', '.join(PRECISIONS)}, got {self.quantize!r}{renamed}"
+            )
 
 
 def default_cache_dir() -> Path:
@@ -154,13 +154,13 @@ class _StepRecorder:
     """Keeps each step's time and detail for report.json."""
 
     def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
+        self.records: list[StepRecord] = []
 
     def before_step(self, name: str) -> None:
         pass
 
     def after_step(self, name: str, seconds: float, detail: dict[str, Any]) -> None:
-        self.records.append({"name": name, "seconds": round(seconds, 3), "detail": detail})
+        self.records.append(StepRecord(name=name, seconds=round(seconds, 3), detail=detail))
 
 
 # --- steps -------------------------------------------------------------------------------
@@ -204,9 +204,9 @@ def _plan_precisions(ctx: CompileContext) -> list[Precision]:
         chosen: list[Precision] = [p for p in supported if p != "int8" or ctx.calibration]
         if "int8" in supported and "int8" not in chosen:
             ctx.notes.append("static int8 not tried: it calibrates on data (pass --calibration)")
-        return ["none", *[p for p in chosen if p != "none"]]
+        return ["fp32", *[p for p in chosen if p != "fp32"]]
     wanted = ctx.options.quantize
-    if wanted != "none" and wanted not in supported:
+    if wanted != "fp32" and wanted not in supported:
         raise UnsupportedTargetError(
             f"profile {ctx.profile.name!r} does not list quantization {wanted!r}; "
             f"it supports {', '.join(supported)}"
@@ -234,8 +234,10 @@ def _prune(ctx: CompileContext) -> dict[str, Any]:
     return report.as_detail()
 
 
-def _artifact_path(ctx: CompileContext, runtime: str, precision: Precision, suffix: str) -> Path:
-    return ctx.staging / f"{runtime}-{precision_label(precision)}{suffix}"
+def _artifact_path(
+    ctx: CompileContext, runtime: RuntimeName, precision: Precision, suffix: str
+) -> Path:
+    return ctx.staging / f"{runtime}-{precision}{suffix}"
 
 
 @register_step("quantize")
@@ -249,7 +251,7 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
     for precision in ctx.precisions:
         if "onnxruntime" in runtimes:
             path = _artifact_path(ctx, "onnxruntime", precision, ".onnx")
-            detail[candidate_id("onnxruntime", precision)] = quantize.quantize_onnx(
+            detail[artifact_id("onnxruntime", precision)] = quantize.quantize_onnx(
                 ctx.model_path, path, precision, ctx.calibration, ctx.options.keep_float
             )
             ctx.candidates.append(
@@ -257,7 +259,7 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
             )
         if "litert" in runtimes and ctx.model().is_tensorflow:
             path = _artifact_path(ctx, "litert", precision, ".tflite")
-            detail[candidate_id("litert", precision)] = litert.convert(
+            detail[artifact_id("litert", precision)] = litert.convert(
                 ctx.model(), path, precision, ctx.calibration
             )
             ctx.candidates.append(Candidate("litert", precision, path, path))
@@ -319,10 +321,12 @@ def _build(ctx: CompileContext) -> dict[str, Any]:
                 work=ctx.work,
             )
         except tvm_build.GpuToolchainMissing as e:
-            ctx.notes.append(f"tvm:{precision} ({tvm_runtime.device}) not built: {e}")
+            ctx.notes.append(
+                f"{artifact_id('tvm', precision)} ({tvm_runtime.device}) not built: {e}"
+            )
             continue
         ctx.candidates.append(Candidate("tvm", precision, path, build.runnable, tvm_runtime.device))
-        detail[candidate_id("tvm", precision)] = build.as_detail()
+        detail[artifact_id("tvm", precision)] = build.as_detail()
     return detail
 
 
@@ -349,7 +353,7 @@ def _tvm_precisions(ctx: CompileContext) -> list[Precision]:
         ctx.notes.append(f"tvm {', '.join(unsupported)} not built: {tvm_build.TVM_PRECISIONS_WHY}")
     chosen: list[Precision] = []
     for precision in ctx.precisions:
-        substitute: Precision = precision if precision in tvm_build.TVM_PRECISIONS else "none"
+        substitute: Precision = precision if precision in tvm_build.TVM_PRECISIONS else "fp32"
         if substitute not in chosen:
             chosen.append(substitute)
     return chosen
@@ -367,7 +371,7 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
         outputs = runtime.predict_batch(ctx.validation.inputs)[0]
         runtime.close()
         candidate.comparison = compare(reference, outputs, ctx.validation.labels, ctx.gate)
-        detail[candidate.id] = candidate.comparison.as_report()
+        detail[candidate.id] = candidate.comparison.model_dump(mode="json")
     failed = [c for c in ctx.candidates if not c.passed]
     if failed and ctx.options.select is None:
         raise AccuracyGateError(
@@ -407,7 +411,7 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
             candidate.latency = measure_latency(runtime, sample, ctx.options.latency_runs)
             runtime.close()
         if candidate.latency:
-            detail[candidate.id] = candidate.latency.as_report()
+            detail[candidate.id] = candidate.latency.model_dump(mode="json")
     if not here:
         ctx.notes.append(f"latency not measured on this machine: {why}")
     return detail
@@ -453,7 +457,7 @@ def _golden(ctx: CompileContext) -> dict[str, Any]:
         path = candidate.artifact.with_name(f"{candidate.artifact.stem}.golden.npz")
         candidate.golden = write_golden(runtime, inputs, candidate.precision, path)
         runtime.close()
-        detail[candidate.id] = candidate.golden.as_report()
+        detail[candidate.id] = candidate.golden.model_dump(mode="json")
     return detail
 
 
@@ -464,7 +468,7 @@ def compile_model(
     options: CompileOptions,
     hooks: Sequence[StepHook] = (),
     pipeline: Sequence[str] = DEFAULT_PIPELINE,
-) -> dict[str, Any]:
+) -> CompileReport:
     """Run ``pipeline`` and publish artifacts, report.json and MODEL_CARD.md to ``out_dir``.
 
     On any error nothing is published and ``out_dir`` is left as it was.
@@ -491,7 +495,7 @@ def compile_model(
     return report
 
 
-def _finish(ctx: CompileContext, steps: list[dict[str, Any]]) -> dict[str, Any]:
+def _finish(ctx: CompileContext, steps: list[StepRecord]) -> CompileReport:
     for candidate in ctx.candidates:
         if not candidate.passed:
             candidate.artifact.unlink(missing_ok=True)
@@ -499,11 +503,11 @@ def _finish(ctx: CompileContext, steps: list[dict[str, Any]]) -> dict[str, Any]:
     source = ctx.model()
     report = build_report(
         profile=ctx.profile.name,
-        source={"path": str(source.path), "kind": source.kind, "sha256": source.sha256},
+        source=SourceInfo(path=str(source.path), kind=source.kind, sha256=source.sha256),
         candidates=ctx.candidates,
         reference_latency=ctx.reference_latency,
         steps=steps,
-        gate=ctx.gate.model_dump(),
+        gate=ctx.gate,
         notes=ctx.notes,
         settings=_settings(ctx.options),
     )
@@ -513,23 +517,27 @@ def _finish(ctx: CompileContext, steps: list[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
-def _settings(options: CompileOptions) -> dict[str, Any]:
-    return {
-        "quantize": options.quantize,
-        "prune": options.prune,
-        "prune_structured": options.prune_structured,
-        "prune_scope": options.prune_scope,
-        "keep_float": list(options.keep_float),
-        "tune_trials": options.tune_trials,
-        "select": options.select,
-        "rpc_tracker": f"{options.rpc.host}:{options.rpc.port}" if options.rpc else None,
-    }
+def _settings(options: CompileOptions) -> CompileSettings:
+    return CompileSettings(
+        quantize=options.quantize,
+        prune=options.prune,
+        prune_structured=options.prune_structured,
+        prune_scope=options.prune_scope,
+        keep_float=list(options.keep_float),
+        tune_trials=options.tune_trials,
+        select=options.select,
+        rpc_tracker=f"{options.rpc.host}:{options.rpc.port}" if options.rpc else None,
+    )
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Swap the staged directory in for ``out`` with renames, so readers never see half."""
+    """Swap the staged directory in for ``out`` with renames, so readers never see half:
+    every staged file is on disk before the renames, and the renames before the old
+    directory goes."""
+    fsync_tree(staging)
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     if out.exists():
         out.rename(old)
     staging.rename(out)
+    fsync_directory(out.parent)
     shutil.rmtree(old, ignore_errors=True)

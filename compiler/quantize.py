@@ -11,7 +11,8 @@ from typing import Any
 import onnx
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .candidates import Precision
+from contracts.artifacts import Precision
+
 from .data import Dataset
 from .errors import StepError
 
@@ -37,7 +38,7 @@ def quantize_onnx(
     needed); ``keep_float`` names nodes of that model.
     """
     try:
-        if precision == "none":
+        if precision == "fp32":
             shutil.copyfile(src, dst)
             return {"precision": "fp32"}
         if precision == "fp16":

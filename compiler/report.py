@@ -1,4 +1,4 @@
-"""``report.json`` (keys in DESIGN.md) and ``MODEL_CARD.md`` for a compile."""
+"""``report.json`` (the model is ``contracts.report.CompileReport``) and ``MODEL_CARD.md``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .candidates import Candidate, Latency
+from contracts.durable import write_atomic
+from contracts.report import (
+    REFERENCE_LATENCY,
+    REPORT_NAME,
+    AccuracyGate,
+    Artifact,
+    CandidateResult,
+    CompileReport,
+    CompileSettings,
+    Latency,
+    SourceInfo,
+    StepRecord,
+)
+
+from .candidates import Candidate
 from .importers import sha256_file
 
 __all__ = ["build_report", "library_versions", "write_model_card", "write_report"]
@@ -34,75 +48,71 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _artifact(candidate: Candidate) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "id": candidate.id,
-        "runtime": candidate.runtime,
-        "precision": candidate.precision,
-        "device": candidate.device,
-        "path": candidate.artifact.name,
-        "sha256": sha256_file(candidate.artifact),
-        "size_bytes": candidate.artifact.stat().st_size,
-    }
+def _artifact(candidate: Candidate) -> Artifact:
     sidecar = candidate.artifact.with_suffix(".json")
-    if candidate.runtime == "tvm" and sidecar.exists():
-        entry["metadata_path"] = sidecar.name
-    if candidate.golden is not None:
-        entry["golden"] = candidate.golden.as_report()
-    return entry
+    return Artifact(
+        id=candidate.id,
+        runtime=candidate.runtime,
+        precision=candidate.precision,
+        device=candidate.device,
+        path=candidate.artifact.name,
+        sha256=sha256_file(candidate.artifact),
+        size_bytes=candidate.artifact.stat().st_size,
+        metadata_path=sidecar.name if candidate.runtime == "tvm" and sidecar.exists() else None,
+        golden=candidate.golden,
+    )
+
+
+def _candidate(candidate: Candidate) -> CandidateResult:
+    artifact = candidate.artifact
+    return CandidateResult(
+        id=candidate.id,
+        passed=candidate.passed,
+        selected=candidate.selected,
+        accuracy=candidate.comparison,
+        latency_ms=candidate.latency,
+        size_bytes=artifact.stat().st_size if artifact.exists() else None,
+        latency_note=candidate.latency_note,
+    )
 
 
 def build_report(
     *,
     profile: str,
-    source: dict[str, Any],
+    source: SourceInfo,
     candidates: list[Candidate],
     reference_latency: Latency | None,
-    steps: list[dict[str, Any]],
-    gate: dict[str, Any],
+    steps: list[StepRecord],
+    gate: AccuracyGate,
     notes: list[str],
-    settings: dict[str, Any],
-) -> dict[str, Any]:
+    settings: CompileSettings,
+) -> CompileReport:
+    """The report of a compile whose candidates that failed the gate are already removed."""
     shipped = [c for c in candidates if c.passed]
     selected = next((c for c in shipped if c.selected), None)
     headline = selected or (shipped[0] if shipped else None)
-    latency: dict[str, Any] = {}
-    if reference_latency is not None:
-        latency["reference_onnxruntime"] = reference_latency.as_report()
-    for c in candidates:
-        if c.latency is not None:
-            latency[c.id] = c.latency.as_report()
-    return {
-        "profile": profile,
-        "source": source,
-        "settings": settings,
-        "artifacts": [_artifact(c) for c in shipped],
-        "latency_ms": latency,
-        "accuracy": headline.comparison.as_report() if headline and headline.comparison else None,
-        "gate": gate,
-        "candidates": [
-            {
-                "id": c.id,
-                "passed": c.passed,
-                "selected": c.selected,
-                "accuracy": c.comparison.as_report() if c.comparison else None,
-                "latency_ms": c.latency.as_report() if c.latency else None,
-                "size_bytes": c.artifact.stat().st_size if c.artifact.exists() else None,
-                **({"latency_note": c.latency_note} if c.latency_note else {}),
-            }
-            for c in candidates
-        ],
-        "selected": selected.id if selected else None,
-        "steps": steps,
-        "notes": notes,
-        "libraries": library_versions(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    latency = {REFERENCE_LATENCY: reference_latency} if reference_latency is not None else {}
+    latency |= {c.id: c.latency for c in candidates if c.latency is not None}
+    return CompileReport(
+        profile=profile,
+        source=source,
+        settings=settings,
+        artifacts=[_artifact(c) for c in shipped],
+        latency_ms=latency,
+        accuracy=headline.comparison if headline else None,
+        gate=gate,
+        candidates=[_candidate(c) for c in candidates],
+        selected=selected.id if selected else None,
+        steps=steps,
+        notes=list(notes),
+        libraries=library_versions(),
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0),
+    )
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> Path:
-    path = out_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+def write_report(report: CompileReport, out_dir: Path) -> Path:
+    path = out_dir / REPORT_NAME
+    write_atomic(path, report.to_json())
     return path
 
 
@@ -117,24 +127,24 @@ def _summary(detail: dict[str, Any]) -> str:
     return "; ".join(parts).replace("|", "/") or "-"
 
 
-def write_model_card(report: dict[str, Any], out_dir: Path) -> Path:
+def write_model_card(report: CompileReport, out_dir: Path) -> Path:
     """The metadata a model registry needs, for people: what, from what, how, how good."""
+    source = report.source
     lines = [
-        f"# Model card: {Path(report['source']['path']).name} for `{report['profile']}`",
+        f"# Model card: {Path(source.path).name} for `{report.profile}`",
         "",
-        f"- Source: `{report['source']['path']}` ({report['source']['kind']}), "
-        f"sha256 `{report['source']['sha256']}`",
-        f"- Hardware profile: `{report['profile']}`",
-        f"- Created: {report['created']}",
-        f"- Selected artifact: `{report['selected'] or 'not selected (no --select)'}`",
+        f"- Source: `{source.path}` ({source.kind}), sha256 `{source.sha256}`",
+        f"- Hardware profile: `{report.profile}`",
+        f"- Created: {report.created.isoformat()}",
+        f"- Selected artifact: `{report.selected or 'not selected (no --select)'}`",
         "",
         "## Steps",
         "",
         "| step | seconds | settings and results |",
         "| --- | ---: | --- |",
     ]
-    for step in report["steps"]:
-        lines.append(f"| {step['name']} | {step['seconds']:.2f} | {_summary(step['detail'])} |")
+    for step in report.steps:
+        lines.append(f"| {step.name} | {step.seconds:.2f} | {_summary(step.detail)} |")
     lines += [
         "",
         "## Candidates",
@@ -142,18 +152,17 @@ def write_model_card(report: dict[str, Any], out_dir: Path) -> Path:
         "| artifact | passed gate | metric | value | p50 ms | size bytes |",
     ]
     lines.append("| --- | --- | --- | ---: | ---: | ---: |")
-    for c in report["candidates"]:
-        acc = c["accuracy"] or {}
-        p50 = (c["latency_ms"] or {}).get("p50", "n/a")
-        value = f"{acc['candidate']:.4f}" if acc else "n/a"
-        metric = acc.get("metric", "n/a")
-        lines.append(
-            f"| {c['id']} | {c['passed']} | {metric} | {value} | {p50} | {c['size_bytes']} |"
-        )
-    lines += ["", "## Accuracy gate", "", f"`{json.dumps(report['gate'], sort_keys=True)}`", ""]
-    if report["notes"]:
-        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
-    lines += ["## Libraries", "", *[f"- {k} {v}" for k, v in report["libraries"].items()], ""]
+    for c in report.candidates:
+        acc = c.accuracy
+        p50 = c.latency_ms.p50 if c.latency_ms else "n/a"
+        value = f"{acc.candidate:.4f}" if acc else "n/a"
+        metric = acc.metric if acc else "n/a"
+        lines.append(f"| {c.id} | {c.passed} | {metric} | {value} | {p50} | {c.size_bytes} |")
+    gate = json.dumps(report.gate.model_dump(mode="json"), sort_keys=True)
+    lines += ["", "## Accuracy gate", "", f"`{gate}`", ""]
+    if report.notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
+    lines += ["## Libraries", "", *[f"- {k} {v}" for k, v in report.libraries.items()], ""]
     path = out_dir / "MODEL_CARD.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines).encode())
     return path

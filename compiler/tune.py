@@ -18,26 +18,41 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from contracts.durable import fsync_directory, fsync_tree
+from contracts.report import Latency
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile
 
-from .candidates import Latency
 from .errors import StepError
 from .importers import sha256_file
+from .measure import latency_of
 from .targets import tvm_target
 from .tvm_build import import_relax
 
-if TYPE_CHECKING:
-    from .pipeline import RpcTarget
-
-__all__ = ["TuneResult", "database_dir", "rpc_latency", "tune_model"]
+__all__ = ["RpcTarget", "TuneResult", "database_dir", "rpc_latency", "tune_model"]
 
 _MARKER = "edgefleet-tuning.json"
 _RECORDS = "database_tuning_record.json"
+
+
+@dataclass(frozen=True)
+class RpcTarget:
+    """A TVM RPC tracker and the key under which the boards registered."""
+
+    host: str
+    port: int
+    key: str
+
+    @classmethod
+    def parse(cls, address: str, key: str) -> RpcTarget:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"expected the RPC tracker as HOST:PORT, got {address!r}")
+        return cls(host, int(port), key)
 
 
 @dataclass(frozen=True)
@@ -183,9 +198,11 @@ def tune_model(
             seed=0,
         )
         (scratch / _MARKER).write_text(json.dumps({"trials": trials, "target": str(target)}))
+        fsync_tree(scratch)
         if database.exists():
             shutil.rmtree(database)
         scratch.rename(database)
+        fsync_directory(database.parent)
     except Exception as e:
         shutil.rmtree(scratch, ignore_errors=True)
         raise StepError(f"MetaSchedule tuning failed for {profile.name}: {e}") from e
@@ -215,6 +232,4 @@ def rpc_latency(
         results = np.array(timer(*args).results) * 1000.0
     except Exception as e:
         raise StepError(f"measuring {library.name} through the RPC tracker failed: {e}") from e
-    return Latency(
-        float(np.median(results)), float(np.percentile(results, 95)), runs, f"rpc key {rpc.key}"
-    )
+    return latency_of(results, f"rpc key {rpc.key}")

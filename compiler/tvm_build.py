@@ -10,23 +10,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import onnx
 
 from agent.runtimes import write_tvm_metadata
+from contracts.artifacts import Device, Precision
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile, load_profile
 from hw_profiles.host import runs_here
 
-from .candidates import Precision
 from .errors import StepError
 from .targets import tvm_target
 from .toolchain import export_library
 
 __all__ = ["TVM_PRECISIONS", "GpuToolchainMissing", "TvmBuild", "build", "import_relax"]
 
-TVM_PRECISIONS: tuple[Precision, ...] = ("none", "fp16")
+TVM_PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16")
 TVM_PRECISIONS_WHY = (
     "TVM imports int8 (QDQ) models as float arithmetic around quantize/dequantize, which is "
     "no faster than fp32, so TVM ships fp32 (and fp16) and int8 ships for ONNX Runtime / LiteRT"
@@ -126,7 +126,7 @@ def build(
     out_path: Path,
     *,
     precision: Precision,
-    device: Literal["cpu", "gpu"],
+    device: Device,
     database: Path | None,
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],

@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from hw_profiles.schema import AccuracyGate
+from contracts.report import AccuracyGate, Comparison
 
-__all__ = ["Comparison", "compare", "is_classifier"]
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """How a candidate's first output compares with the reference's, and the gate verdict."""
-
-    metric: str
-    reference: float
-    candidate: float
-    values: dict[str, float]
-    passed: bool
-    failures: list[str] = field(default_factory=list)
-
-    def as_report(self) -> dict[str, object]:
-        return {
-            "metric": self.metric,
-            "reference": self.reference,
-            "candidate": self.candidate,
-            "passed": self.passed,
-            **self.values,
-            **({"failures": self.failures} if self.failures else {}),
-        }
+__all__ = ["compare", "is_classifier"]
 
 
 def is_classifier(output: np.ndarray) -> bool:
@@ -50,7 +26,7 @@ def compare(
     cand = candidate.astype(np.float64).reshape(len(candidate), -1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cosine = float(np.mean(np.sum(ref * cand, axis=1) / np.where(norms == 0, 1.0, norms)))
-    values = {"max_abs_error": float(np.max(np.abs(ref - cand))), "cosine_similarity": cosine}
+    max_abs_error = float(np.max(np.abs(ref - cand)))
     failures: list[str] = []
 
     def check(name: str, value: float, threshold: float | None, higher_is_better: bool) -> None:
@@ -61,22 +37,36 @@ def compare(
             sign = "<" if higher_is_better else ">"
             failures.append(f"{name} {value:.4f} {sign} threshold {threshold:.4f}")
 
-    if is_classifier(reference):
-        agreement = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
-        values["top1_agreement"] = agreement
-        check("top1_agreement", agreement, gate.min_top1_agreement, higher_is_better=True)
-        if labels is not None:
-            ref_acc = float(np.mean(reference.argmax(1) == labels))
-            cand_acc = float(np.mean(candidate.argmax(1) == labels))
-            values.update(
-                reference_accuracy=ref_acc, accuracy=cand_acc, accuracy_drop=ref_acc - cand_acc
-            )
-            check(
-                "accuracy_drop", ref_acc - cand_acc, gate.max_accuracy_drop, higher_is_better=False
-            )
-        metric, ref_value, cand_value = "top1_agreement", 1.0, agreement
-    else:
+    if not is_classifier(reference):
         check("cosine_similarity", cosine, gate.min_cosine_similarity, higher_is_better=True)
-        check("max_abs_error", values["max_abs_error"], gate.max_abs_error, higher_is_better=False)
-        metric, ref_value, cand_value = "cosine_similarity", 1.0, cosine
-    return Comparison(metric, ref_value, cand_value, values, not failures, failures)
+        check("max_abs_error", max_abs_error, gate.max_abs_error, higher_is_better=False)
+        return Comparison(
+            metric="cosine_similarity",
+            reference=1.0,
+            candidate=cosine,
+            passed=not failures,
+            max_abs_error=max_abs_error,
+            cosine_similarity=cosine,
+            failures=failures,
+        )
+    agreement = float(np.mean(reference.argmax(1) == candidate.argmax(1)))
+    check("top1_agreement", agreement, gate.min_top1_agreement, higher_is_better=True)
+    ref_acc = cand_acc = drop = None
+    if labels is not None:
+        ref_acc = float(np.mean(reference.argmax(1) == labels))
+        cand_acc = float(np.mean(candidate.argmax(1) == labels))
+        drop = ref_acc - cand_acc
+        check("accuracy_drop", drop, gate.max_accuracy_drop, higher_is_better=False)
+    return Comparison(
+        metric="top1_agreement",
+        reference=1.0,
+        candidate=agreement,
+        passed=not failures,
+        max_abs_error=max_abs_error,
+        cosine_similarity=cosine,
+        top1_agreement=agreement,
+        reference_accuracy=ref_acc,
+        accuracy=cand_acc,
+        accuracy_drop=drop,
+        failures=failures,
+    )

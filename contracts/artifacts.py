@@ -11,6 +11,7 @@ from typing import Literal, get_args
 
 __all__ = [
     "DEVICES",
+    "LEGACY_FP32",
     "PRECISIONS",
     "RUNTIME_NAMES",
     "Device",
@@ -27,6 +28,11 @@ Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
 ``int8``: static int8 calibrated on data; ``int8-dynamic``: int8 weights, activations
 quantized at run time (no calibration data needed)."""
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+
+LEGACY_FP32 = "none"
+"""What fp32 was called before it was named ``fp32`` everywhere: bundles made then say
+``"precision": "none"`` (readers take it as ``fp32``), and ``edgefleet compile --quantize
+none`` is kept as a deprecated alias. Nothing writes it any more."""
 
 Device = Literal["cpu", "gpu"]
 DEVICES: tuple[Device, ...] = get_args(Device)

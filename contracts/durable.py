@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
-__all__ = ["fsync_directory", "fsync_tree", "write_atomic"]
+__all__ = ["atomic_file", "fsync_directory", "fsync_tree", "write_atomic"]
 
 
 def fsync_directory(directory: Path) -> None:
@@ -38,14 +41,19 @@ def fsync_tree(root: Path) -> None:
         fsync_directory(directory)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` (file mode ``mode``): a uniquely named temporary file
-    beside it, fsync, ``os.replace``, fsync of the folder. Raises ``OSError``."""
+@contextmanager
+def atomic_file(path: Path, *, mode: int = 0o644) -> Iterator[IO[bytes]]:
+    """A new file to write ``path``'s bytes into, for writers that stream.
+
+    It is a uniquely named temporary file beside ``path`` (file mode ``mode``). When the
+    block ends normally it is fsynced and renamed over ``path``, and the folder fsynced;
+    when the block raises it is removed and ``path`` is left as it was. Raises ``OSError``.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            os.fchmod(f.fileno(), mode)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,3 +61,9 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` (file mode ``mode``), as :func:`atomic_file` does."""
+    with atomic_file(path, mode=mode) as f:
+        f.write(data)

@@ -71,7 +71,7 @@ def run_demo(out: Path) -> None:
         except CompilerError as e:
             fail(e)
         console.print(candidates_table(report))
-        for note in report["notes"]:
+        for note in report.notes:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"artifacts, report.json and MODEL_CARD.md in {out / profile}")
     _sign_and_verify(console, out)

@@ -38,6 +38,8 @@ class FleetSettings(BaseModel):
     """Lifetime of each timestamp signature for a repository this server creates."""
     rollout_tick_s: float = Field(default=1.0, gt=0)
     """How often the rollout engine re-evaluates active rollouts."""
+    rollout_max_step_failures: int = Field(default=5, ge=1)
+    """Failed engine steps in a row after which a rollout is paused with the error."""
     health_window_s: float = Field(default=3600.0, gt=0)
     """Telemetry age used for the previous version's baseline in health gates."""
 

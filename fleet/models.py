@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, computed_field, field_validator
 from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -31,6 +31,11 @@ __all__ = [
     "EnrollmentToken",
     "EnrollmentTokenCreate",
     "Gate",
+    "GateCheck",
+    "GateMetric",
+    "GateOutcome",
+    "GateVerdict",
+    "HealthStats",
     "ModelVersion",
     "ModelVersionCreate",
     "ModelVersionPublic",
@@ -291,6 +296,112 @@ class Gate(SQLModel):
     """Shadow rollouts: share of agreeing predictions the challenger must reach."""
 
 
+class HealthStats(BaseModel):
+    """Totals over a set of telemetry records. Rates are ``None`` without inferences."""
+
+    model_config = ConfigDict(frozen=True)
+
+    records: int = 0
+    inferences: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    latency_p95_ms: float | None = None
+    """Inference-weighted mean of the records' p95 (devices report per-interval p95s)."""
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.inferences if self.inferences else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fallback_rate(self) -> float | None:
+        return self.fallbacks / self.inferences if self.inferences else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def agreement(self) -> float | None:
+        return self.shadow_agreed / self.shadow_compared if self.shadow_compared else None
+
+
+class GateMetric(enum.StrEnum):
+    FAILURE_RATIO = "failure_ratio"
+    HEALTHY_RATIO = "healthy_ratio"
+    INFERENCES = "inferences"
+    """Inferences (shadow rollouts: compared ones) the wave reported since its soak began."""
+    ERROR_RATE = "error_rate"
+    FALLBACK_RATE = "fallback_rate"
+    LATENCY_P95_MS = "latency_p95_ms"
+    AGREEMENT = "agreement"
+
+
+class GateCheck(BaseModel):
+    """One figure of a wave held to its threshold."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: GateMetric
+    value: float
+    threshold: float
+    """The limit in the value's unit; for error and fallback rates and latency, derived
+    from the previous version's figure. Reaching it exactly passes."""
+    bound: Literal["max", "min"]
+    """Whether ``threshold`` is the most or the least the value may be."""
+    passed: bool
+    reason: str
+    """The metric, its value and its threshold in words, e.g. ``error rate 12.0% > max
+    3.0% (previous version's 1.0% + 2.0% allowed)``."""
+
+
+class GateOutcome(enum.StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+    WAITING = "waiting"
+    """Too few inferences reported yet; nothing else failed."""
+
+
+class GateVerdict(BaseModel):
+    """A wave's gate, judged: every check made, and what they add up to.
+
+    ``fleet.rollouts.gate`` makes them; ``Rollout.last_gate`` stores the latest.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    wave: int
+    checks: list[GateCheck]
+    waiting: str = ""
+    """Why the outcome is ``waiting``: how many inferences came of how many needed."""
+    new: HealthStats | None = None
+    """The new version's telemetry from the wave's devices since the soak began."""
+    baseline: HealthStats | None = None
+    """The previous version's telemetry from this rollout's devices (any wave)."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def outcome(self) -> GateOutcome:
+        """Failed if a check failed; else waiting while ``waiting`` says why; else passed."""
+        if self.failures:
+            return GateOutcome.FAILED
+        return GateOutcome.WAITING if self.waiting else GateOutcome.PASSED
+
+    @property
+    def failures(self) -> list[GateCheck]:
+        """The checks that failed the gate (a check still waiting for inferences is not)."""
+        return [
+            c
+            for c in self.checks
+            if not c.passed and not (self.waiting and c.metric is GateMetric.INFERENCES)
+        ]
+
+    @property
+    def summary(self) -> str:
+        """The failures' reasons, else what the gate waits for (empty: it passed)."""
+        return "; ".join(c.reason for c in self.failures) or self.waiting
+
+
 class RolloutCreate(SQLModel):
     bundle_id: int
     profile: str | None = None
@@ -322,6 +433,9 @@ class Rollout(SQLModel, table=True):
     reason: str = ""
     """Why the rollout is where it is (the gate's verdict, who paused it)."""
     last_gate: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    """The latest :class:`GateVerdict` (``model_dump(mode="json")``)."""
+    step_failures: int = 0
+    """The engine's failed steps in a row on this rollout; at the limit it is paused."""
     created_by: str = ""
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
@@ -370,7 +484,8 @@ class RolloutPublic(SQLModel):
     state: RolloutState
     wave: int
     reason: str
-    last_gate: dict[str, Any] | None
+    last_gate: GateVerdict | None
+    step_failures: int
     created_by: str
     created_at: dt.datetime
     updated_at: dt.datetime

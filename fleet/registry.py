@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from contracts.artifacts import LEGACY_FP32
 from ota.archive import extract_bundle, verify_bundle
 from ota.errors import OtaError
 from ota.repository import OtaRepository, target_path_for
@@ -181,7 +182,9 @@ def cloud_model(
     ).all()
     if not bundles:
         return None
-    bundle = min(bundles, key=lambda b: (b.precision != "fp32", b.id or 0))
+    # Rows attached before fp32 was called fp32 in manifests say LEGACY_FP32.
+    fp32 = ("fp32", LEGACY_FP32)
+    bundle = min(bundles, key=lambda b: (b.precision not in fp32, b.id or 0))
     unpacked = cache_dir / bundle.sha256
     if not unpacked.is_dir():
         source = repository.targets_dir / bundle.target_path.rpartition("/")[0]

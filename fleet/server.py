@@ -83,6 +83,7 @@ class FleetServer:
             targets_url=f"{settings.base_url}/ota/targets/",
             tick_s=settings.rollout_tick_s,
             health_window_s=settings.health_window_s,
+            max_step_failures=settings.rollout_max_step_failures,
         )
         resent = self.rollouts.resend_unacknowledged()
         if resent:

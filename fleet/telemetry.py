@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, func
+from sqlalchemy import Select, case, func
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
 from contracts.mqtt import TelemetryRecord
 
-from .models import TelemetryRecordRow, utcnow
+from .models import HealthStats, TelemetryRecordRow, utcnow
 
-__all__ = ["COLUMN_OF_FIELD", "HealthStats", "health_stats", "ingest"]
+__all__ = ["COLUMN_OF_FIELD", "health_stats", "ingest"]
 
 
 def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord]]) -> int:
@@ -57,51 +56,19 @@ def _row(device_id: str, record: TelemetryRecord, received_at: dt.datetime) -> d
     return row
 
 
-@dataclass(frozen=True)
-class HealthStats:
-    """Totals over a set of telemetry records. Rates are ``None`` without inferences."""
-
-    records: int
-    inferences: int
-    errors: int
-    fallbacks: int
-    latency_p95_ms: float | None
-    """Inference-weighted mean of the records' p95 (devices report per-interval p95s)."""
-    shadow_compared: int
-    shadow_agreed: int
-
-    @property
-    def error_rate(self) -> float | None:
-        return self.errors / self.inferences if self.inferences else None
-
-    @property
-    def fallback_rate(self) -> float | None:
-        return self.fallbacks / self.inferences if self.inferences else None
-
-    @property
-    def agreement(self) -> float | None:
-        return self.shadow_agreed / self.shadow_compared if self.shadow_compared else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "records": self.records,
-            "inferences": self.inferences,
-            "error_rate": self.error_rate,
-            "fallback_rate": self.fallback_rate,
-            "latency_p95_ms": self.latency_p95_ms,
-            "agreement": self.agreement,
-        }
-
-
 def health_stats(
     session: Session,
     *,
     bundles: Sequence[str],
     since: dt.datetime,
-    device_ids: Sequence[str] | None = None,
+    device_ids: Sequence[str] | Select[str] | None = None,
     shadow: bool = False,
 ) -> HealthStats:
-    """Totals of records serving one of ``bundles`` (or shadowing it) since ``since``."""
+    """Totals of records serving one of ``bundles`` (or shadowing it) since ``since``.
+
+    ``device_ids``: only these devices' records; a query selecting the ids keeps a
+    rollout's thousands of devices out of the statement's parameters.
+    """
     t = TelemetryRecordRow
     bundle_column = col(t.shadow_bundle) if shadow else col(t.bundle)
     query = sa_select(
@@ -115,7 +82,8 @@ def health_stats(
         func.coalesce(func.sum(t.shadow_agreed), 0),
     ).where(bundle_column.in_(list(bundles)), col(t.ts) >= since)
     if device_ids is not None:
-        query = query.where(col(t.device_id).in_(list(device_ids)))
+        ids = device_ids if isinstance(device_ids, Select) else list(device_ids)
+        query = query.where(col(t.device_id).in_(ids))
     count, inferences, errors, fallbacks, weighted, weight, compared, agreed = session.execute(
         query
     ).one()

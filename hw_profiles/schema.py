@@ -8,18 +8,26 @@ accuracy gate is. Nothing here imports TVM, so a device can read its own profile
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
-from contracts.artifacts import Device, RuntimeName
+from contracts.artifacts import LEGACY_FP32, Device, Precision, RuntimeName
+from contracts.report import AccuracyGate
 
 __all__ = [
     "AccuracyGate",
     "AgentInstall",
     "Arch",
     "Profile",
-    "QuantizationMode",
     "Resources",
     "RuntimeChoice",
     "Targets",
@@ -27,7 +35,15 @@ __all__ = [
 ]
 
 Arch = Literal["aarch64", "x86_64"]
-QuantizationMode = Literal["none", "int8", "int8-dynamic", "fp16"]
+
+
+def _not_legacy_fp32(value: object) -> object:
+    if value == LEGACY_FP32:
+        raise ValueError(f'"{LEGACY_FP32}" is now called "fp32": write "fp32" in quantization')
+    return value
+
+
+_ProfilePrecision = Annotated[Precision, BeforeValidator(_not_legacy_fp32)]
 
 # The LLVM triple prefix each architecture's CPU target must use.
 _TRIPLE_PREFIX: dict[str, str] = {"aarch64": "aarch64", "x86_64": "x86_64"}
@@ -105,17 +121,6 @@ class RuntimeChoice(_Strict):
         return self
 
 
-class AccuracyGate(_Strict):
-    """Default thresholds of the compiler's accuracy gate (overridable per compile)."""
-
-    min_top1_agreement: float = Field(ge=0.0, le=1.0)
-    max_accuracy_drop: float = Field(ge=0.0, le=1.0, description="fraction, 0.01 = 1 point")
-    min_cosine_similarity: float = Field(ge=-1.0, le=1.0)
-    max_abs_error: float | None = Field(
-        default=None, gt=0.0, description="unset: reported but not gated (scale depends on model)"
-    )
-
-
 class AgentInstall(_Strict):
     python: str = Field(pattern=r"^3\.\d+$", description="Python the agent runs on, e.g. '3.11'")
     os_image: str
@@ -135,8 +140,12 @@ class Profile(_Strict):
     toolchain: Toolchain
     resources: Resources
     runtimes: list[RuntimeChoice] = Field(min_length=1, description="most preferred first")
-    quantization: list[QuantizationMode] = Field(min_length=1)
-    accuracy_gate: AccuracyGate
+    quantization: list[_ProfilePrecision] = Field(
+        min_length=1, description="precisions worth trying on this board"
+    )
+    accuracy_gate: AccuracyGate = Field(
+        description="the gate's default thresholds (a compile may override them)"
+    )
     agent_install: AgentInstall
 
     @model_validator(mode="after")

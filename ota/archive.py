@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
+from contracts.durable import atomic_file, fsync_directory, fsync_tree
+
 from .errors import ArchiveError, BundleError, BundleIntegrityError
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, BundleFile, Manifest, parse_manifest
 
@@ -50,21 +52,15 @@ def write_bundle(manifest: Manifest, sources: Mapping[str, Path], out: Path) -> 
     if listed != set(sources):
         raise ValueError(f"sources {sorted(sources)} do not match the manifest's {sorted(listed)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                manifest_bytes = manifest.to_json()
-                tar.addfile(_entry(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
-                for entry in sorted(manifest.files, key=lambda f: f.path):
-                    with sources[entry.path].open("rb") as src:
-                        tar.addfile(_entry(entry.path, entry.size), src)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_file(out) as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
+        manifest_bytes = manifest.to_json()
+        tar.addfile(_entry(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+        for entry in sorted(manifest.files, key=lambda f: f.path):
+            with sources[entry.path].open("rb") as src:
+                tar.addfile(_entry(entry.path, entry.size), src)
     return out
 
 
@@ -82,7 +78,7 @@ def extract_bundle(path: Path, dest: Path) -> Manifest:
     """Verify and unpack the bundle into ``dest`` (created; must not exist).
 
     Files are unpacked into a temporary directory beside ``dest`` and renamed into place
-    only when every file matched, so ``dest`` never holds part of a bundle.
+    only when every file matched and is on disk, so ``dest`` never holds part of a bundle.
     """
     if dest.exists():
         raise ValueError(f"{dest} already exists")
@@ -97,10 +93,12 @@ def extract_bundle(path: Path, dest: Path) -> Manifest:
 
     try:
         manifest = _scan(path, sink, check_files=True)
+        fsync_tree(tmp)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_directory(dest.parent)
     return manifest
 
 

@@ -7,15 +7,15 @@ the only one, or the one named), ready for one runtime on one hardware profile.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
+
+from contracts.errors import ReportError
+from contracts.report import REPORT_NAME, Artifact, CompileReport, parse_report
 
 from .archive import write_bundle
 from .errors import BundleError
-from .manifest import BundleFile, GoldenVectors, Manifest, ModelInfo, parse_semver
+from .manifest import BundleFile, Manifest, ModelInfo, parse_semver
 
 __all__ = ["MIN_AGENT_VERSION", "bundle_compile_output", "version_number_for"]
 
@@ -43,36 +43,40 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _load_report(directory: Path) -> dict[str, Any]:
-    report_path = directory / "report.json"
+def _load_report(directory: Path) -> CompileReport:
+    report_path = directory / REPORT_NAME
     try:
-        report = json.loads(report_path.read_text())
+        data = report_path.read_bytes()
     except FileNotFoundError:
         raise BundleError(
-            f"{directory} has no report.json: pass the output directory of `edgefleet compile`"
+            f"{directory} has no {REPORT_NAME}: pass the output directory of `edgefleet compile`"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{report_path} is not readable JSON: {e}") from None
-    if not isinstance(report, dict) or not isinstance(report.get("artifacts"), list):
-        raise BundleError(f"{report_path} is not a compile report (no 'artifacts' list)")
-    return report
+    except OSError as e:
+        raise BundleError(f"cannot read {report_path}: {e.strerror}") from None
+    try:
+        return parse_report(data)
+    except ReportError as e:
+        raise BundleError(f"{directory}: cannot bundle this compile output: {e}") from None
 
 
-def _choose_artifact(report: dict[str, Any], wanted: str | None, directory: Path) -> dict[str, Any]:
-    artifacts = {a["id"]: a for a in report["artifacts"]}
-    if not artifacts:
+def _choose_artifact(report: CompileReport, wanted: str | None, directory: Path) -> Artifact:
+    ids = [a.id for a in report.artifacts]
+    if not ids:
         raise BundleError(f"{directory}: the compile published no artifact (every one failed)")
     if wanted is not None:
-        if wanted not in artifacts:
-            raise BundleError(f"{directory} has no artifact {wanted!r}; it has {sorted(artifacts)}")
-        return artifacts[wanted]
-    if report.get("selected"):
-        return artifacts[report["selected"]]
-    if len(artifacts) == 1:
-        return next(iter(artifacts.values()))
+        chosen = report.artifact(wanted)
+        if chosen is None:
+            raise BundleError(f"{directory} has no artifact {wanted!r}; it has {sorted(ids)}")
+        return chosen
+    if report.selected is not None:
+        selected = report.artifact(report.selected)
+        assert selected is not None  # parse_report checked the reference
+        return selected
+    if len(ids) == 1:
+        return report.artifacts[0]
     raise BundleError(
-        f"{directory} holds {len(artifacts)} artifacts and none was selected: pass --artifact "
-        f"with one of {sorted(artifacts)} (or compile with --select fastest)"
+        f"{directory} holds {len(ids)} artifacts and none was selected: pass --artifact "
+        f"with one of {sorted(ids)} (or compile with --select fastest)"
     )
 
 
@@ -94,41 +98,39 @@ def bundle_compile_output(
     """
     report = _load_report(directory)
     chosen = _choose_artifact(report, artifact_id, directory)
-    golden = chosen.get("golden")
+    golden = chosen.golden
     if golden is None:
         raise BundleError(
-            f"{directory}: artifact {chosen['id']} has no golden vectors (compiled before they "
-            "existed?): compile again, the agent's health check needs them"
+            f"{directory}: artifact {chosen.id} has no golden vectors (compiled without the "
+            "golden step?): compile again, the agent's health check needs them"
         )
-    paths = [chosen["path"], golden["path"], "report.json"]
-    if chosen.get("metadata_path"):
-        paths.append(chosen["metadata_path"])
+    paths = [*chosen.files().values(), REPORT_NAME]
     if (directory / "MODEL_CARD.md").exists():
         paths.append("MODEL_CARD.md")
     sources = {p: directory / p for p in paths}
     for path, source in sources.items():
         if not source.is_file():
-            raise BundleError(f"{directory}: {path} is listed in report.json but missing")
-    model_name = Path(report["source"]["path"]).stem
+            raise BundleError(f"{directory}: {path} is listed in {REPORT_NAME} but missing")
+    model_name = Path(report.source.path).stem
     try:
         manifest = Manifest(
-            name=name or f"{model_name}-{report['profile']}",
+            name=name or f"{model_name}-{report.profile}",
             version=version,
             version_number=version_number or version_number_for(version),
             model=ModelInfo(name=model_name, version=model_version or version),
-            profile=report["profile"],
-            runtime=chosen["runtime"],
-            precision=chosen["precision"],
-            device=chosen["device"],
-            artifact=chosen["path"],
-            artifact_metadata=chosen.get("metadata_path"),
+            profile=report.profile,
+            runtime=chosen.runtime,
+            precision=chosen.precision,
+            device=chosen.device,
+            artifact=chosen.path,
+            artifact_metadata=chosen.metadata_path,
             files=[
                 BundleFile(path=p, sha256=_sha256(s), size=s.stat().st_size)
                 for p, s in sorted(sources.items())
             ],
             min_agent_version=min_agent_version,
-            created=dt.datetime.fromisoformat(report["created"]),
-            golden_vectors=GoldenVectors(**golden),
+            created=report.created,
+            golden_vectors=golden,
         )
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise BundleError(f"cannot bundle {directory}: {e}") from None

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from contracts.durable import atomic_file, write_atomic
 
 from .errors import DeltaError
 
@@ -82,10 +82,9 @@ def make_delta(
         payload = bsdiff4.diff(old_bytes, new_bytes)
     else:
         raise ValueError(f"unknown delta algorithm {algorithm!r}; use zstd or bsdiff")
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("wb") as f:
-        f.write(_MAGIC + json.dumps(header.__dict__, sort_keys=True).encode() + b"\n" + payload)
-    os.replace(tmp, out)
+    with atomic_file(out) as f:
+        f.write(_MAGIC + json.dumps(header.__dict__, sort_keys=True).encode() + b"\n")
+        f.write(payload)
     return header
 
 
@@ -144,7 +143,5 @@ def apply_delta(old: Path, delta: Path, out: Path, *, expected_sha256: str | Non
             raise DeltaError(
                 f"{delta.name}: the rebuilt bundle has SHA-256 {digest}, {source} says {wanted}"
             )
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(new_bytes)
-    os.replace(tmp, out)
+    write_atomic(out, new_bytes)
     return out

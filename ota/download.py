@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from contracts.durable import fsync_directory
+
 from .errors import DownloadError, TrustError
 
 __all__ = ["download_resumable", "part_path"]
@@ -59,7 +61,8 @@ def download_resumable(
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    os.replace(part, dest)
+    os.replace(part, dest)  # the part file was fsynced as it was written
+    fsync_directory(dest.parent)
     return dest
 
 

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
+from contracts.durable import write_atomic
+
 from .errors import KeyStoreError
 
 __all__ = ["PASSPHRASE_ENV", "ROLES", "KeyStore"]
@@ -53,12 +55,7 @@ class KeyStore:
             serialization.BestAvailableEncryption(self._passphrase),
         )
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self._path(role, signer.public_key.keyid)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic(self._path(role, signer.public_key.keyid), pem, mode=0o600)
         return signer
 
     def signers(self, role: str, keyids: list[str]) -> list[CryptoSigner]:

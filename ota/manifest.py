@@ -17,6 +17,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from contracts.artifacts import LEGACY_FP32, Device, Precision, RuntimeName
+from contracts.report import GoldenVectors
+
 from .errors import ManifestError
 
 __all__ = [
@@ -105,19 +108,6 @@ class ModelInfo(_Strict):
     version: str
 
 
-class GoldenVectors(_Strict):
-    """Inputs and the outputs the artifact gave for them at compile time (an ``.npz`` in the
-    bundle: ``input:NAME`` and ``output:INDEX`` arrays), with the tolerance the health check
-    allows on the device: ``|got - expected| <= atol + rtol * |expected|`` element-wise,
-    and for classifiers the same top-1 class when ``top1`` is set."""
-
-    path: str
-    count: Annotated[int, Field(ge=1)]
-    atol: Annotated[float, Field(ge=0)]
-    rtol: Annotated[float, Field(ge=0)]
-    top1: bool
-
-
 class Manifest(_Strict):
     schema_: Literal["edgefleet.bundle/1"] = Field(alias="schema", default="edgefleet.bundle/1")
     name: str
@@ -125,9 +115,9 @@ class Manifest(_Strict):
     version_number: Annotated[int, Field(ge=1, lt=1 << 53)]
     model: ModelInfo
     profile: str
-    runtime: Literal["tvm", "onnxruntime", "litert"]
-    precision: str
-    device: Literal["cpu", "gpu"]
+    runtime: RuntimeName
+    precision: Precision
+    device: Device
     artifact: str
     artifact_metadata: str | None = None
     files: Annotated[list[BundleFile], Field(min_length=1, max_length=MAX_FILES)]
@@ -143,6 +133,12 @@ class Manifest(_Strict):
         if not _NAME.match(value):
             raise ValueError("must be letters, digits, '.', '_' or '-' (at most 128)")
         return value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _legacy_fp32(cls, value: object) -> object:
+        """Bundles made before fp32 had its name say ``none``; devices still run them."""
+        return "fp32" if value == LEGACY_FP32 else value
 
     @field_validator("version", "min_agent_version")
     @classmethod

@@ -19,9 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +37,8 @@ from tuf.api.metadata import (
     Timestamp,
 )
 from tuf.api.serialization.json import JSONSerializer
+
+from contracts.durable import atomic_file, write_atomic
 
 from .archive import verify_bundle
 from .errors import KeyStoreError, OtaError, RollbackError
@@ -146,7 +146,8 @@ class OtaRepository:
         path.mkdir(parents=True, exist_ok=True)
         (path / "metadata").mkdir(exist_ok=True)
         (path / "targets").mkdir(exist_ok=True)
-        (path / _SETTINGS).write_text(json.dumps({"expiry": asdict(expiry)}, indent=2) + "\n")
+        settings = json.dumps({"expiry": asdict(expiry)}, indent=2) + "\n"
+        write_atomic(path / _SETTINGS, settings.encode())
 
         now = _now()
         root = Root(expires=now + expiry.for_role("root"), consistent_snapshot=True)
@@ -222,9 +223,8 @@ class OtaRepository:
     def _copy_target(self, bundle: Path, target: TargetFile) -> None:
         dest = self.target_file(target)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-        shutil.copyfile(bundle, tmp)
-        os.replace(tmp, dest)
+        with bundle.open("rb") as src, atomic_file(dest) as f:
+            shutil.copyfileobj(src, f)
 
     def target_file(self, target: TargetFile) -> Path:
         """Where the bytes of ``target`` lie in ``targets/``."""
@@ -300,8 +300,8 @@ class OtaRepository:
     def _publish_root(self, md: Metadata[Root], extra_signers: Sequence[Signer] = ()) -> None:
         self._sign(md, md.signed, extra_signers)
         data = md.to_bytes(JSONSerializer(compact=False))
-        _atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
-        _atomic_write(self.root_file, data)
+        write_atomic(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        write_atomic(self.root_file, data)
 
     def _publish_chain(self, targets: Targets | None) -> None:
         """New versions of targets (when given), snapshot and timestamp, in that order."""
@@ -317,7 +317,7 @@ class OtaRepository:
             previous = snapshot_meta.get("targets.json")
             targets.version = previous.version + 1 if previous else 1
             targets.expires = now + self.expiry.for_role("targets")
-            _atomic_write(
+            write_atomic(
                 self.metadata_dir / f"{targets.version}.targets.json",
                 self._signed_bytes(targets, root),
             )
@@ -328,7 +328,7 @@ class OtaRepository:
             meta=snapshot_meta,
         )
         snapshot_bytes = self._signed_bytes(snapshot, root)
-        _atomic_write(self.metadata_dir / f"{snapshot.version}.snapshot.json", snapshot_bytes)
+        write_atomic(self.metadata_dir / f"{snapshot.version}.snapshot.json", snapshot_bytes)
         self._publish_timestamp(
             MetaFile(
                 version=snapshot.version,
@@ -351,18 +351,9 @@ class OtaRepository:
             expires=_now() + self.expiry.for_role("timestamp"),
             snapshot_meta=snapshot_meta,
         )
-        _atomic_write(path, self._signed_bytes(timestamp, self.root().signed))
+        write_atomic(path, self._signed_bytes(timestamp, self.root().signed))
 
     def _signed_bytes(self, signed: Root | Targets | Snapshot | Timestamp, root: Root) -> bytes:
         md: Metadata[Any] = Metadata(signed)
         self._sign(md, root)
         return md.to_bytes(JSONSerializer(compact=False))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -35,7 +35,6 @@ from agent.install import (
     Layout,
     RuntimeWheel,
     UninstallOptions,
-    _swap_in,
     detect_board,
     install,
     render_config,
@@ -43,6 +42,7 @@ from agent.install import (
     runtime_packages,
     uninstall,
 )
+from agent.install.plan import _swap_in
 from agent.sd_notify import notify, watchdog_interval
 
 from .conftest import SHIPPED_PROFILES

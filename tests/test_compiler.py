@@ -22,6 +22,7 @@ from compiler.errors import (
 )
 from compiler.pipeline import CompileOptions, compile_model, register_step
 from contracts.cli import EXIT_ERROR
+from contracts.report import REPORT_SCHEMA, parse_report
 from edgefleet.cli import app
 from hw_profiles import load_profile
 
@@ -30,8 +31,9 @@ EM_AARCH64 = 183
 
 
 def _compile(digits: Path, out: Path, model: str = "digits.onnx", **options: Any) -> dict[str, Any]:
+    """The report as JSON types, as ``--json`` prints it and ``report.json`` holds it."""
     profile = load_profile(options.pop("profile", "host"))
-    return compile_model(
+    report = compile_model(
         CompileOptions(
             model=digits / model,
             profile=profile,
@@ -41,6 +43,7 @@ def _compile(digits: Path, out: Path, model: str = "digits.onnx", **options: Any
             **options,
         )
     )
+    return report.to_dict()
 
 
 def _candidate(report: dict[str, Any], cid: str) -> dict[str, Any]:
@@ -49,8 +52,12 @@ def _candidate(report: dict[str, Any], cid: str) -> dict[str, Any]:
 
 def test_report_follows_the_contract(digits: Path, tmp_path: Path) -> None:
     report = _compile(digits, tmp_path / "out", quantize="int8")
-    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert on_disk == report
+    on_disk = (tmp_path / "out" / "report.json").read_bytes()
+    assert json.loads(on_disk) == report
+    parsed = parse_report(on_disk)  # the model reads back exactly what the compiler wrote
+    assert parsed.to_json() == on_disk and parsed.to_dict() == report
+    assert report["schema"] == REPORT_SCHEMA
+    assert report["settings"]["quantize"] == "int8"
     assert report["profile"] == "host"
     assert len(report["source"]["sha256"]) == 64
     assert {a["runtime"] for a in report["artifacts"]} == {"onnxruntime", "tvm"}
@@ -92,7 +99,8 @@ def test_every_candidate_runs_on_its_runtime_and_agrees_with_onnxruntime(
         outputs = runtime.predict_batch(sample)[0]
         agreement = np.mean(outputs.argmax(1) == reference.argmax(1))
         assert agreement >= 0.97, artifact["id"]
-        if artifact["precision"] == "none":
+        assert artifact["id"] == f"{artifact['runtime']}:{artifact['precision']}"
+        if artifact["precision"] == "fp32":
             np.testing.assert_allclose(outputs, reference, atol=1e-3, err_msg=artifact["id"])
 
 
@@ -275,3 +283,31 @@ def test_a_corrupt_data_file_is_a_data_error(digits: Path, tmp_path: Path) -> No
     corrupt.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(DataError, match=r"not a readable \.npz"):
         _compile(digits, tmp_path / "out", calibration=corrupt)
+
+
+def test_quantize_none_is_a_deprecated_alias_of_fp32(digits: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["compile", str(digits / "digits.onnx"), "--profile", "host", "--quantize", "none",
+         "--calibration", str(digits / "digits.npz"), "--out", str(tmp_path / "out"),
+         "--latency-runs", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "--quantize none is deprecated; use --quantize fp32" in " ".join(result.stderr.split())
+    report = parse_report((tmp_path / "out" / "report.json").read_bytes())
+    assert report.settings.quantize == "fp32"
+    assert {a.id for a in report.artifacts} == {"onnxruntime:fp32", "tvm:fp32"}
+    assert {a.precision for a in report.artifacts} == {"fp32"}
+    wrong = runner.invoke(app, ["compile", str(digits / "digits.onnx"), "--profile", "host",
+                                "--quantize", "int4"])  # fmt: skip
+    assert wrong.exit_code == EXIT_ERROR
+    assert "--quantize must be one of fp32, fp16, int8, int8-dynamic, got 'int4'" in " ".join(
+        wrong.stderr.split()
+    )
+    with pytest.raises(ValueError, match="it is now called 'fp32'"):
+        CompileOptions(
+            model=digits / "digits.onnx",
+            profile=load_profile("host"),
+            out_dir=tmp_path / "api",
+            **{"quantize": "none"},
+        )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler.pipeline import CompileOptions, RpcTarget, compile_model
+from compiler.pipeline import CompileOptions, compile_model
+from compiler.tune import RpcTarget
 from hw_profiles import load_profile
 from tests.utils.mqtt import free_port
 
@@ -56,9 +57,9 @@ def test_tuning_and_latency_go_through_the_rpc_tracker(
             latency_runs=5,
         )
     )
-    tune = next(s["detail"] for s in report["steps"] if s["name"] == "tune")
+    tune = next(s.detail for s in report.steps if s.name == "tune")
     assert tune["measured_on"] == f"rpc 127.0.0.1:{rpc_board.port} key {KEY}"
     assert tune["records"] >= 2 and not tune["reused"]
-    latency = report["latency_ms"]["tvm:fp32"]
-    assert latency["where"] == f"rpc key {KEY}" and latency["p50"] > 0
-    assert report["settings"]["rpc_tracker"] == f"127.0.0.1:{rpc_board.port}"
+    latency = report.latency_ms["tvm:fp32"]
+    assert latency.where == f"rpc key {KEY}" and latency.p50 > 0
+    assert report.settings.rpc_tracker == f"127.0.0.1:{rpc_board.port}"

@@ -106,12 +106,17 @@ def migrations_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return copy
 
 
+def _next_revision() -> str:
+    return f"{int(head_revision()) + 1:04d}"
+
+
 def _add_revision(migrations: Path, upgrade_body: str) -> None:
-    (migrations / "versions" / "0002_extra.py").write_text(
+    """A revision on top of the packaged head, as the next one written would be."""
+    (migrations / "versions" / f"{_next_revision()}_extra.py").write_text(
         "import sqlalchemy as sa\n"
         "from alembic import op\n\n"
-        'revision = "0002"\n'
-        'down_revision = "0001"\n\n\n'
+        f"revision = {_next_revision()!r}\n"
+        f"down_revision = {head_revision()!r}\n\n\n"
         f"def upgrade() -> None:\n{upgrade_body}\n"
     )
 
@@ -281,7 +286,8 @@ def test_check_schema_sees_an_old_revision(sqlite_engine: Engine) -> None:
 def test_a_failed_migration_leaves_the_previous_revision(
     engine: Engine, migrations_copy: Path
 ) -> None:
-    upgrade(engine, "0001")
+    head = head_revision()
+    upgrade(engine)
     _add_revision(
         migrations_copy,
         '    op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))\n'
@@ -289,7 +295,7 @@ def test_a_failed_migration_leaves_the_previous_revision(
     )
     with pytest.raises(RuntimeError, match="failed halfway"):
         upgrade(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == head
     assert "half_done" not in sa.inspect(engine).get_table_names()
 
 
@@ -297,7 +303,8 @@ def test_sqlite_migration_leaving_broken_foreign_keys_is_refused(
     sqlite_engine: Engine, migrations_copy: Path
 ) -> None:
     """Foreign keys are off while migrating on SQLite, so they are checked before commit."""
-    upgrade(sqlite_engine, "0001")
+    head = head_revision()
+    upgrade(sqlite_engine)
     _add_revision(
         migrations_copy,
         "    op.execute(\n"
@@ -307,7 +314,7 @@ def test_sqlite_migration_leaving_broken_foreign_keys_is_refused(
     )
     with pytest.raises(RuntimeError, match="foreign keys point nowhere"):
         upgrade(sqlite_engine)
-    assert current_revision(sqlite_engine) == "0001"
+    assert current_revision(sqlite_engine) == head
     with Session(sqlite_engine) as session:
         assert session.exec(select(RolloutDevice)).all() == []
 
@@ -325,11 +332,12 @@ def test_new_revision_writes_the_missing_migration(
     tmp_path: Path, migrations_copy: Path, probe_table: sa.Table
 ) -> None:
     """The developer's workflow, on a copy of the migrations: generate, then it applies."""
+    head, expected = head_revision(), _next_revision()
     path = migrate.new_revision("add probe", f"sqlite:///{tmp_path / 'dev.db'}")
 
-    assert path == migrations_copy / "versions" / "0002_add_probe.py"
+    assert path == migrations_copy / "versions" / f"{expected}_add_probe.py"
     text = path.read_text()
-    assert 'down_revision: str | Sequence[str] | None = "0001"' in text
+    assert f'down_revision: str | Sequence[str] | None = "{head}"' in text
     assert 'op.create_table(\n        "probe",' in text
     assert 'op.drop_table("probe")' in text
     assert '"note", sqlmodel.sql.sqltypes.AutoString(length=32)' in text
@@ -344,7 +352,48 @@ def test_new_revision_writes_the_missing_migration(
     fresh = make_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
     try:
         upgrade(fresh)
-        assert current_revision(fresh) == "0002"
+        assert current_revision(fresh) == expected
         assert check_schema(fresh) == []
     finally:
         fresh.dispose()
+
+
+def test_0002_counts_step_failures_from_zero_and_clears_untyped_verdicts(engine: Engine) -> None:
+    """Rollouts stored before 0002 get ``step_failures`` 0, and lose a ``last_gate`` of the
+    old shape, which ``RolloutPublic`` could not read; a downgrade drops the column."""
+    upgrade(engine, "0001")
+    old_verdict = '{"healthy_ratio": 1.0, "failures": ["error rate 40.0% > ..."], "waiting": ""}'
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO modelversion (id, name, version, description, owner, stage, "
+            "created_at, created_by) VALUES (1, 'digits', '1.0', '', '', 'PRODUCTION', "
+            "'2025-01-01', '')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO bundle (id, profile, runtime, precision, version, version_number, "
+            "target_path, sha256, length, model_version_id, bundle_name, created_at) VALUES "
+            "(1, 'host', 'onnxruntime', 'fp32', '1.0', 1, 'host/digits-1.0.efb', '0', 1, 1, "
+            "'digits-1.0', '2025-01-01')"
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO rollout (id, bundle_id, profile, auto_advance, on_failure, mode, "
+                "state, wave, wave_started_at, reason, last_gate, created_by, created_at, "
+                "updated_at) VALUES ('r1', 1, 'host', true, 'pause', 'DEPLOY', 'PAUSED', 0, "
+                "'2025-01-01', 'gate failed', :verdict, '', '2025-01-01', '2025-01-01')"
+            ),
+            {"verdict": old_verdict},
+        )
+
+    upgrade(engine)
+    with Session(engine) as session:
+        rollout = session.get_one(Rollout, "r1")
+        assert (rollout.step_failures, rollout.last_gate) == (0, None)
+        assert (rollout.state, rollout.reason) == (RolloutState.PAUSED, "gate failed")
+    assert check_schema(engine) == []
+
+    downgrade(engine, "0001")
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("rollout")}
+    assert "step_failures" not in columns and "last_gate" in columns
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT state FROM rollout").scalar() == "PAUSED"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,6 +140,7 @@ def test_manifest_errors_name_the_field(compiled_digits: Path, tmp_path: Path) -
         "version_number": (0, "version_number"),
         "runtime": ("pytorch", "runtime"),
         "created": ("2026-01-01T00:00:00", "timezone"),
+        "precision": ("fp64", "precision"),
     }
     for key, (value, message) in cases.items():
         with pytest.raises(ManifestError, match=message):
@@ -148,3 +153,73 @@ def test_manifest_errors_name_the_field(compiled_digits: Path, tmp_path: Path) -
         parse_manifest(json.dumps(missing_artifact).encode())
     with pytest.raises(ManifestError, match="not valid JSON"):
         parse_manifest(b"{")
+
+
+def test_a_manifest_from_before_fp32_was_named_reads_as_fp32(
+    compiled_digits: Path, tmp_path: Path
+) -> None:
+    """Devices keep running bundles made when fp32 was written ``none``."""
+    manifest = bundle_compile_output(
+        compiled_digits, version="1.0.0", out=tmp_path / "b.efb", artifact_id="tvm:fp32"
+    )
+    assert manifest.precision == "fp32"
+    old = json.loads(manifest.to_json()) | {"precision": "none"}
+    assert parse_manifest(json.dumps(old).encode()) == manifest
+
+
+def _typo_in_an_artifact(report: dict[str, Any]) -> None:
+    report["artifacts"][0]["sha265"] = report["artifacts"][0].pop("sha256")
+
+
+def _next_schema(report: dict[str, Any]) -> None:
+    report["schema"] = "edgefleet.compile-report/2"
+
+
+def _selected_is_not_shipped(report: dict[str, Any]) -> None:
+    report["selected"] = "litert:int8"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        pytest.param(
+            _typo_in_an_artifact,
+            "report.json is not a valid compile report: artifacts.0.sha256: Field required; "
+            "artifacts.0.sha265: unknown key (a typo?)",
+            id="typo",
+        ),
+        pytest.param(
+            _next_schema,
+            "report.json has schema 'edgefleet.compile-report/2'; this release reads schema "
+            "'edgefleet.compile-report/1': compile the model again with this release",
+            id="schema-version",
+        ),
+        pytest.param(
+            _selected_is_not_shipped,
+            "selected names 'litert:int8', which is not a shipped artifact; the artifacts are "
+            "['onnxruntime:fp32', 'tvm:fp32']",
+            id="selected-missing",
+        ),
+    ],
+)
+def test_ota_bundle_refuses_a_report_that_breaks_the_contract(
+    compiled_digits: Path,
+    tmp_path: Path,
+    edit: Callable[[dict[str, Any]], None],
+    expected: str,
+) -> None:
+    directory = tmp_path / "compiled"
+    shutil.copytree(compiled_digits, directory)
+    report = json.loads((directory / "report.json").read_text())
+    edit(report)
+    (directory / "report.json").write_text(json.dumps(report, indent=2))
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "edgefleet"), "ota", "bundle", str(directory),
+         "--version", "1.0.0", "--artifact", "onnxruntime:fp32", "--out", "b.efb"],
+        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    message = " ".join(result.stderr.split())
+    assert message.startswith(f"error: {directory}: cannot bundle this compile output: ")
+    assert expected in message
+    assert not (tmp_path / "b.efb").exists()

@@ -164,10 +164,16 @@ BROKEN_PROFILES = [
         id="unknown-runtime",
     ),
     pytest.param(
-        lambda t: t.replace('"none", "int8"', '"none", "int4"'),
+        lambda t: t.replace('"fp32", "int8"', '"fp32", "int4"'),
         "quantization[1]",
-        ["'int8', 'int8-dynamic' or 'fp16'"],
+        ["'fp32', 'fp16', 'int8' or 'int8-dynamic'", "'int4'"],
         id="unknown-quantization",
+    ),
+    pytest.param(
+        lambda t: t.replace('"fp32", "int8"', '"none", "int8"'),
+        "quantization[0]",
+        ['"none" is now called "fp32"', "'none'"],
+        id="quantization-none-is-now-fp32",
     ),
     pytest.param(
         lambda t: t.replace("min_top1_agreement = 0.97", "min_top1_agreement = 1.5"),

@@ -14,7 +14,7 @@ def test_identical_classifier_outputs_pass() -> None:
     scores = np.random.default_rng(0).standard_normal((100, 10))
     result = compare(scores, scores.copy(), scores.argmax(1), GATE)
     assert result.passed and result.metric == "top1_agreement" and result.candidate == 1.0
-    assert result.values["accuracy_drop"] == 0.0
+    assert result.accuracy_drop == 0.0
 
 
 def test_disagreement_and_accuracy_drop_fail_with_the_numbers() -> None:
@@ -23,7 +23,7 @@ def test_disagreement_and_accuracy_drop_fail_with_the_numbers() -> None:
     candidate[:5] = np.roll(candidate[:5], 1, axis=1)  # 5 of 100 flip their top-1
     result = compare(reference, candidate, reference.argmax(1), GATE)
     assert not result.passed
-    assert result.values["top1_agreement"] == 0.95
+    assert result.top1_agreement == 0.95
     assert "top1_agreement 0.9500 < threshold 0.9700" in result.failures
     assert "accuracy_drop 0.0500 > threshold 0.0100" in result.failures
 

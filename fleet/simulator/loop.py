@@ -1,16 +1,13 @@
-"""Simulated devices: thousands of MQTT clients in one process that speak ``contracts.mqtt``.
+"""The simulated devices' connections: :class:`FleetSimulator`, one selector thread driving
+every device's paho client.
 
-They run no model. Each one connects as its own MQTT 5 client (client id = device id, its
-credentials, a Last Will on its ``status`` topic), answers commands with the ack sequence a
-real agent sends, and reports telemetry whose error rate, latency and shadow agreement the
-test sets per bundle in :class:`Behaviour`.
-
-Scale: one selector thread drives every paho client through paho's external-loop hooks
+Scale: the thread drives every paho client through paho's external-loop hooks
 (``on_socket_open`` / ``on_socket_register_write`` ... then ``loop_read`` / ``loop_write`` /
 ``loop_misc``), so a device costs a socket and a few KiB rather than a thread. Every paho call
 happens on that thread; other threads hand it work through a queue and wake it through a
 socketpair. Connects are paced — at most ``_CONNECT_WINDOW`` devices between TCP connect and
-SUBACK at once — so 10,000 devices do not overflow the broker's accept backlog.
+SUBACK at once — so 10,000 devices do not overflow the broker's accept backlog. What a
+device does once connected is :class:`~fleet.simulator._protocol.DeviceProtocol`'s.
 
 Note: the process's open-file limit is raised to fit one socket per device, so descriptors
 above 1024 appear; code in the same process that calls ``select.select()`` (paho's own
@@ -21,9 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import enum
 import functools
-import hashlib
 import heapq
 import logging
 import resource
@@ -32,11 +27,9 @@ import socket
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -46,27 +39,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from contracts.mqtt import (
-    Ack,
-    AckState,
-    BundleRef,
-    Command,
-    CommandKind,
-    PayloadError,
-    Status,
-    TelemetryBatch,
-    TelemetryRecord,
-    decode_payload,
-    device_topic,
-    encode_telemetry,
-)
+from contracts.mqtt import Ack, Command, Status, device_topic
 
-__all__ = ["DEFAULT_LATENCY_MS", "Behaviour", "FleetSimulator", "SimulatedDeviceSpec"]
+from ._device import GONE, Device, Phase, seeded_fraction
+from ._protocol import DeviceProtocol
+from .specs import Behaviour, SimulatedDeviceSpec
+
+__all__ = ["FleetSimulator"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LATENCY_MS = 5.0
-"""p95 latency reported for a bundle that ``Behaviour.latency_ms`` does not name."""
 
 _CONNECT_WINDOW = 128
 """Devices between TCP connect and SUBACK at once; mosquitto listens with a backlog of 100."""
@@ -81,126 +62,6 @@ _FD_MARGIN = 256
 """Descriptors beyond one per device: the selector, wake pair, logs, the test's own."""
 _T = TypeVar("_T")
 _WILL_REASON = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
-
-
-@dataclass(frozen=True)
-class SimulatedDeviceSpec:
-    """One device's identity, as enrolment hands it out, and the bundle it starts with."""
-
-    device_id: str
-    username: str | None
-    password: str | None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    bundle: str | None = None
-    """``NAME-VERSION`` it serves at start, or ``None`` for a device never given one."""
-    bundle_version_number: int | None = None
-
-
-@dataclass
-class Behaviour:
-    """What every simulated device does, per bundle (``NAME-VERSION``)."""
-
-    failing_bundles: set[str] = field(default_factory=set)
-    """Installs of these end in ack ``failed`` (the health check fails); the device keeps
-    serving what it served before."""
-    error_rate: dict[str, float] = field(default_factory=dict)
-    """Fraction of inferences reported as errors; 0 for bundles not named."""
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    """p95 latency reported; :data:`DEFAULT_LATENCY_MS` for bundles not named."""
-    inferences_per_report: int = 100
-    telemetry_interval_s: float | None = None
-    """Each device reports this often (phases spread by seed); ``None``: only on
-    :meth:`FleetSimulator.publish_telemetry`."""
-    install_delay_s: float = 0.0
-    """From ack ``downloading`` to the final ack, spread evenly over the steps between."""
-    shadow_agreement: dict[str, float] = field(default_factory=dict)
-    """Fraction of a shadow bundle's predictions that agree with the serving one; 1 if not
-    named."""
-    compress_telemetry: bool = True
-
-    def __post_init__(self) -> None:
-        for name, rates in (
-            ("error_rate", self.error_rate),
-            ("shadow_agreement", self.shadow_agreement),
-        ):
-            bad = {b: r for b, r in rates.items() if not 0.0 <= r <= 1.0}
-            if bad:
-                raise ValueError(f"{name} must be fractions in [0, 1], got {bad}")
-        if self.inferences_per_report < 0:
-            raise ValueError(
-                f"inferences_per_report must be >= 0, got {self.inferences_per_report}"
-            )
-        if self.telemetry_interval_s is not None and self.telemetry_interval_s <= 0:
-            raise ValueError(
-                f"telemetry_interval_s must be > 0 or None, got {self.telemetry_interval_s}"
-            )
-        if self.install_delay_s < 0:
-            raise ValueError(f"install_delay_s must be >= 0, got {self.install_delay_s}")
-
-
-class _Phase(enum.Enum):
-    WAITING = "waiting"
-    """Queued for its (re)connect."""
-    CONNECTING = "connecting"
-    """TCP up and CONNECT sent; waiting for CONNACK and SUBACK."""
-    READY = "ready"
-    """Subscribed to its ``cmd`` topic."""
-    LOST = "lost"
-    """The connection dropped; a reconnect is scheduled."""
-    REFUSED = "refused"
-    """Could not connect during ``start()``: no retry, ``start()`` raises."""
-    KILLED = "killed"
-    STOPPED = "stopped"
-
-
-_GONE = (_Phase.REFUSED, _Phase.KILLED, _Phase.STOPPED)
-
-
-class _Device:
-    """One simulated device's connection and what it saw; touched by the loop thread only,
-    except the observed fields, which are guarded by the simulator's lock."""
-
-    __slots__ = (
-        "acks",
-        "bundle",
-        "client",
-        "cmd_topic",
-        "commands",
-        "error",
-        "last_ack",
-        "phase",
-        "previous",
-        "reconnects",
-        "reports",
-        "shadow",
-        "sock",
-        "spec",
-        "sub_mid",
-        "version_number",
-        "watch_write",
-    )
-
-    def __init__(self, spec: SimulatedDeviceSpec) -> None:
-        self.spec = spec
-        self.cmd_topic = device_topic(spec.device_id, "cmd")
-        self.client: mqtt.Client | None = None
-        self.sock: Any = None
-        """The socket registered with the selector, or ``None``."""
-        self.watch_write = False
-        """Whether the selector also waits for ``sock`` to be writable."""
-        self.phase = _Phase.WAITING
-        self.sub_mid: int | None = None
-        self.error: str | None = None
-        self.reconnects = 0
-        self.reports = 0
-        self.bundle = spec.bundle
-        self.version_number = spec.bundle_version_number
-        self.previous: tuple[str | None, int | None] | None = None
-        self.shadow: str | None = None
-        self.commands: list[Command] = []
-        self.acks: list[Ack] = []
-        self.last_ack: dict[str, Ack] = {}
 
 
 class FleetSimulator:
@@ -232,18 +93,21 @@ class FleetSimulator:
             raise ValueError("client certificates need tls_ca: mutual TLS runs over TLS")
         self.host = host
         self.port = port
-        self.behaviour = behaviour
-        self.agent_version = agent_version
-        self.seed = seed
         self._tls_ca = tls_ca
         self._shared_tls: ssl.SSLContext | None = None
-        self._devices = {spec.device_id: _Device(spec) for spec in devices}
+        self._devices = {spec.device_id: Device(spec) for spec in devices}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._phases: collections.Counter[_Phase] = collections.Counter(
-            {_Phase.WAITING: len(self._devices)}
+        self._protocol = DeviceProtocol(
+            behaviour,
+            agent_version=agent_version,
+            seed=seed,
+            lock=self._lock,
+            call_later=self._call_later,
         )
-        self._malformed = 0
+        self._phases: collections.Counter[Phase] = collections.Counter(
+            {Phase.WAITING: len(self._devices)}
+        )
         self._selector: selectors.BaseSelector | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -251,8 +115,8 @@ class FleetSimulator:
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = 0
-        self._to_connect: collections.deque[_Device] = collections.deque()
-        self._pending_writes: set[_Device] = set()
+        self._to_connect: collections.deque[Device] = collections.deque()
+        self._pending_writes: set[Device] = set()
         self._starting = False
         self._stopping = False
         self._ended = False
@@ -282,14 +146,14 @@ class FleetSimulator:
         with self._changed:
             done = self._changed.wait_for(
                 lambda: (
-                    self._phases[_Phase.READY] == total
-                    or self._phases[_Phase.REFUSED] > 0
+                    self._phases[Phase.READY] == total
+                    or self._phases[Phase.REFUSED] > 0
                     or self._ended
                 ),
                 timeout=connect_timeout_s,
             )
-            refused = [d for d in self._devices.values() if d.phase is _Phase.REFUSED]
-            ready = self._phases[_Phase.READY]
+            refused = [d for d in self._devices.values() if d.phase is Phase.REFUSED]
+            ready = self._phases[Phase.READY]
         elapsed = time.monotonic() - began
         if refused:
             self.stop()
@@ -331,7 +195,7 @@ class FleetSimulator:
             if device_ids is None
             else [self._device(d) for d in device_ids]
         )
-        return self._call(lambda: sum(self._report(d) for d in devices))
+        return self._call(lambda: sum(self._protocol.report(d) for d in devices))
 
     def received_commands(self, device_id: str) -> list[Command]:
         """Every well-formed command the device received, resends included, in order."""
@@ -361,13 +225,27 @@ class FleetSimulator:
     def malformed_commands(self) -> int:
         """Payloads on the devices' ``cmd`` topics that were not a valid ``Command``."""
         with self._lock:
-            return self._malformed
+            return self._protocol.malformed
 
     @property
     def connected(self) -> int:
         """Devices connected and subscribed right now."""
         with self._lock:
-            return self._phases[_Phase.READY]
+            return self._phases[Phase.READY]
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self._protocol.behaviour
+
+    @property
+    def agent_version(self) -> str:
+        """What each device's ``status`` says it runs."""
+        return self._protocol.agent_version
+
+    @property
+    def seed(self) -> int:
+        """Seeds reconnect jitter, telemetry phases and record ids."""
+        return self._protocol.seed
 
     def __enter__(self) -> FleetSimulator:
         return self
@@ -382,7 +260,7 @@ class FleetSimulator:
 
     # ------------------------------------------------------------------ cross-thread plumbing
 
-    def _device(self, device_id: str) -> _Device:
+    def _device(self, device_id: str) -> Device:
         try:
             return self._devices[device_id]
         except KeyError:
@@ -416,7 +294,7 @@ class FleetSimulator:
             with contextlib.suppress(OSError):
                 self._wake_w.send(b"\0")
 
-    def _set_phase(self, device: _Device, phase: _Phase, error: str | None = None) -> None:
+    def _set_phase(self, device: Device, phase: Phase, error: str | None = None) -> None:
         with self._changed:
             self._phases[device.phase] -= 1
             self._phases[phase] += 1
@@ -473,7 +351,7 @@ class FleetSimulator:
                         device.client.loop_misc()
             self._flush_writes()
 
-    def _service(self, device: _Device, sock: Any, mask: int) -> None:
+    def _service(self, device: Device, sock: Any, mask: int) -> None:
         client = device.client
         assert client is not None
         try:
@@ -525,15 +403,15 @@ class FleetSimulator:
     # ------------------------------------------------------------------ connecting
 
     def _can_admit(self) -> bool:
-        return not self._stopping and self._phases[_Phase.CONNECTING] < _CONNECT_WINDOW
+        return not self._stopping and self._phases[Phase.CONNECTING] < _CONNECT_WINDOW
 
     def _admit_connects(self) -> None:
         while self._to_connect and self._can_admit():
             device = self._to_connect.popleft()
-            if device.phase in (_Phase.WAITING, _Phase.LOST):
+            if device.phase in (Phase.WAITING, Phase.LOST):
                 self._connect(device)
 
-    def _connect(self, device: _Device) -> None:
+    def _connect(self, device: Device) -> None:
         try:
             if device.client is None:
                 device.client = self._new_client(device)
@@ -542,13 +420,13 @@ class FleetSimulator:
                 device.client.reconnect()
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             if self._starting:
-                self._set_phase(device, _Phase.REFUSED, f"cannot connect: {e}")
+                self._set_phase(device, Phase.REFUSED, f"cannot connect: {e}")
             else:
                 self._lost(device)
             return
-        self._set_phase(device, _Phase.CONNECTING)
+        self._set_phase(device, Phase.CONNECTING)
 
-    def _new_client(self, device: _Device) -> mqtt.Client:
+    def _new_client(self, device: Device) -> mqtt.Client:
         spec = device.spec
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -573,7 +451,7 @@ class FleetSimulator:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_message = self._protocol.on_message
         return client
 
     def _tls_context(self, spec: SimulatedDeviceSpec) -> ssl.SSLContext:
@@ -587,21 +465,21 @@ class FleetSimulator:
         context.load_cert_chain(str(spec.cert_file), str(spec.key_file) if spec.key_file else None)
         return context
 
-    def _on_socket_open(self, client: mqtt.Client, device: _Device, sock: Any) -> None:
+    def _on_socket_open(self, client: mqtt.Client, device: Device, sock: Any) -> None:
         assert self._selector is not None
         self._selector.register(sock, selectors.EVENT_READ, device)
         device.sock, device.watch_write = sock, False
 
-    def _on_socket_close(self, client: mqtt.Client, device: _Device, sock: Any) -> None:
+    def _on_socket_close(self, client: mqtt.Client, device: Device, sock: Any) -> None:
         if device.sock is sock:
             self._unregister(device)
 
-    def _on_register_write(self, client: mqtt.Client, device: _Device, sock: Any) -> None:
+    def _on_register_write(self, client: mqtt.Client, device: Device, sock: Any) -> None:
         """Queued output: written at the end of this loop turn, without a selector change."""
         if device.sock is sock:
             self._pending_writes.add(device)
 
-    def _on_unregister_write(self, client: mqtt.Client, device: _Device, sock: Any) -> None:
+    def _on_unregister_write(self, client: mqtt.Client, device: Device, sock: Any) -> None:
         if device.sock is sock and device.watch_write and self._selector is not None:
             self._selector.modify(sock, selectors.EVENT_READ, device)
             device.watch_write = False
@@ -622,13 +500,13 @@ class FleetSimulator:
                 self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
                 device.watch_write = True
 
-    def _unregister(self, device: _Device) -> None:
+    def _unregister(self, device: Device) -> None:
         sock, device.sock, device.watch_write = device.sock, None, False
         if sock is not None and self._selector is not None:
             self._selector.unregister(sock)
 
     def _on_connect(
-        self, client: mqtt.Client, device: _Device, flags: Any, reason: ReasonCode, props: Any
+        self, client: mqtt.Client, device: Device, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
         if reason.is_failure:
             self._refused(device, f"CONNACK {reason}")
@@ -636,7 +514,7 @@ class FleetSimulator:
         _, device.sub_mid = client.subscribe(device.cmd_topic, qos=1)
 
     def _on_subscribe(
-        self, client: mqtt.Client, device: _Device, mid: int, reasons: list[ReasonCode], props: Any
+        self, client: mqtt.Client, device: Device, mid: int, reasons: list[ReasonCode], props: Any
     ) -> None:
         if mid != device.sub_mid:
             return
@@ -644,29 +522,29 @@ class FleetSimulator:
             self._refused(device, f"SUBACK {reasons[0]} for {device.cmd_topic}")
             return
         device.reconnects = 0
-        self._publish_status(device)  # online only once commands can reach it
-        self._set_phase(device, _Phase.READY)
+        self._protocol.publish_status(device)  # online only once commands can reach it
+        self._set_phase(device, Phase.READY)
 
-    def _refused(self, device: _Device, error: str) -> None:
+    def _refused(self, device: Device, error: str) -> None:
         """The broker said no: fatal during start(); afterwards, retry like a lost link."""
         if self._starting:
-            self._set_phase(device, _Phase.REFUSED, error)
+            self._set_phase(device, Phase.REFUSED, error)
         elif device.client is not None:
             log.warning("simulated device %s: %s; reconnecting", device.spec.device_id, error)
             device.client.disconnect()
 
     def _on_disconnect(
-        self, client: mqtt.Client, device: _Device, flags: Any, reason: ReasonCode, props: Any
+        self, client: mqtt.Client, device: Device, flags: Any, reason: ReasonCode, props: Any
     ) -> None:
-        if device.phase not in _GONE and not self._stopping:
+        if device.phase not in GONE and not self._stopping:
             self._lost(device)
 
-    def _lost(self, device: _Device) -> None:
+    def _lost(self, device: Device) -> None:
         """Reconnect later, backing off exponentially with a seeded jitter."""
-        self._set_phase(device, _Phase.LOST)
+        self._set_phase(device, Phase.LOST)
         device.reconnects += 1
         delay = min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2 ** (device.reconnects - 1))
-        jitter = 0.5 + 0.5 * _unit(
+        jitter = 0.5 + 0.5 * seeded_fraction(
             self.seed, device.spec.device_id, f"reconnect/{device.reconnects}"
         )
         self._call_later(delay * jitter, functools.partial(self._to_connect.append, device))
@@ -674,19 +552,14 @@ class FleetSimulator:
     def _started(self) -> None:
         """After start(): failures now mean reconnect, and periodic telemetry begins."""
         self._starting = False
-        interval = self.behaviour.telemetry_interval_s
-        if interval is None:
-            return
-        for device in self._devices.values():
-            phase = _unit(self.seed, device.spec.device_id, "telemetry-phase")
-            self._call_later(interval * phase, functools.partial(self._periodic_report, device))
+        self._protocol.start_reporting(self._devices.values())
 
-    def _kill(self, devices: Iterable[_Device]) -> None:
+    def _kill(self, devices: Iterable[Device]) -> None:
         for device in devices:
-            if device.phase in _GONE:
+            if device.phase in GONE:
                 continue
             sock = device.sock
-            self._set_phase(device, _Phase.KILLED)
+            self._set_phase(device, Phase.KILLED)
             if sock is not None:
                 self._unregister(device)
                 sock.close()
@@ -697,177 +570,8 @@ class FleetSimulator:
         for device in self._devices.values():
             if device.client is not None and device.sock is not None:
                 device.client.disconnect(reasoncode=_WILL_REASON)
-            if device.phase not in _GONE:
-                self._set_phase(device, _Phase.STOPPED)
-
-    # ------------------------------------------------------------------ the device's protocol
-
-    def _on_message(self, client: mqtt.Client, device: _Device, message: mqtt.MQTTMessage) -> None:
-        try:
-            command = decode_payload(bytes(message.payload), Command)
-        except PayloadError as e:
-            log.info(
-                "simulated device %s: ignoring a malformed command: %s", device.spec.device_id, e
-            )
-            with self._lock:
-                self._malformed += 1
-            return
-        with self._lock:
-            device.commands.append(command)
-            seen = device.last_ack.get(command.id)
-        if seen is not None:  # a resend: say where it stands, do nothing again
-            self._send_ack(device, seen.model_copy(update={"ts": time.time()}))
-            return
-        if command.kind is CommandKind.ROLLBACK:
-            self._rollback(device, command)
-        elif command.kind is CommandKind.SHADOW_STOP:
-            with self._lock:
-                stopped, device.shadow = device.shadow, None
-            self._ack(device, command, AckState.HEALTHY, stopped, "shadow stopped")
-        else:
-            self._install(device, command)
-
-    def _install(self, device: _Device, command: Command) -> None:
-        """DEPLOY or SHADOW: downloading, verified, installed, then healthy or failed."""
-        ref = command.bundle
-        if ref is None:
-            self._ack(device, command, AckState.FAILED, None, f"a {command.kind} needs a bundle")
-            return
-        name = _bundle_name(ref)
-        self._ack(device, command, AckState.DOWNLOADING, name)
-        steps: list[Callable[[], None]] = [
-            functools.partial(self._ack, device, command, AckState.VERIFIED, name),
-            functools.partial(self._ack, device, command, AckState.INSTALLED, name),
-            functools.partial(self._finish_install, device, command, ref),
-        ]
-        step_s = self.behaviour.install_delay_s / len(steps)
-        for i, step in enumerate(steps, 1):
-            if step_s:
-                self._call_later(step_s * i, functools.partial(self._if_alive, device, step))
-            else:
-                step()
-
-    def _if_alive(self, device: _Device, step: Callable[[], None]) -> None:
-        if device.phase not in _GONE:
-            step()
-
-    def _finish_install(self, device: _Device, command: Command, ref: BundleRef) -> None:
-        name = _bundle_name(ref)
-        if name in self.behaviour.failing_bundles:
-            detail = f"health check failed for {name}; still serving {device.bundle}"
-            self._ack(device, command, AckState.FAILED, name, detail)
-            return
-        if command.kind is CommandKind.SHADOW:
-            with self._lock:
-                device.shadow = name
-            self._ack(device, command, AckState.HEALTHY, name, "running in shadow")
-            return
-        with self._lock:
-            device.previous = (device.bundle, device.version_number)
-            device.bundle, device.version_number = name, ref.version_number
-        self._publish_status(device)
-        self._ack(device, command, AckState.HEALTHY, name)
-
-    def _rollback(self, device: _Device, command: Command) -> None:
-        """Serve ``command.bundle`` (or, without one, the bundle served before) again."""
-        ref = command.bundle
-        target = (_bundle_name(ref), ref.version_number) if ref else device.previous
-        if target is None or target[0] is None:
-            self._ack(device, command, AckState.FAILED, None, "no earlier bundle to go back to")
-            return
-        with self._lock:
-            changed = target != (device.bundle, device.version_number)
-            if changed:
-                device.previous = (device.bundle, device.version_number)
-                device.bundle, device.version_number = target
-        if changed:
-            self._publish_status(device)
-        self._ack(device, command, AckState.ROLLED_BACK, target[0])
-
-    def _ack(
-        self,
-        device: _Device,
-        command: Command,
-        state: AckState,
-        bundle: str | None,
-        detail: str = "",
-    ) -> None:
-        ack = Ack(
-            command=command.id, state=state, detail=detail, bundle_version=bundle, ts=time.time()
-        )
-        with self._lock:
-            device.last_ack[command.id] = ack
-        self._send_ack(device, ack)
-
-    def _send_ack(self, device: _Device, ack: Ack) -> None:
-        assert device.client is not None
-        with self._lock:
-            device.acks.append(ack)
-        topic = device_topic(device.spec.device_id, "ack")
-        device.client.publish(topic, ack.model_dump_json(exclude_none=True), qos=1)
-
-    def _publish_status(self, device: _Device) -> None:
-        assert device.client is not None
-        status = Status(
-            online=True,
-            agent_version=self.agent_version,
-            bundle=device.bundle,
-            bundle_version_number=device.version_number,
-            state="idle",
-            ts=time.time(),
-        )
-        topic = device_topic(device.spec.device_id, "status")
-        device.client.publish(topic, status.model_dump_json(exclude_none=True), qos=1, retain=True)
-
-    def _periodic_report(self, device: _Device) -> None:
-        if device.phase in _GONE or self.behaviour.telemetry_interval_s is None:
-            return
-        self._report(device)
-        self._call_later(
-            self.behaviour.telemetry_interval_s, functools.partial(self._periodic_report, device)
-        )
-
-    def _report(self, device: _Device) -> bool:
-        """Publish one telemetry batch (one record) if the device is connected."""
-        if device.phase is not _Phase.READY or device.client is None:
-            return False
-        b = self.behaviour
-        device.reports += 1
-        inferences, bundle, shadow = b.inferences_per_report, device.bundle, device.shadow
-        record = TelemetryRecord(
-            id=str(_record_id(self.seed, device.spec.device_id, device.reports)),
-            ts=time.time(),
-            bundle=bundle,
-            inferences=inferences,
-            errors=round(inferences * b.error_rate.get(bundle, 0.0)) if bundle else 0,
-            latency_p95_ms=b.latency_ms.get(bundle, DEFAULT_LATENCY_MS) if bundle else None,
-            shadow_bundle=shadow,
-            shadow_compared=inferences if shadow else 0,
-            shadow_agreed=round(inferences * b.shadow_agreement.get(shadow, 1.0)) if shadow else 0,
-        )
-        payload = encode_telemetry(TelemetryBatch(records=[record]), compress=b.compress_telemetry)
-        device.client.publish(device_topic(device.spec.device_id, "telemetry"), payload, qos=1)
-        return True
-
-
-def _bundle_name(ref: BundleRef) -> str:
-    return f"{ref.name}-{ref.version}"
-
-
-def _digest(seed: int, device_id: str, purpose: str, size: int) -> bytes:
-    """Seeded, per-device bytes: deterministic without a ``random.Random`` (2.5 KiB) each."""
-    text = f"{seed}/{device_id}/{purpose}".encode()
-    return hashlib.blake2b(text, digest_size=size).digest()
-
-
-def _unit(seed: int, device_id: str, purpose: str) -> float:
-    """A deterministic fraction in [0, 1)."""
-    return int.from_bytes(_digest(seed, device_id, purpose, 8)) / 2**64
-
-
-def _record_id(seed: int, device_id: str, n: int) -> uuid.UUID:
-    """The ``n``-th report's id: a version-4 UUID, the same on every run with this seed."""
-    return uuid.UUID(bytes=_digest(seed, device_id, f"record/{n}", 16), version=4)
+            if device.phase not in GONE:
+                self._set_phase(device, Phase.STOPPED)
 
 
 def _raise_open_file_limit(needed: int) -> None:

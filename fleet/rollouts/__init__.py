@@ -1,0 +1,44 @@
+"""Staged rollouts: a persisted state machine that walks a bundle through device waves.
+
+- :mod:`.transitions`: the states' ``TRANSITIONS`` and :func:`apply_event`, the only
+  place a rollout's state changes; what happens after a restart.
+- :mod:`.waves`: :func:`create_rollout`, which devices a rollout takes, in which wave.
+- :mod:`.acks`: :func:`handle_acks`, how devices' answers move their place in a rollout.
+- :mod:`.gate`: the gate, pure: counts and telemetry in, a :class:`GateVerdict` out.
+- :mod:`.decision`: the next step of a rollout, pure: state, counts and verdict in.
+- :mod:`.engine`: :class:`RolloutEngine`, the I/O: queries, commands, one step per tick.
+- :mod:`.public`: rollouts as the API shows them.
+"""
+
+from __future__ import annotations
+
+from ..models import GateCheck, GateMetric, GateOutcome, GateVerdict
+from .acks import handle_acks
+from .decision import Decision, decide, decide_rollback
+from .engine import CommandSink, RolloutEngine
+from .gate import WaveCounts, check_failures, evaluate
+from .public import get_rollout, public_rollout
+from .transitions import TRANSITIONS, Event, apply_event
+from .waves import create_rollout
+
+__all__ = [
+    "TRANSITIONS",
+    "CommandSink",
+    "Decision",
+    "Event",
+    "GateCheck",
+    "GateMetric",
+    "GateOutcome",
+    "GateVerdict",
+    "RolloutEngine",
+    "WaveCounts",
+    "apply_event",
+    "check_failures",
+    "create_rollout",
+    "decide",
+    "decide_rollback",
+    "evaluate",
+    "get_rollout",
+    "handle_acks",
+    "public_rollout",
+]

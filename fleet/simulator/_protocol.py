@@ -1,0 +1,238 @@
+"""What a simulated device does with a command, and what it reports.
+
+A command is acted on once per id: a resend is answered with the ack it last got. DEPLOY
+and SHADOW ack ``downloading``, ``verified``, ``installed`` (spread over
+:attr:`Behaviour.install_delay_s`), then ``healthy``, or ``failed`` for a bundle in
+:attr:`Behaviour.failing_bundles`; ROLLBACK serves the bundle it names, or the one served
+before; SHADOW_STOP ends the shadow. A device publishes its retained ``status`` when it is
+subscribed and whenever the bundle it serves changes, and one telemetry record per report
+with the error rate, latency and shadow agreement :class:`Behaviour` sets per bundle.
+
+Everything here runs on the simulator's loop thread, which owns the paho clients; the
+fields callers read from other threads are written under the simulator's lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import paho.mqtt.client as mqtt
+
+from contracts.mqtt import (
+    Ack,
+    AckState,
+    BundleRef,
+    Command,
+    CommandKind,
+    PayloadError,
+    Status,
+    TelemetryBatch,
+    TelemetryRecord,
+    decode_payload,
+    device_topic,
+    encode_telemetry,
+)
+
+from ._device import GONE, Device, Phase, seeded_digest, seeded_fraction
+from .specs import DEFAULT_LATENCY_MS, Behaviour
+
+__all__ = ["DeviceProtocol"]
+
+log = logging.getLogger(__name__)
+
+
+class DeviceProtocol:
+    """The device side of ``contracts.mqtt`` for every simulated device.
+
+    ``call_later(delay_s, fn)`` runs ``fn`` on the loop thread after ``delay_s``; ``lock``
+    guards what callers read: each device's commands, acks, bundle and shadow, and
+    :attr:`malformed`.
+    """
+
+    def __init__(
+        self,
+        behaviour: Behaviour,
+        *,
+        agent_version: str,
+        seed: int,
+        lock: threading.Lock,
+        call_later: Callable[[float, Callable[[], None]], None],
+    ) -> None:
+        self.behaviour = behaviour
+        self.agent_version = agent_version
+        self.seed = seed
+        self.malformed = 0
+        """Payloads on the devices' ``cmd`` topics that were not a valid ``Command``."""
+        self._lock = lock
+        self._call_later = call_later
+
+    def on_message(self, client: mqtt.Client, device: Device, message: mqtt.MQTTMessage) -> None:
+        try:
+            command = decode_payload(bytes(message.payload), Command)
+        except PayloadError as e:
+            log.info(
+                "simulated device %s: ignoring a malformed command: %s", device.spec.device_id, e
+            )
+            with self._lock:
+                self.malformed += 1
+            return
+        with self._lock:
+            device.commands.append(command)
+            seen = device.last_ack.get(command.id)
+        if seen is not None:  # a resend: say where it stands, do nothing again
+            self._send_ack(device, seen.model_copy(update={"ts": time.time()}))
+            return
+        if command.kind is CommandKind.ROLLBACK:
+            self._rollback(device, command)
+        elif command.kind is CommandKind.SHADOW_STOP:
+            with self._lock:
+                stopped, device.shadow = device.shadow, None
+            self._ack(device, command, AckState.HEALTHY, stopped, "shadow stopped")
+        else:
+            self._install(device, command)
+
+    def _install(self, device: Device, command: Command) -> None:
+        """DEPLOY or SHADOW: downloading, verified, installed, then healthy or failed."""
+        ref = command.bundle
+        if ref is None:
+            self._ack(device, command, AckState.FAILED, None, f"a {command.kind} needs a bundle")
+            return
+        name = _bundle_name(ref)
+        self._ack(device, command, AckState.DOWNLOADING, name)
+        steps: list[Callable[[], None]] = [
+            functools.partial(self._ack, device, command, AckState.VERIFIED, name),
+            functools.partial(self._ack, device, command, AckState.INSTALLED, name),
+            functools.partial(self._finish_install, device, command, ref),
+        ]
+        step_s = self.behaviour.install_delay_s / len(steps)
+        for i, step in enumerate(steps, 1):
+            if step_s:
+                self._call_later(step_s * i, functools.partial(self._if_alive, device, step))
+            else:
+                step()
+
+    def _if_alive(self, device: Device, step: Callable[[], None]) -> None:
+        if device.phase not in GONE:
+            step()
+
+    def _finish_install(self, device: Device, command: Command, ref: BundleRef) -> None:
+        name = _bundle_name(ref)
+        if name in self.behaviour.failing_bundles:
+            detail = f"health check failed for {name}; still serving {device.bundle}"
+            self._ack(device, command, AckState.FAILED, name, detail)
+            return
+        if command.kind is CommandKind.SHADOW:
+            with self._lock:
+                device.shadow = name
+            self._ack(device, command, AckState.HEALTHY, name, "running in shadow")
+            return
+        with self._lock:
+            device.previous = (device.bundle, device.version_number)
+            device.bundle, device.version_number = name, ref.version_number
+        self.publish_status(device)
+        self._ack(device, command, AckState.HEALTHY, name)
+
+    def _rollback(self, device: Device, command: Command) -> None:
+        """Serve ``command.bundle`` (or, without one, the bundle served before) again."""
+        ref = command.bundle
+        target = (_bundle_name(ref), ref.version_number) if ref else device.previous
+        if target is None or target[0] is None:
+            self._ack(device, command, AckState.FAILED, None, "no earlier bundle to go back to")
+            return
+        with self._lock:
+            changed = target != (device.bundle, device.version_number)
+            if changed:
+                device.previous = (device.bundle, device.version_number)
+                device.bundle, device.version_number = target
+        if changed:
+            self.publish_status(device)
+        self._ack(device, command, AckState.ROLLED_BACK, target[0])
+
+    def _ack(
+        self,
+        device: Device,
+        command: Command,
+        state: AckState,
+        bundle: str | None,
+        detail: str = "",
+    ) -> None:
+        ack = Ack(
+            command=command.id, state=state, detail=detail, bundle_version=bundle, ts=time.time()
+        )
+        with self._lock:
+            device.last_ack[command.id] = ack
+        self._send_ack(device, ack)
+
+    def _send_ack(self, device: Device, ack: Ack) -> None:
+        assert device.client is not None
+        with self._lock:
+            device.acks.append(ack)
+        topic = device_topic(device.spec.device_id, "ack")
+        device.client.publish(topic, ack.model_dump_json(exclude_none=True), qos=1)
+
+    def publish_status(self, device: Device) -> None:
+        assert device.client is not None
+        status = Status(
+            online=True,
+            agent_version=self.agent_version,
+            bundle=device.bundle,
+            bundle_version_number=device.version_number,
+            state="idle",
+            ts=time.time(),
+        )
+        topic = device_topic(device.spec.device_id, "status")
+        device.client.publish(topic, status.model_dump_json(exclude_none=True), qos=1, retain=True)
+
+    def start_reporting(self, devices: Iterable[Device]) -> None:
+        """Begin each device's periodic telemetry, if :class:`Behaviour` asks for it, at a
+        phase spread by the seed."""
+        interval = self.behaviour.telemetry_interval_s
+        if interval is None:
+            return
+        for device in devices:
+            phase = seeded_fraction(self.seed, device.spec.device_id, "telemetry-phase")
+            self._call_later(interval * phase, functools.partial(self._periodic_report, device))
+
+    def _periodic_report(self, device: Device) -> None:
+        if device.phase in GONE or self.behaviour.telemetry_interval_s is None:
+            return
+        self.report(device)
+        self._call_later(
+            self.behaviour.telemetry_interval_s, functools.partial(self._periodic_report, device)
+        )
+
+    def report(self, device: Device) -> bool:
+        """Publish one telemetry batch (one record) if the device is connected."""
+        if device.phase is not Phase.READY or device.client is None:
+            return False
+        b = self.behaviour
+        device.reports += 1
+        inferences, bundle, shadow = b.inferences_per_report, device.bundle, device.shadow
+        record = TelemetryRecord(
+            id=str(_record_id(self.seed, device.spec.device_id, device.reports)),
+            ts=time.time(),
+            bundle=bundle,
+            inferences=inferences,
+            errors=round(inferences * b.error_rate.get(bundle, 0.0)) if bundle else 0,
+            latency_p95_ms=b.latency_ms.get(bundle, DEFAULT_LATENCY_MS) if bundle else None,
+            shadow_bundle=shadow,
+            shadow_compared=inferences if shadow else 0,
+            shadow_agreed=round(inferences * b.shadow_agreement.get(shadow, 1.0)) if shadow else 0,
+        )
+        payload = encode_telemetry(TelemetryBatch(records=[record]), compress=b.compress_telemetry)
+        device.client.publish(device_topic(device.spec.device_id, "telemetry"), payload, qos=1)
+        return True
+
+
+def _bundle_name(ref: BundleRef) -> str:
+    return f"{ref.name}-{ref.version}"
+
+
+def _record_id(seed: int, device_id: str, n: int) -> uuid.UUID:
+    """The ``n``-th report's id: a version-4 UUID, the same on every run with this seed."""
+    return uuid.UUID(bytes=seeded_digest(seed, device_id, f"record/{n}", 16), version=4)

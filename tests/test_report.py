@@ -1,0 +1,84 @@
+"""``contracts.report``: report.json read back through its model, and refused when it lies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.errors import ReportError
+from contracts.report import REPORT_SCHEMA, parse_report
+
+
+@pytest.fixture
+def report(compiled_digits: Path) -> dict[str, Any]:
+    """The report of a real compile (host: onnxruntime:fp32 and tvm:fp32), as JSON types."""
+    raw: dict[str, Any] = json.loads((compiled_digits / "report.json").read_text())
+    return raw
+
+
+def test_a_real_report_round_trips_byte_for_byte(compiled_digits: Path) -> None:
+    data = (compiled_digits / "report.json").read_bytes()
+    parsed = parse_report(data)
+    assert parsed.to_json() == data
+    assert parsed.schema_ == REPORT_SCHEMA
+    assert [a.id for a in parsed.artifacts] == ["onnxruntime:fp32", "tvm:fp32"]
+    tvm = parsed.artifact("tvm:fp32")
+    assert tvm is not None and tvm.metadata_path == "tvm-fp32.json" and tvm.golden is not None
+    assert "metadata_path" not in json.loads(data)["artifacts"][0]  # absent, not null
+    assert parsed.gate.min_top1_agreement == 0.97
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """An edit that sets the dotted ``path`` (list indexes as numbers) to ``value``."""
+
+    def edit(report: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = report
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[int(last) if last.isdigit() else last] = value
+
+    return edit
+
+
+def _duplicate_artifact(report: dict[str, Any]) -> None:
+    report["artifacts"].append(report["artifacts"][0])
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_set("artifacts.0.id", "tvm:fp32"), "does not match its runtime and precision"),
+        (_set("artifacts.0.precision", "none"), "artifacts.0.precision: Input should be 'fp32'"),
+        (_set("artifacts.1.metadata_path", "../tvm-fp32.json"), "must be a plain file name"),
+        (_set("artifacts.0.golden.path", "sub/golden.npz"), "must be a plain file name"),
+        (_set("artifacts.0.sha256", "ABC"), "64 lowercase hex digits"),
+        (_duplicate_artifact, "artifacts list 'onnxruntime:fp32' more than once"),
+        (_set("candidates.0.passed", False), "not among the candidates that passed the gate"),
+        (_set("candidates.0.selected", True), "do not match selected None"),
+        (_set("created", "2026-01-01T00:00:00"), "created: must carry a timezone (e.g. +00:00)"),
+        (_set("settings.quantize", "none"), "settings.quantize: Input should be"),
+        (_set("steps.0.seconds", "fast"), "steps.0.seconds: Input should be a valid number"),
+        (_set("gate.min_top1_agreement", 2.0), "gate.min_top1_agreement"),
+    ],
+)
+def test_a_report_that_does_not_hold_is_refused_naming_the_field(
+    report: dict[str, Any], edit: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    edit(report)
+    with pytest.raises(ReportError) as caught:
+        parse_report(json.dumps(report).encode())
+    assert expected in str(caught.value)
+
+
+def test_bytes_that_are_not_a_report_are_refused() -> None:
+    with pytest.raises(ReportError, match="not valid JSON"):
+        parse_report(b"{")
+    with pytest.raises(ReportError, match="must hold a JSON object, not list"):
+        parse_report(b"[]")
+    with pytest.raises(ReportError, match="no 'schema' key"):
+        parse_report(b"{}")
