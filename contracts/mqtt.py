@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import enum
 import json
-import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .bounded import (
+    JSON_DOCUMENT,
+    Count,
+    Detail,
+    Milliseconds,
+    Timestamp,
+    Url,
+    VersionNumber,
+)
 from .errors import PayloadError
+from .ids import BundleLabel, DeviceId, MessageId, Name, Tag, Version, check_device_id
 
 __all__ = [
-    "DEVICE_ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "TOPIC_PREFIX",
     "Ack",
@@ -48,7 +56,6 @@ __all__ = [
 ]
 
 TOPIC_PREFIX = "edgefleet/v1/devices"
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PAYLOAD_BYTES = 4 << 20
 """Largest payload, compressed or not, that either side accepts."""
 
@@ -59,8 +66,9 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 Channel = Literal["cmd", "ack", "status", "telemetry"]
 
 
-def device_topic(device_id: str, channel: Channel) -> str:
-    return f"{TOPIC_PREFIX}/{device_id}/{channel}"
+def device_topic(device_id: DeviceId, channel: Channel) -> str:
+    """The topic of one device's ``channel``; ``ValueError`` for an id that is not one."""
+    return f"{TOPIC_PREFIX}/{check_device_id(device_id)}/{channel}"
 
 
 def shared_subscription(channel: Channel, group: str = "fleet") -> str:
@@ -74,24 +82,34 @@ def device_id_from_topic(topic: str) -> tuple[str, str]:
     prefix = TOPIC_PREFIX.split("/")
     if len(parts) != len(prefix) + 2 or parts[: len(prefix)] != prefix:
         raise PayloadError(f"topic {topic!r} is not under {TOPIC_PREFIX}/DEVICE/CHANNEL")
-    if not DEVICE_ID_PATTERN.match(parts[-2]):
-        raise PayloadError(f"topic {topic!r} has an invalid device id")
+    try:
+        check_device_id(parts[-2])
+    except ValueError as e:
+        raise PayloadError(f"topic {topic[:200]!r}: {e}") from None
     return parts[-2], parts[-1]
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    """Unknown keys are ignored (a newer peer may add some); every known one is bounded
+    (``contracts.ids``, ``contracts.bounded``), so a value that passes fits every column
+    and every topic it goes to."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+TargetPath = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._+/-]+$")]
 
 
 class BundleRef(_Message):
     """Where a device finds a bundle: a TUF target, plus the fields it shows in status."""
 
-    target_path: str
-    name: str
-    version: str
-    version_number: int
-    sha256: str
-    length: int
+    target_path: TargetPath
+    name: Name
+    version: Version
+    version_number: VersionNumber
+    sha256: Sha256
+    length: Annotated[int, Field(ge=0, le=1 << 40)]
 
 
 class CommandKind(enum.StrEnum):
@@ -106,14 +124,14 @@ class CommandKind(enum.StrEnum):
 
 
 class Command(_Message):
-    id: str = Field(min_length=1, max_length=128)
+    id: MessageId
     kind: CommandKind
-    rollout: str | None = None
+    rollout: Name | None = None
     bundle: BundleRef | None = None
-    metadata_url: str | None = None
+    metadata_url: Url | None = None
     """Base URL of the TUF metadata; bundles come from ``targets_url``."""
-    targets_url: str | None = None
-    issued_at: float
+    targets_url: Url | None = None
+    issued_at: Timestamp
 
 
 class AckState(enum.StrEnum):
@@ -130,41 +148,59 @@ class AckState(enum.StrEnum):
 
 
 class Ack(_Message):
-    command: str = Field(min_length=1, max_length=128)
+    command: MessageId
     state: AckState
-    detail: str = Field(default="", max_length=2000)
-    bundle_version: str | None = None
-    ts: float
+    detail: Detail = ""
+    bundle_version: BundleLabel | None = None
+    ts: Timestamp
 
 
 class Status(_Message):
     online: bool
-    agent_version: str | None = None
-    bundle: str | None = None
+    agent_version: Version | None = None
+    bundle: BundleLabel | None = None
     """``NAME-VERSION`` of the serving bundle, or ``None`` before the first install."""
-    bundle_version_number: int | None = None
-    state: str | None = None
-    ts: float | None = None
+    bundle_version_number: VersionNumber | None = None
+    state: Tag | None = None
+    """The agent's updater state (``idle``, ``downloading``...)."""
+    ts: Timestamp | None = None
 
 
 class TelemetryRecord(_Message):
     """One reporting interval of one device. ``id`` is unique per device."""
 
-    id: str = Field(min_length=1, max_length=128)
-    ts: float
-    bundle: str | None = None
-    inferences: int = Field(default=0, ge=0)
-    errors: int = Field(default=0, ge=0)
-    fallbacks: int = Field(default=0, ge=0)
-    latency_p50_ms: float | None = Field(default=None, ge=0)
-    latency_p95_ms: float | None = Field(default=None, ge=0)
-    shadow_bundle: str | None = None
-    shadow_compared: int = Field(default=0, ge=0)
-    shadow_agreed: int = Field(default=0, ge=0)
-    dropped: int = Field(default=0, ge=0)
+    id: MessageId
+    ts: Timestamp
+    bundle: BundleLabel | None = None
+    inferences: Count = 0
+    errors: Count = 0
+    """Inferences the local runtime failed on: at most ``inferences``."""
+    fallbacks: Count = 0
+    """Inferences sent to the cloud: at most ``inferences``."""
+    latency_p50_ms: Milliseconds | None = None
+    latency_p95_ms: Milliseconds | None = None
+    shadow_bundle: BundleLabel | None = None
+    shadow_compared: Count = 0
+    shadow_agreed: Count = 0
+    """At most ``shadow_compared``."""
+    dropped: Count = 0
     """Records the device's queue dropped (disk bound) since its last report."""
-    extra: dict[str, Any] = Field(default_factory=dict)
-    """Anything else (latency histogram, prediction distribution), stored as given."""
+    extra: Annotated[dict[str, Any], JSON_DOCUMENT] = Field(default_factory=dict)
+    """Anything else (latency histogram, prediction distribution), stored as given: at most
+    256 KiB of JSON, 8 levels deep."""
+
+    @model_validator(mode="after")
+    def _parts_of_a_whole(self) -> Self:
+        for part, whole in (
+            ("errors", "inferences"),
+            ("fallbacks", "inferences"),
+            ("shadow_agreed", "shadow_compared"),
+        ):
+            if getattr(self, part) > getattr(self, whole):
+                raise ValueError(
+                    f"{part} ({getattr(self, part)}) is more than {whole} ({getattr(self, whole)})"
+                )
+        return self
 
 
 class TelemetryBatch(_Message):
@@ -188,10 +224,14 @@ def decode_payload(payload: bytes, model: type[M]) -> M:
     if payload.startswith(_ZSTD_MAGIC):
         payload = _decompress(payload)
     try:
-        return model.model_validate(json.loads(payload))
+        return model.model_validate(json.loads(payload, parse_constant=_no_constant))
     except (ValueError, RecursionError) as e:  # json and pydantic errors are ValueErrors
         reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)[:200]
         raise PayloadError(f"not a valid {model.__name__}: {reason}") from e
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _decompress(payload: bytes) -> bytes:

@@ -99,7 +99,7 @@ def _check_file_name(value: str, what: str) -> None:
 
 
 def _sha256(value: str) -> str:
-    if not _SHA256.match(value):
+    if not _SHA256.fullmatch(value):
         raise ValueError("sha256 must be 64 lowercase hex digits")
     return value
 

@@ -49,7 +49,8 @@ from types import TracebackType
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from contracts.durable import write_atomic
-from contracts.mqtt import DEVICE_ID_PATTERN, MAX_PAYLOAD_BYTES, device_topic
+from contracts.ids import check_device_id
+from contracts.mqtt import MAX_PAYLOAD_BYTES, device_topic
 
 from .ca import FleetCA
 from .errors import BrokerError
@@ -85,12 +86,8 @@ class DeviceCredential:
     """``None``: this device connects with a client certificate only."""
 
     def __post_init__(self) -> None:
-        if not DEVICE_ID_PATTERN.match(self.device_id):
-            raise ValueError(
-                f"device id {self.device_id!r}: 1-64 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            )
-        if self.password_hash is not None and not _PASSWORD_HASH.match(self.password_hash):
+        check_device_id(self.device_id)
+        if self.password_hash is not None and not _PASSWORD_HASH.fullmatch(self.password_hash):
             raise ValueError(
                 f"the password hash of {self.device_id} is not a mosquitto $6$/$7$ hash: "
                 "make it with hash_password()"
@@ -254,8 +251,7 @@ class MosquittoBroker:
         """
         if self._process is not None:
             raise RuntimeError("the broker is already started; stop() it first")
-        if not DEVICE_ID_PATTERN.match(fleet_username):
-            raise ValueError(f"fleet username {fleet_username!r}: letters, digits, '.', '_', '-'")
+        check_device_id(fleet_username)
         self._fleet_username = fleet_username
         devices = self._checked(devices)
         port = self._port or _free_port(self._host)

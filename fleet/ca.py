@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from contracts.durable import write_atomic
-from contracts.mqtt import DEVICE_ID_PATTERN
+from contracts.ids import check_device_id
 
 from .errors import CertificateError
 
@@ -197,11 +197,10 @@ class FleetCA:
         ``CertificateError`` for a CSR that is malformed, badly signed, names another CN or
         holds a weak key, and for a device id reserved for the fleet's own account.
         """
-        if not DEVICE_ID_PATTERN.match(device_id):
-            raise CertificateError(
-                f"device id {device_id!r} cannot be a certificate name: 1-64 letters, digits, "
-                "'.', '_' or '-'"
-            )
+        try:
+            check_device_id(device_id)
+        except ValueError as e:
+            raise CertificateError(f"cannot be a certificate name: {e}") from None
         if device_id in self._state.reserved_names:
             raise CertificateError(
                 f"{device_id!r} is the fleet's own broker account; enroll the device under "
@@ -248,8 +247,7 @@ class FleetCA:
         ``name`` is then reserved: no device certificate is ever issued for it, so no device
         can hold the fleet's identity.
         """
-        if not DEVICE_ID_PATTERN.match(name):
-            raise ValueError(f"service name {name!r}: 1-64 letters, digits, '.', '_' or '-'")
+        check_device_id(name)
         if name not in self._state.reserved_names:
             self._state.reserved_names.add(name)
             self._save_state()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, col, select
 
-from contracts.mqtt import DEVICE_ID_PATTERN, Status
+from contracts.ids import check_device_id
+from contracts.mqtt import Status
 
 from . import audit
 from .broker import DeviceCredential, hash_password
@@ -85,11 +86,10 @@ def enroll(
     tags: list[str] | None = None,
 ) -> Enrollment:
     """Create ``device_id`` from a valid token; ``ca`` given: the broker uses mTLS."""
-    if not DEVICE_ID_PATTERN.match(device_id):
-        raise EnrollmentError(
-            f"device id {device_id!r}: 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    try:
+        check_device_id(device_id)
+    except ValueError as e:
+        raise EnrollmentError(str(e)) from None
     if device_id.startswith(RESERVED_PREFIX):
         raise EnrollmentError(f"device ids starting with {RESERVED_PREFIX!r} are the fleet's own")
     grant = session.exec(

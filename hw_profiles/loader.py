@@ -75,7 +75,7 @@ def load_profile(name: str, search_path: Sequence[Path] | None = None) -> Profil
 def load_profile_file(path: Path) -> Profile:
     """Read and validate one profile file; its stem is the profile's name."""
     name = path.stem
-    if not _NAME_PATTERN.match(name):
+    if not _NAME_PATTERN.fullmatch(name):
         raise InvalidProfileError(
             path, None, "the file name must be lowercase letters, digits, '.', '_' or '-'"
         )

@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from contracts.artifacts import LEGACY_FP32, Device, Precision, RuntimeName
+from contracts.ids import Name, Version
 from contracts.report import GoldenVectors
 
 from .errors import ManifestError
@@ -51,12 +52,11 @@ _SEMVER = re.compile(
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def parse_semver(version: str) -> tuple[int, int, int, str]:
     """``(major, minor, patch, prerelease)`` of a semantic version; ``ValueError`` if not one."""
-    match = _SEMVER.match(version)
+    match = _SEMVER.fullmatch(version)
     if match is None:
         raise ValueError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.4.0)")
     return int(match[1]), int(match[2]), int(match[3]), match[4] or ""
@@ -98,23 +98,23 @@ class BundleFile(_Strict):
     @field_validator("sha256")
     @classmethod
     def _sha256(cls, value: str) -> str:
-        if not _SHA256.match(value):
+        if not _SHA256.fullmatch(value):
             raise ValueError("sha256 must be 64 lowercase hex digits")
         return value
 
 
 class ModelInfo(_Strict):
-    name: str
-    version: str
+    name: Name
+    version: Version
 
 
 class Manifest(_Strict):
     schema_: Literal["edgefleet.bundle/1"] = Field(alias="schema", default="edgefleet.bundle/1")
-    name: str
-    version: str
+    name: Name
+    version: Version
     version_number: Annotated[int, Field(ge=1, lt=1 << 53)]
     model: ModelInfo
-    profile: str
+    profile: Name
     runtime: RuntimeName
     precision: Precision
     device: Device
@@ -126,13 +126,6 @@ class Manifest(_Strict):
     golden_vectors: GoldenVectors
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
-
-    @field_validator("name", "profile")
-    @classmethod
-    def _identifier(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("must be letters, digits, '.', '_' or '-' (at most 128)")
-        return value
 
     @field_validator("precision", mode="before")
     @classmethod
