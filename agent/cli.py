@@ -40,10 +40,23 @@ def enroll(
         "/etc/edgefleet"
     ),
     device_id: Annotated[str | None, typer.Option(help="Default: the host name.")] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="A tag (repeat for more).")] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(hidden=True, help="Refused: tags come from the enrollment token."),
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Default: OUT/data.")] = None,
 ) -> None:
-    """Enroll this device with a fleet; writes OUT/agent.toml for `agent run`."""
+    """Enroll this device with a fleet; writes OUT/agent.toml for `agent run`.
+
+    Its profile and tags come from the enrollment token.
+    """
+    if tag:
+        raise typer.BadParameter(
+            "a device cannot choose its tags: they come from the enrollment token "
+            "(edgefleet fleet enrollment-token --tags ...), or an operator sets them later "
+            "(PUT /api/v1/devices/ID/tags); enroll without --tag",
+            param_hint="--tag",
+        )
     from .enroll import enroll_device
     from .errors import AgentError
     from .install import default_device_id
@@ -54,7 +67,6 @@ def enroll(
             token,
             out,
             device_id=device_id or default_device_id(),
-            tags=tag,
             data_dir=data_dir,
         )
     except AgentError as e:

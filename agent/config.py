@@ -11,9 +11,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .origin import Origin
 
 __all__ = [
     "AgentConfig",
@@ -117,13 +118,42 @@ class AgentConfig(_Section):
     model_name: str | None = None
     """The name the local API serves the model under; the bundle's model name when unset."""
     api_token: str | None = None
-    """The device's fleet API token, sent with TUF metadata and bundle downloads."""
+    """The device's fleet API token, sent with TUF metadata and bundle downloads to the
+    fleet's origin only (:attr:`fleet_origin`)."""
+    fleet_url: str | None = None
+    """The fleet the device enrolled with (``http://fleet:8000``). Its origin is the only one
+    that gets the token, and the only one commands may send the device to; unset (a config
+    written before this key), the origin of ``ota.metadata_url``."""
     mqtt: MqttConfig = MqttConfig()
     ota: OtaConfig = OtaConfig()
     api: ApiConfig = ApiConfig()
     fallback: FallbackConfig = FallbackConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     health: HealthConfig = HealthConfig()
+
+    @field_validator("fleet_url")
+    @classmethod
+    def _an_origin(cls, url: str | None) -> str | None:
+        if url is not None:
+            Origin.of(url)
+        return url
+
+    @model_validator(mode="after")
+    def _token_has_an_origin(self) -> AgentConfig:
+        origin = self.fleet_origin  # raises for an ota.metadata_url that is no http(s) URL
+        if self.api_token and origin is None:
+            raise ValueError(
+                "api_token is set but neither fleet_url nor ota.metadata_url says which fleet it "
+                'belongs to: add fleet_url = "http://FLEET:PORT" (what the device enrolled with)'
+            )
+        return self
+
+    @property
+    def fleet_origin(self) -> Origin | None:
+        """Where the token may go and commands may point: ``fleet_url``'s origin, else
+        ``ota.metadata_url``'s; ``None`` when neither is set."""
+        url = self.fleet_url or self.ota.metadata_url
+        return Origin.of(url) if url else None
 
     def resolved(self, base: Path) -> AgentConfig:
         """The same config with relative paths read against ``base``."""

@@ -12,9 +12,12 @@ SIGTERM. The daemon only wires the parts together; each lives in its own module:
 MQTT (topics in ``contracts.mqtt``): the device subscribes to its ``cmd`` topic and only
 then publishes its retained ``online`` status, so the fleet, which resends unacknowledged
 commands when a device comes online, never sends into the void. The Last Will marks it
-offline. The session starts clean on every connect; paho reconnects with backoff.
+offline. The session starts clean on every connect; paho reconnects with backoff. Each
+PUBACK's reason code goes to the telemetry sender, which keeps a refused batch queued.
 Commands run one at a time on a worker thread (downloads block); a malformed command is
-logged and dropped.
+logged and dropped, and one whose URLs name another origin than the fleet's is refused.
+
+HTTP: the device's API token goes only to the fleet's origin (``agent.origin``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .config import AgentConfig
 from .errors import AgentError
 from .inference import InferenceService
 from .model import LoadedModel, load_installed, unpack_bundle
+from .origin import FleetAuth, foreign_urls
 from .telemetry import InferenceOutcome, InferenceStats, TelemetrySender
 from .telemetry_queue import TelemetryQueue
 from .updater import Updater
@@ -65,8 +69,11 @@ class AgentDaemon:
         self.config = config
         data = config.data_dir
         data.mkdir(parents=True, exist_ok=True)
-        headers = {"Authorization": f"Bearer {config.api_token}"} if config.api_token else {}
-        self._http = httpx.Client(headers=headers, timeout=30.0, follow_redirects=True)
+        self._origin = config.fleet_origin
+        auth = (
+            FleetAuth(config.api_token, self._origin) if config.api_token and self._origin else None
+        )
+        self._http = httpx.Client(auth=auth, timeout=30.0, follow_redirects=True)
         fallback = config.fallback
         if fallback.model is None and config.model_name is not None:
             fallback = fallback.model_copy(update={"model": config.model_name})
@@ -80,6 +87,7 @@ class AgentDaemon:
             ota=config.ota,
             health=config.health,
             http=self._http,
+            origin=self._origin,
         )
         self.service.add_observer(self._observe)
         self.client = self._mqtt_client()
@@ -184,6 +192,7 @@ class AgentDaemon:
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _on_connect(
@@ -212,6 +221,11 @@ class AgentDaemon:
             log.warning("dropped a malformed command on %s: %s", message.topic, e)
             return
         self._commands.put(command)
+
+    def _on_publish(
+        self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any
+    ) -> None:
+        self.sender.published(mid, reason)
 
     def _publish_status(self, *, online: bool) -> mqtt.MQTTMessageInfo:
         serving = self.updater.serving
@@ -257,6 +271,10 @@ class AgentDaemon:
         """Install the challenger beside the champion (never serving) and run it in shadow."""
         if command.bundle is None or command.metadata_url is None:
             self._publish_ack(_ack(command, AckState.FAILED, "a shadow command needs a bundle"))
+            return
+        refusal = foreign_urls(command, self._origin) if self._origin else None
+        if refusal:
+            self._publish_ack(_ack(command, AckState.FAILED, refusal))
             return
         self._publish_ack(_ack(command, AckState.DOWNLOADING))
         shadow_dir = self.config.data_dir / "shadow"

@@ -3,7 +3,9 @@
 ``edgefleet agent enroll --fleet URL --token TOKEN`` trades a one-time enrollment token for
 the device's identity (``POST /api/v1/enroll``) and writes, into one directory:
 
-- ``agent.toml``: device id, broker, OTA URLs, the device's API token (mode 0600);
+- ``agent.toml``: device id, broker, OTA URLs, the device's API token (mode 0600), and
+  ``fleet_url``, the URL enrolled with: its origin is the only one the token goes to and
+  the only one commands may send the device to;
 - ``root.json``: the fleet's TUF root, the device's starting point of trust;
 - with mTLS: ``device.crt``, ``device.key`` (0600) and ``ca.crt``.
 """
@@ -21,6 +23,7 @@ from contracts.durable import write_atomic
 
 from .config import load_config
 from .errors import EnrollmentError
+from .origin import Origin
 
 __all__ = ["Enrolled", "enroll_device"]
 
@@ -37,15 +40,22 @@ def enroll_device(
     out_dir: Path,
     *,
     device_id: str,
-    tags: list[str] | None = None,
     data_dir: Path | None = None,
     api_port: int = 8800,
 ) -> Enrolled:
-    """Enroll ``device_id`` and write its configuration into ``out_dir``."""
+    """Enroll ``device_id`` and write its configuration into ``out_dir``; its profile and
+    tags come from the token."""
+    base = fleet_url.rstrip("/")
+    try:
+        Origin.of(base)
+    except ValueError as e:
+        raise EnrollmentError(
+            f"cannot enroll: {e}; give the fleet's address (http://fleet:8000)"
+        ) from None
     try:
         response = httpx.post(
-            f"{fleet_url.rstrip('/')}/api/v1/enroll",
-            json={"token": token, "device_id": device_id, "tags": tags or []},
+            f"{base}/api/v1/enroll",
+            json={"token": token, "device_id": device_id},
             timeout=30.0,
         )
     except httpx.HTTPError as e:
@@ -66,6 +76,7 @@ def enroll_device(
         f"device_id = {json.dumps(body['device_id'])}",
         f"data_dir = {json.dumps(str(data_dir or 'data'))}",
         f"api_token = {json.dumps(body['api_token'])}",
+        f"fleet_url = {json.dumps(base)}",
         "",
         "[mqtt]",
         f"host = {json.dumps(mqtt['host'])}",

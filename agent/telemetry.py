@@ -4,8 +4,9 @@
 thread) and, once per reporting interval, turns what it saw into
 :class:`~contracts.mqtt.TelemetryRecord` s for the :class:`~agent.telemetry_queue.TelemetryQueue`.
 :class:`TelemetrySender` drains that queue over MQTT: one batch at a time, QoS 1, records
-removed only after the broker's PUBACK. A crash anywhere resends at most the batch in flight,
-and the fleet stores each record id once, so every record arrives exactly once.
+removed only after the broker's PUBACK accepted them (a PUBACK that refuses them, reason
+code 0x80 or above, leaves them queued). A crash anywhere resends at most the batch in
+flight, and the fleet stores each record id once, so every record arrives exactly once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 from contracts.mqtt import (
     MAX_PAYLOAD_BYTES,
@@ -53,6 +55,8 @@ _MAX_LATENCY_SAMPLES = 10_000
 """Latencies kept per interval for p50/p95; past this a uniform sample (reservoir) is kept."""
 _ERROR_RETRY_S = 30.0
 """Pause after the queue failed (disk full...), unless woken: one log line, not one a second."""
+_REFUSED_RETRY_MAX_S = 60.0
+"""Longest pause before a batch the broker keeps refusing is tried again."""
 _SERVED_BY = ("local", "cloud", "none")
 _BATCH_OVERHEAD = len('{"records":[]}')
 _MAX_BATCH_RECORDS = TelemetryBatch.model_fields["records"].metadata[0].max_length
@@ -196,7 +200,7 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 
 
 class TelemetrySender:
-    """A thread that sends the queue's records to the fleet and removes what the broker acked.
+    """A thread that sends the queue's records to the fleet and removes what the broker accepted.
 
     ``client`` belongs to the caller, who connects it (``loop_start`` or an external
     loop) and keeps it connected; the sender only calls ``publish`` and
@@ -205,6 +209,12 @@ class TelemetrySender:
     is put and from ``on_connect``). A batch published before a disconnect stays in paho's
     session and is resent by paho on reconnect; the sender keeps waiting for its PUBACK,
     and sends the batch again only after ``ack_timeout_s`` connected without one.
+
+    The client's ``on_publish`` must pass each PUBACK's reason code to :meth:`published`:
+    a batch the broker refuses (MQTT 5 reason code 0x80 or above, such as 0x87 Not
+    authorized once an ACL no longer lets the device publish) stays queued, is logged with
+    the reason, and is tried again after a pause that doubles from ``retry_s`` up to a
+    minute (a wake does not shorten it).
     """
 
     def __init__(
@@ -229,6 +239,11 @@ class TelemetrySender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._refusals: dict[int, ReasonCode] | None = None
+        """Refusing PUBACKs by message id, while a batch waits for its own (else ``None``)."""
+        self._refused_pause = 0.0
+        self._held_until = 0.0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -239,6 +254,14 @@ class TelemetrySender:
     def wake(self) -> None:
         """Look at the queue and the connection now rather than after ``retry_s``."""
         self._wake.set()
+
+    def published(self, mid: int, reason_code: ReasonCode) -> None:
+        """The broker answered the publish ``mid``: call from the client's ``on_publish``
+        (paho's ``CallbackAPIVersion.VERSION2`` passes ``mid`` and ``reason_code``)."""
+        if reason_code.is_failure:
+            with self._lock:
+                if self._refusals is not None:
+                    self._refusals[mid] = reason_code
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every queued record is acknowledged; whether the queue is empty."""
@@ -261,59 +284,68 @@ class TelemetrySender:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
-            pause = self._retry_s
             try:
-                if self._send_batch():
-                    continue
+                pause = self._send_batch()
             except TelemetryQueueError as e:
-                pause = max(pause, _ERROR_RETRY_S)
+                pause = max(self._retry_s, _ERROR_RETRY_S)
                 log.error("telemetry not sent: %s; retrying in %.0f s", e, pause)
             except Exception:  # keep sending whatever a single batch did
-                pause = max(pause, _ERROR_RETRY_S)
+                pause = max(self._retry_s, _ERROR_RETRY_S)
                 log.exception("telemetry sender failed; retrying in %.0f s", pause)
-            self._wake.wait(pause)
+            if pause:
+                self._wake.wait(pause)
 
-    def _send_batch(self) -> bool:
-        """Send the oldest batch and remove it once acknowledged; whether to go on at once."""
+    def _send_batch(self) -> float:
+        """Send the oldest batch and remove it once accepted; seconds to wait (0: go on)."""
+        held = self._held_until - time.monotonic()
+        if held > 0:
+            return held
         if not self._client.is_connected():
-            return False
+            return self._retry_s
         records = self._queue.peek(self._batch_records)
         if not records:
-            return False
-        batch = self._fit(records)
-        if not batch:
-            return True  # the oldest record was discarded; look again
-        info = self._client.publish(
-            self._topic,
-            encode_telemetry(TelemetryBatch(records=batch), compress=self._config.compress),
-            qos=1,
-        )
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            log.info("telemetry batch not published (%s); retrying", mqtt.error_string(info.rc))
-            return False
-        if not self._await_puback(info):
-            return False
+            return self._retry_s
+        batch = _fit(records)
+        refusals: dict[int, ReasonCode] = {}
+        with self._lock:
+            self._refusals = refusals
+        try:
+            info = self._client.publish(
+                self._topic,
+                encode_telemetry(TelemetryBatch(records=batch), compress=self._config.compress),
+                qos=1,
+            )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                log.info("telemetry batch not published (%s); retrying", mqtt.error_string(info.rc))
+                return self._retry_s
+            if not self._await_puback(info):
+                return self._retry_s
+        finally:
+            with self._lock:
+                self._refusals = None
+        refused = refusals.get(info.mid)  # on_publish runs before paho marks it published
+        if refused is not None:
+            return self._hold(len(batch), refused)
+        self._refused_pause = 0.0
         self._queue.remove(r.id for r in batch)
-        return True
+        return 0.0
 
-    def _fit(self, records: list[TelemetryRecord]) -> list[TelemetryRecord]:
-        """The longest prefix of ``records`` whose JSON fits one payload.
-
-        The fleet caps the decompressed JSON at ``MAX_PAYLOAD_BYTES`` too, so the cap is
-        applied before compression. A first record too large on its own is discarded.
-        """
-        size = _BATCH_OVERHEAD - 1  # no comma before the first record
-        for count, record in enumerate(records):
-            size += len(record.model_dump_json(exclude_defaults=True).encode()) + 1
-            if size > MAX_PAYLOAD_BYTES:
-                if count == 0:
-                    self._queue.discard(
-                        [record.id],
-                        f"record {record.id} is {size - _BATCH_OVERHEAD} bytes of JSON, over "
-                        f"the {MAX_PAYLOAD_BYTES}-byte MQTT payload cap; it can never be sent",
-                    )
-                return records[:count]
-        return records
+    def _hold(self, records: int, reason: ReasonCode) -> float:
+        """Back off after the broker refused a batch: ``retry_s``, doubling, up to a minute."""
+        pause = min(max(self._refused_pause * 2, self._retry_s), _REFUSED_RETRY_MAX_S)
+        self._refused_pause = pause
+        self._held_until = time.monotonic() + pause
+        log.warning(
+            "the broker refused a batch of %d telemetry record(s) on %s: %s (reason code "
+            "0x%02X); they stay queued, next try in %.1f s. Does the broker's ACL let this "
+            "device publish there?",
+            records,
+            self._topic,
+            reason,
+            reason.value,
+            pause,
+        )
+        return pause
 
     def _await_puback(self, info: mqtt.MQTTMessageInfo) -> bool:
         """Whether the broker acknowledged ``info`` before ``ack_timeout_s`` connected."""
@@ -336,3 +368,19 @@ class TelemetrySender:
                     )
                     return False
         return False
+
+
+def _fit(records: list[TelemetryRecord]) -> list[TelemetryRecord]:
+    """The longest prefix of ``records`` whose JSON fits one payload.
+
+    The fleet caps the decompressed JSON at ``MAX_PAYLOAD_BYTES`` too, so the cap is applied
+    before compression. The prefix is never empty: a valid record, its ``extra`` at most
+    256 KiB of JSON (``contracts.mqtt.TelemetryRecord``), is far smaller than a payload.
+    A queued record that is no longer valid never gets here (the queue's ``peek`` drops it).
+    """
+    size = _BATCH_OVERHEAD - 1  # no comma before the first record
+    for count, record in enumerate(records):
+        size += len(record.model_dump_json(exclude_defaults=True).encode()) + 1
+        if size > MAX_PAYLOAD_BYTES:
+            return records[:count]
+    return records

@@ -134,14 +134,6 @@ class TelemetryQueue:
         wanted = list(ids)
         return self._call("write", lambda conn: self._delete(conn, wanted, count=False))
 
-    def discard(self, ids: Iterable[str], reason: str) -> int:
-        """Delete records that can never be sent, counting them as dropped; logs ``reason``."""
-        wanted = list(ids)
-        removed = self._call("write", lambda conn: self._delete(conn, wanted, count=True))
-        if removed:
-            log.warning("dropped %d telemetry record(s): %s", removed, reason)
-        return removed
-
     @property
     def dropped(self) -> int:
         """Records dropped since the last :meth:`put` reported them."""

@@ -20,9 +20,11 @@ loop) takes its state's failure edge instead of entering it, as Mender's
 ``kMaxStateDataStoreCount`` does. ``EDGEFLEET_AGENT_CRASH_AT`` kills the process at a
 chosen point, for crash tests (``agent._crashpoints``).
 
-Bundles come through TUF (``ota.client.OtaClient``): the metadata must be current, the
-command must name the bytes the signed targets list, the bundle must not be older than the
-installed one, and the download resumes with HTTP Range. The health check loads the new
+A command whose ``metadata_url`` or ``targets_url`` names another origin than the fleet's
+(``agent.origin``) is refused before anything is fetched. Bundles come through TUF
+(``ota.client.OtaClient``): the metadata must be current, the command must name the bytes
+the signed targets list, the bundle must not be older than the installed one, and the
+download resumes with HTTP Range. The health check loads the new
 slot, runs the bundle's golden vectors, serves the model and watches the error rate of its
 first ``HealthConfig.watch_inferences`` inferences (reported through :meth:`Updater.observe`).
 """
@@ -57,6 +59,7 @@ from ._crashpoints import CRASH_AT_ENV, CrashPoints
 from .config import HealthConfig, OtaConfig
 from .errors import AgentError, UpdateError
 from .model import LoadedModel, load_installed
+from .origin import Origin, foreign_urls
 from .slots import SlotName, Slots
 
 __all__ = [
@@ -239,10 +242,11 @@ class Updater:
     the model to serve from now on (``None``: no model), and closes the one it replaces.
     Both are called with the updater's lock held, so they must not call back into it.
     ``http`` carries the device's token and TLS settings to the fleet (metadata and
-    bundles); ``clock`` times the health check's watch. Call :meth:`recover` once at
-    start, then :meth:`handle` for commands, :meth:`observe` for each inference on the
-    serving model and :meth:`poll` now and then (it ends a watch that saw too little
-    traffic). Thread-safe.
+    bundles); a command whose URLs name another origin than ``origin`` is refused (``None``:
+    any origin, and ``http`` decides what it sends where); ``clock`` times the health
+    check's watch. Call :meth:`recover` once at start, then :meth:`handle` for commands,
+    :meth:`observe` for each inference on the serving model and :meth:`poll` now and then
+    (it ends a watch that saw too little traffic). Thread-safe.
     """
 
     def __init__(
@@ -254,6 +258,7 @@ class Updater:
         ota: OtaConfig | None = None,
         health: HealthConfig | None = None,
         http: httpx.Client | None = None,
+        origin: Origin | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_state_saves: int = MAX_STATE_SAVES,
     ) -> None:
@@ -268,6 +273,7 @@ class Updater:
         self._health = health or HealthConfig()
         self._owns_http = http is None
         self._http = http or httpx.Client(timeout=30.0, follow_redirects=True)
+        self._origin = origin
         self._clock = clock
         self._max_saves = max_state_saves
         self._crash = CrashPoints(os.environ.get(CRASH_AT_ENV, ""), list(State))
@@ -331,7 +337,8 @@ class Updater:
                 self._continue(self._enter(resume))
 
     def handle(self, command: Command) -> None:
-        """Act on a deploy or rollback command; a command seen before is only re-acked.
+        """Act on a deploy or rollback command; a command seen before is only re-acked, and
+        one whose URLs name another origin than the fleet's is refused.
 
         Returns when the command has an outcome, or when a new model is in its health
         check (then :meth:`observe` and :meth:`poll` finish it).
@@ -342,8 +349,11 @@ class Updater:
             if not self._recovered:
                 raise RuntimeError("call Updater.recover() once before handle()")
             seen = self._record.acks.get(command.id)
+            refusal = foreign_urls(command, self._origin) if self._origin else None
             if seen is not None:
                 self._ack(seen.model_copy(update={"ts": time.time()}))
+            elif refusal:
+                self._reply(command, AckState.FAILED, refusal)
             elif command.kind is CommandKind.ROLLBACK:
                 self._rollback_command(command)
             else:

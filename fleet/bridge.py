@@ -4,24 +4,43 @@ The fleet subscribes through MQTT 5 shared subscriptions (``$share/fleet/...``),
 several replicas split the devices' messages. paho's network thread only queues what
 arrives; one worker drains the queue and writes in batches (one transaction for up to
 ``batch_size`` messages), which is what lets ingest keep up with thousands of devices.
-A payload that breaks the contract is counted, logged and dropped; nothing a device sends
-can stop the bridge.
+
+Nothing a device sends can cost another device's data, nor stop the bridge:
+
+- a payload that breaks the contract is counted (``edgefleet_mqtt_malformed_total``),
+  logged and dropped before anything is written;
+- a batch the database refuses because of what it holds (a value out of a column's range,
+  a constraint, a trigger) is split in halves, each in a transaction of its own, down to
+  the message at fault, which goes to the ``quarantine`` table (its payload, cut at
+  :data:`QUARANTINE_PAYLOAD_BYTES`, its hash and the error) and is counted
+  (``edgefleet_mqtt_quarantined_total``); every other message is stored;
+- when the *database* fails (connection lost, locked, disk full: see
+  :func:`_blames_the_database`) nothing is quarantined: the bridge keeps the messages,
+  retries with exponential backoff (``edgefleet_ingest_database_unavailable`` is 1
+  meanwhile, one log line per outage) and halves the transaction at each retry, so a
+  batch too big for the database's limits goes through too. Messages go on arriving
+  meanwhile; past ``max_held_bytes`` unstored the newest are dropped on arrival and counted
+  (``edgefleet_mqtt_shed_total``), so memory stays bounded however long the outage.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import logging
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from contracts.mqtt import (
@@ -42,17 +61,55 @@ from .db import session_scope
 from .devices import apply_statuses
 from .errors import BrokerError
 from .metrics import FleetMetrics
+from .models import Quarantine, utcnow
 from .rollouts import handle_acks
 from .telemetry import ingest
 
-__all__ = ["MqttBridge"]
+__all__ = ["QUARANTINE_ERROR_CHARS", "QUARANTINE_PAYLOAD_BYTES", "MqttBridge"]
 
 log = logging.getLogger(__name__)
 
+QUARANTINE_PAYLOAD_BYTES = 64 << 10
+"""The most of a quarantined payload kept; its size and SHA-256 are kept whole."""
+QUARANTINE_ERROR_CHARS = 2000
+"""The most of the database's error kept with a quarantined message."""
+
 _CHANNELS: tuple[Channel, ...] = ("status", "ack", "telemetry")
+_MODELS: dict[str, type[Status | Ack | TelemetryBatch]] = {
+    "status": Status,
+    "ack": Ack,
+    "telemetry": TelemetryBatch,
+}
+_MESSAGE_OVERHEAD_BYTES = 1024
+"""What a held message costs beyond its payload (paho's object, its topic, the queue)."""
+_DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54", "P0"})
+"""PostgreSQL error classes a statement's values cause: data exception, integrity
+constraint violation, program limit exceeded, and a trigger's ``RAISE``."""
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A message that decoded: what one transaction stores for it."""
+
+    message: mqtt.MQTTMessage
+    device_id: str
+    channel: str
+    received_at: dt.datetime
+    body: Status | Ack | TelemetryBatch
+
+
+class _Stopping(Exception):
+    """The bridge was stopped while it waited for the database."""
 
 
 class MqttBridge:
+    """Publishes commands and stores what devices publish (see the module's docstring).
+
+    ``max_held_bytes``: payloads received and not yet stored that the bridge keeps in
+    memory (each message counted with 1 KiB of overhead); past it, arrivals are dropped
+    and counted. ``retry_min_s`` / ``retry_max_s``: the backoff while the database fails.
+    """
+
     def __init__(
         self,
         endpoint: MqttEndpoint,
@@ -63,6 +120,9 @@ class MqttBridge:
         on_online: Callable[[list[str]], None] = lambda _devices: None,
         batch_size: int = 2000,
         client_id: str | None = None,
+        max_held_bytes: int = 256 << 20,
+        retry_min_s: float = 0.5,
+        retry_max_s: float = 30.0,
     ) -> None:
         self._endpoint = endpoint
         self._db = db
@@ -70,7 +130,17 @@ class MqttBridge:
         self._on_final_ack = on_final_ack
         self._on_online = on_online
         self._batch_size = batch_size
+        self._max_held_bytes = max_held_bytes
+        self._retry_min_s = retry_min_s
+        self._retry_max_s = retry_max_s
         self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
+        self._held_lock = threading.Lock()
+        self._held_bytes = 0
+        self._held = 0
+        self._shedding = False
+        self._down_since: float | None = None
+        self._retry_delay_s = retry_min_s
+        self._stopping = threading.Event()
         self._connected = threading.Event()
         self._worker: threading.Thread | None = None
         self._client = mqtt.Client(
@@ -110,8 +180,11 @@ class MqttBridge:
             )
 
     def stop(self) -> None:
+        """Disconnect, store what was received, and end the worker; while the database is
+        down it does not wait for it, and what the bridge held is lost (and logged)."""
         self._client.disconnect()
         self._client.loop_stop()
+        self._stopping.set()
         self._inbox.put(None)
         if self._worker is not None:
             self._worker.join(timeout=30)
@@ -121,8 +194,9 @@ class MqttBridge:
         return self._connected.is_set()
 
     def pending(self) -> int:
-        """Messages received and not yet written (for tests and benchmarks to wait on)."""
-        return self._inbox.qsize()
+        """Messages received and not yet stored, quarantined or dropped as malformed (for
+        tests and benchmarks to wait on)."""
+        return self._held
 
     # --- sending --------------------------------------------------------------------------
 
@@ -156,60 +230,275 @@ class MqttBridge:
         client.subscribe([(shared_subscription(c), 1) for c in _CHANNELS])
         self._connected.set()
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbox.put(message)
+    def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """paho's thread: hold the message for the worker, or drop it if the bridge already
+        holds ``max_held_bytes``."""
+        size = len(message.payload) + _MESSAGE_OVERHEAD_BYTES
+        with self._held_lock:
+            accepted = self._held_bytes + size <= self._max_held_bytes
+            if accepted:
+                self._held_bytes += size
+                self._held += 1
+            starts_shedding = not accepted and not self._shedding
+            self._shedding = not accepted
+        if accepted:
+            self._inbox.put(message)
+            return
+        self._metrics.shed.labels(_channel_label(message)).inc()
+        if starts_shedding:
+            log.error(
+                "the MQTT bridge holds %d unstored messages (%d bytes, its limit): dropping "
+                "new ones until the database catches up (edgefleet_mqtt_shed_total)",
+                self._held,
+                self._held_bytes,
+            )
 
     def _drain(self) -> None:
-        while True:
-            first = self._inbox.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + 0.05
-            while len(batch) < self._batch_size:
-                try:
-                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._inbox.put(None)
-                    break
-                batch.append(item)
+        while (batch := self._next_batch()) is not None:
             try:
                 self._write(batch)
-            except Exception:  # the database failed: log, keep the bridge alive
+            except _Stopping:
+                log.error(
+                    "stopped with %d MQTT messages not stored: the database is down", self._held
+                )
+                return
+            except Exception:  # a bug, not a device's doing: log, keep the bridge alive
                 log.exception("could not store %d MQTT messages; dropped", len(batch))
+            finally:
+                self._release(batch)
 
-    def _write(self, batch: list[mqtt.MQTTMessage]) -> None:
-        telemetry: list[tuple[str, Any]] = []
-        acks: list[tuple[str, Ack]] = []
-        statuses: list[tuple[str, Status]] = []
-        for message in batch:
+    def _next_batch(self) -> list[mqtt.MQTTMessage] | None:
+        """Up to ``batch_size`` messages, waiting 50 ms at most after the first; ``None``
+        once stopped."""
+        first = self._inbox.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + 0.05
+        while len(batch) < self._batch_size:
             try:
-                device_id, channel = device_id_from_topic(message.topic)
-                payload = bytes(message.payload)
-                self._metrics.messages.labels(channel).inc()
-                if channel == "telemetry":
-                    records = decode_payload(payload, TelemetryBatch).records
-                    telemetry.extend((device_id, r) for r in records)
-                elif channel == "status":
-                    statuses.append((device_id, decode_payload(payload, Status)))
-                elif channel == "ack":
-                    acks.append((device_id, decode_payload(payload, Ack)))
+                item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self._inbox.put(None)
+                break
+            batch.append(item)
+        return batch
+
+    def _release(self, batch: Sequence[mqtt.MQTTMessage]) -> None:
+        size = sum(len(m.payload) + _MESSAGE_OVERHEAD_BYTES for m in batch)
+        with self._held_lock:
+            self._held_bytes -= size
+            self._held -= len(batch)
+
+    # --- storing --------------------------------------------------------------------------
+
+    def _write(self, batch: Sequence[mqtt.MQTTMessage]) -> None:
+        """Decode ``batch`` and store every message that decodes; ``_Stopping`` if the
+        bridge stops while the database is down."""
+        received = [r for r in map(self._decode, batch) if r is not None]
+        pending: list[Sequence[_Received]] = [received] if received else []  # the next last
+        while pending:
+            chunk = pending.pop()
+            try:
+                online, final_acks = self._commit(chunk)
+            except Exception as error:  # sorted out below: nothing escapes the bridge
+                if _blames_the_database(error):
+                    pending.extend(_halves(chunk))
+                    self._wait_for_database(error)
+                elif len(chunk) > 1:
+                    pending.extend(_halves(chunk))
+                elif (failure := self._quarantine(chunk[0], error)) is not None:
+                    pending.append(chunk)
+                    self._wait_for_database(failure)
                 else:
-                    raise PayloadError(f"devices do not publish on {channel!r}")
-            except PayloadError as e:
-                channel = message.topic.rsplit("/", 1)[-1][:32]
-                self._metrics.malformed.labels(channel).inc()
-                log.warning("dropped a malformed message on %s: %s", message.topic[:200], e)
-        with session_scope(self._db) as session:  # one transaction for the whole batch
+                    self._database_back()
+                continue
+            self._database_back()
+            self._notify(online, final_acks)
+
+    def _decode(self, message: mqtt.MQTTMessage) -> _Received | None:
+        """The message decoded, or ``None`` when it breaks the contract (counted)."""
+        label = _channel_label(message)
+        self._metrics.messages.labels(label).inc()
+        try:
+            device_id, channel = device_id_from_topic(message.topic)
+            model = _MODELS.get(channel)
+            if model is None:
+                raise PayloadError(f"devices do not publish on {channel[:32]!r}")
+            body = decode_payload(bytes(message.payload), model)
+        except (PayloadError, UnicodeDecodeError) as e:  # the latter: a topic not UTF-8
+            self._metrics.malformed.labels(label).inc()
+            log.warning("dropped a malformed message on %s: %s", _topic_shown(message), e)
+            return None
+        except Exception:  # the contract should have said PayloadError: still the device's
+            self._metrics.malformed.labels(label).inc()
+            log.exception("dropped a message on %s that failed to decode", _topic_shown(message))
+            return None
+        return _Received(message, device_id, channel, _received_at(message), body)
+
+    def _commit(self, chunk: Sequence[_Received]) -> tuple[list[str], int]:
+        """Store ``chunk`` in one transaction; returns the devices that came online and
+        how many acks were final."""
+        statuses = [(r.device_id, r.body) for r in chunk if isinstance(r.body, Status)]
+        acks = [(r.device_id, r.body) for r in chunk if isinstance(r.body, Ack)]
+        telemetry = [
+            (r.device_id, record, r.received_at)
+            for r in chunk
+            if isinstance(r.body, TelemetryBatch)
+            for record in r.body.records
+        ]
+        with session_scope(self._db) as session:
             online = apply_statuses(session, statuses) if statuses else []
             final_acks = handle_acks(session, acks) if acks else 0
-            if telemetry:
-                stored = ingest(session, telemetry)
-                self._metrics.telemetry_records.inc(stored)
-                self._metrics.telemetry_duplicates.inc(len(telemetry) - stored)
-        if final_acks:
-            self._on_final_ack()
-        if online:
-            self._on_online(online)
+            stored = ingest(session, telemetry) if telemetry else 0
+        self._metrics.telemetry_records.inc(stored)
+        self._metrics.telemetry_duplicates.inc(len(telemetry) - stored)
+        return online, final_acks
+
+    def _notify(self, online: list[str], final_acks: int) -> None:
+        """Tell the server what a committed chunk changed; its failure stores nothing less."""
+        try:
+            if final_acks:
+                self._on_final_ack()
+            if online:
+                self._on_online(online)
+        except Exception:
+            log.exception("the fleet failed to act on %d devices' news", len(online))
+
+    def _quarantine(self, item: _Received, error: Exception) -> Exception | None:
+        """Keep ``item`` in the ``quarantine`` table. Returns what kept it from there, if
+        anything: then the database itself fails, and the message is held for a retry."""
+        payload = bytes(item.message.payload)
+        digest = hashlib.sha256(payload).hexdigest()
+        reason = _describe(error)
+        try:
+            with session_scope(self._db) as session:
+                session.add(
+                    Quarantine(
+                        received_at=item.received_at,
+                        device_id=item.device_id,
+                        channel=item.channel,
+                        topic=item.message.topic,
+                        error=reason,
+                        payload_size=len(payload),
+                        payload_sha256=digest,
+                        payload=payload[:QUARANTINE_PAYLOAD_BYTES],
+                    )
+                )
+        except Exception as failure:
+            return failure
+        self._metrics.quarantined.labels(item.channel).inc()
+        log.error(
+            "quarantined a %s message from %s (%d bytes, sha256 %s): the database refused it: %s",
+            item.channel,
+            item.device_id,
+            len(payload),
+            digest,
+            reason[:500],
+        )
+        return None
+
+    def _wait_for_database(self, error: Exception) -> None:
+        """Back off before the next try; the first failure of an outage is logged, the
+        rest counted. ``_Stopping`` when the bridge stops meanwhile."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._retry_delay_s = self._retry_min_s
+            self._metrics.database_unavailable.set(1)
+            log.error(
+                "the database failed (%s): holding %d MQTT messages and retrying until it is back",
+                _describe(error)[:500],
+                self._held,
+            )
+        self._metrics.store_retries.inc()
+        delay, self._retry_delay_s = (
+            self._retry_delay_s,
+            min(self._retry_delay_s * 2, self._retry_max_s),
+        )
+        if self._stopping.wait(delay):
+            raise _Stopping
+
+    def _database_back(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "the database is back after %.0f s; storing the MQTT messages held",
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+            self._metrics.database_unavailable.set(0)
+
+
+def _blames_the_database(error: Exception) -> bool:
+    """Whether ``error`` says the database failed (retry later) rather than the values
+    written (split, and quarantine the message at fault).
+
+    The database: a lost connection, a pool timeout; an ``OperationalError``,
+    ``InterfaceError``, ``InternalError`` or a bare ``DatabaseError`` (SQLite: locked,
+    busy, disk full, I/O error; PostgreSQL: connection, resources, shutdown, deadlock),
+    unless PostgreSQL's SQLSTATE puts it in a data class (:data:`_DATA_SQLSTATE_CLASSES`).
+    Everything else blames the values: ``DataError``, ``IntegrityError``, a
+    ``ProgrammingError`` without a SQLSTATE (SQLite could not bind a value), a
+    ``StatementError`` from a type's bind processor, and any other exception (a driver's
+    ``OverflowError`` or ``UnicodeEncodeError``, a handler failing on one message). A
+    database that is really down fails the quarantine's own write too, which
+    :meth:`MqttBridge._write` then treats as the database's failure, so a failure taken
+    for the data's does not cost good data; one taken for the database's is retried in
+    ever smaller transactions, so a batch too big for the database's limits gets through.
+    """
+    if isinstance(error, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate[:2] not in _DATA_SQLSTATE_CLASSES
+    return not isinstance(
+        error,
+        sa_exc.DataError
+        | sa_exc.IntegrityError
+        | sa_exc.ProgrammingError
+        | sa_exc.NotSupportedError,
+    )
+
+
+def _halves(chunk: Sequence[_Received]) -> list[Sequence[_Received]]:
+    """The chunk's two halves, the first last (the order ``MqttBridge._write`` pops in)."""
+    middle = (len(chunk) + 1) // 2
+    return [chunk[middle:], chunk[:middle]] if len(chunk) > 1 else [chunk]
+
+
+def _received_at(message: mqtt.MQTTMessage) -> dt.datetime:
+    """When paho read ``message`` (its monotonic ``timestamp``) on the fleet's clock; now
+    for a message paho did not receive (``timestamp`` 0)."""
+    age_s = time.monotonic() - message.timestamp if message.timestamp else 0.0
+    return utcnow() - dt.timedelta(seconds=max(0.0, age_s))
+
+
+def _channel_label(message: mqtt.MQTTMessage) -> str:
+    """The message's channel as a metric label: one of the three, else ``other``."""
+    try:
+        channel = message.topic.rsplit("/", 1)[-1]
+    except UnicodeDecodeError:
+        return "other"
+    return channel if channel in _CHANNELS else "other"
+
+
+def _topic_shown(message: mqtt.MQTTMessage) -> str:
+    """The topic for a log line: quoted and escaped, at most 200 characters of it."""
+    try:
+        return repr(message.topic[:200])
+    except UnicodeDecodeError:
+        return "a topic that is not UTF-8"
+
+
+def _describe(error: BaseException) -> str:
+    """The error in one line of printable text, at most ``QUARANTINE_ERROR_CHARS``: the
+    driver's own message rather than SQLAlchemy's (which repeats the statement and its
+    values)."""
+    cause = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig else error
+    text = repr(f"{type(cause).__name__}: {cause}")[1:-1]
+    return text[:QUARANTINE_ERROR_CHARS]

@@ -60,6 +60,15 @@ def serve(
         str | None, typer.Option(help="URL devices reach this server at.")
     ] = None,
     rollout_tick: Annotated[float, typer.Option(help="Seconds between rollout checks.")] = 1.0,
+    max_bundle_bytes: Annotated[
+        int, typer.Option(help="Largest bundle upload, in bytes (default 8 GiB).")
+    ] = 8 << 30,
+    max_inference_bytes: Annotated[
+        int, typer.Option(help="Largest cloud inference request, in bytes (default 16 MiB).")
+    ] = 16 << 20,
+    metrics_public: Annotated[
+        bool, typer.Option(help="Serve /metrics without a token (default: any API token).")
+    ] = False,
 ) -> None:
     """Run the fleet server (embedded defaults: a SQLite file and a local mosquitto)."""
     import logging
@@ -82,8 +91,64 @@ def serve(
         mqtt_port=mqtt_port,
         public_url=public_url,
         rollout_tick_s=rollout_tick,
+        max_bundle_bytes=max_bundle_bytes,
+        max_inference_bytes=max_inference_bytes,
+        metrics_public=metrics_public,
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command("admin-token")
+def admin_token(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    name: Annotated[str, typer.Option(help="The token's name (in the audit log).")] = "admin",
+    database_url: Annotated[
+        str | None, typer.Option(help="postgresql://... (default: the SQLite file in DATA_DIR).")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Mint an admin API token straight into the database and print it, once.
+
+    The way back in when no admin token is left: it needs the server's data directory (or
+    database), not the API, and works whether the server is running or not."""
+    from pydantic import ValidationError
+
+    from .config import FleetSettings
+    from .db import make_engine, session_scope
+    from .migrate import current_revision, head_revision
+    from .models import ApiTokenCreate, Role
+    from .tokens import issue_api_token
+
+    try:
+        request = ApiTokenCreate.model_validate({"name": name, "role": Role.ADMIN})
+    except ValidationError as e:
+        fail(f"--name {name!r}: {e.errors()[0]['msg']}")
+    settings = FleetSettings(data_dir=data_dir, database_url=database_url)
+    database = data_dir / "fleet.db"
+    if database_url is None and not database.is_file():
+        fail(
+            f"no fleet database at {database}: pass the --data-dir that `edgefleet fleet serve` "
+            "uses (or --database-url)"
+        )
+    engine = make_engine(settings.db_url)
+    try:
+        revision, head = current_revision(engine), head_revision()
+        if revision != head:
+            fail(
+                f"the database is at revision {revision}, this edgefleet expects {head}: "
+                "start `edgefleet fleet serve` once (it migrates), then run this again"
+            )
+        with session_scope(engine) as session:
+            row, token = issue_api_token(
+                session, name=request.name, role=Role.ADMIN, actor="cli:admin-token"
+            )
+            token_id = row.id
+    finally:
+        engine.dispose()
+    if json_output:
+        print_json({"id": token_id, "name": request.name, "role": "admin", "token": token})
+    else:
+        typer.echo(token)
 
 
 # --- API client commands --------------------------------------------------------------------
@@ -113,6 +178,11 @@ def _call(server: str, token: str | None, method: str, path: str, **kwargs: Any)
             detail = response.json().get("detail", response.text)
         except ValueError:
             detail = response.text
+        if isinstance(detail, list):  # a 422: the fields that failed validation
+            detail = "; ".join(
+                f"{'.'.join(str(part) for part in error.get('loc', [])[1:])}: {error.get('msg')}"
+                for error in detail
+            )
         fail(f"{response.status_code}: {detail}")
     return response.json()
 
@@ -162,8 +232,15 @@ def enrollment_token(
     profile: Annotated[str, typer.Option(help="Hardware profile of the devices.")],
     tags: Annotated[str, typer.Option(help="Comma-separated tags.")] = "",
     uses: Annotated[int, typer.Option(help="Devices that may enroll with it.")] = 1,
+    reenroll_revoked: Annotated[
+        bool,
+        typer.Option(
+            "--reenroll-revoked", help="Also let a revoked device id enroll again with it."
+        ),
+    ] = False,
     server: Server = DEFAULT_SERVER,
     token: Token = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Create an enrollment token (printed once)."""
     issued = _call(
@@ -171,9 +248,17 @@ def enrollment_token(
         token,
         "POST",
         "/enrollment-tokens",
-        json={"profile": profile, "tags": _split(tags), "uses": uses},
+        json={
+            "profile": profile,
+            "tags": _split(tags),
+            "uses": uses,
+            "reenroll_revoked": reenroll_revoked,
+        },
     )
-    typer.echo(issued["token"])
+    if json_output:
+        print_json(issued)
+    else:
+        typer.echo(issued["token"])
 
 
 @app.command("devices")
@@ -354,6 +439,8 @@ def _simulated_devices(
     ``credentials``), and the rest enrolled now through the fleet's API."""
     import httpx
 
+    from contracts.durable import write_atomic
+
     from .simulator import SimulatedDeviceSpec
 
     saved = json.loads(credentials.read_text()) if credentials.exists() else {"devices": []}
@@ -379,10 +466,11 @@ def _simulated_devices(
             "password": body["mqtt"]["password"],
         }
         host, port = body["mqtt"]["host"], body["mqtt"]["port"]
-        credentials.write_text(
-            json.dumps({"host": host, "port": port, "devices": list(known.values())})
+        write_atomic(
+            credentials,
+            json.dumps({"host": host, "port": port, "devices": list(known.values())}).encode(),
+            mode=0o600,
         )
-        credentials.chmod(0o600)
     if host is None or port is None:
         fail("no broker address known: enroll at least one device (--token)")
     specs = [SimulatedDeviceSpec(bundle=bundle, **known[f"{prefix}-{i:05d}"]) for i in range(count)]

@@ -42,6 +42,14 @@ class FleetSettings(BaseModel):
     """Failed engine steps in a row after which a rollout is paused with the error."""
     health_window_s: float = Field(default=3600.0, gt=0)
     """Telemetry age used for the previous version's baseline in health gates."""
+    max_json_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest request body of every route but bundle uploads and inference (413 past it)."""
+    max_bundle_bytes: int = Field(default=8 << 30, ge=1024)
+    """Largest bundle upload; it is streamed to disk, never held in memory."""
+    max_inference_bytes: int = Field(default=16 << 20, ge=1024)
+    """Largest cloud inference request (``/v2/.../infer``), which is read whole."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without a token (by default it needs an API token, any role)."""
 
     @property
     def db_url(self) -> str:

@@ -3,24 +3,35 @@
 Enrollment trades a token for an identity: an X.509 client certificate from the fleet CA
 (mTLS to the broker), or, with TLS off, a broker password; plus an API token for HTTP
 (bundle downloads, cloud inference). The server keeps only hashes of the secrets.
+
+Enrollment is one transaction that commits last: the token's use (one atomic ``UPDATE``
+whose row count decides, so concurrent requests cannot share a use), the device row, then
+the broker, which must accept the device before anything is committed. When the broker
+fails nothing is stored and the token is left as it was; when the commit fails after the
+broker accepted, the device is taken out of the broker again. The device's profile and
+tags come from the token alone. Revocation is stored first (the API token dies, the
+certificate goes on the CRL), then the broker cuts the device; it may be repeated.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from contracts.ids import check_device_id
 from contracts.mqtt import Status
 
 from . import audit
-from .broker import DeviceCredential, hash_password
+from .broker import DeviceCredential, MosquittoBroker, hash_password
 from .ca import FleetCA
-from .errors import CertificateError, ConflictError, EnrollmentError, NotFoundError
+from .errors import BrokerError, CertificateError, ConflictError, EnrollmentError, NotFoundError
 from .models import Device, DeviceState, EnrollmentToken, EnrollmentTokenCreate, utcnow
 from .security import hash_token, new_token
 
@@ -35,6 +46,8 @@ __all__ = [
     "revoke",
 ]
 
+
+log = logging.getLogger(__name__)
 
 RESERVED_PREFIX = "edgefleet-"
 """The fleet's own broker account and client ids start with it; no device may."""
@@ -62,6 +75,7 @@ def create_enrollment_token(
         tags=data.tags,
         uses_left=data.uses,
         expires_at=utcnow() + dt.timedelta(seconds=data.ttl_s),
+        reenroll_revoked=data.reenroll_revoked,
         created_by=actor,
     )
     session.add(row)
@@ -83,32 +97,95 @@ def enroll(
     device_id: str,
     csr_pem: str | None,
     ca: FleetCA | None,
-    tags: list[str] | None = None,
+    broker: MosquittoBroker | None,
 ) -> Enrollment:
-    """Create ``device_id`` from a valid token; ``ca`` given: the broker uses mTLS."""
+    """Create ``device_id`` from a valid token and commit; ``ca`` given: mTLS.
+
+    ``broker``: the embedded broker, which must accept the device before it is stored
+    (``None``: an external broker, whose accounts are its operator's). ``BrokerError``
+    when it does not: nothing is stored and the token keeps its use.
+    """
     try:
         check_device_id(device_id)
     except ValueError as e:
         raise EnrollmentError(str(e)) from None
     if device_id.startswith(RESERVED_PREFIX):
         raise EnrollmentError(f"device ids starting with {RESERVED_PREFIX!r} are the fleet's own")
+    try:
+        enrollment = _enroll(session, token=token, device_id=device_id, csr_pem=csr_pem, ca=ca)
+        if broker is not None:
+            broker.add_device(device_id, password=enrollment.mqtt_password)
+    except BaseException:
+        session.rollback()
+        raise
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if broker is not None:
+            try:
+                broker.remove_device(device_id)
+            except BrokerError:
+                log.exception(
+                    "enrolling %s failed after the broker accepted it, and the broker did not "
+                    "confirm its removal: restart the fleet server to rebuild the broker's "
+                    "accounts from the database",
+                    device_id,
+                )
+        raise
+    return enrollment
+
+
+def _use_token(session: Session, token: str) -> EnrollmentToken:
+    """Take one use of ``token`` in one statement, or say why it cannot be used."""
+    digest = hash_token(token)
+    used = session.exec(
+        update(EnrollmentToken)
+        .where(
+            col(EnrollmentToken.token_hash) == digest,
+            col(EnrollmentToken.uses_left) > 0,
+            col(EnrollmentToken.expires_at) > utcnow(),
+        )
+        .values(uses_left=col(EnrollmentToken.uses_left) - 1)
+        .execution_options(synchronize_session=False)
+    )
     grant = session.exec(
-        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(token))
+        select(EnrollmentToken)
+        .where(EnrollmentToken.token_hash == digest)
+        .execution_options(populate_existing=True)
     ).first()
+    if used.rowcount == 1 and grant is not None:
+        return grant
     if grant is None:
         raise EnrollmentError("unknown enrollment token: ask the fleet operator for a new one")
     if grant.uses_left < 1:
         raise EnrollmentError("this enrollment token has been used up: ask for a new one")
-    if grant.expires_at < utcnow():
-        raise EnrollmentError(
-            f"this enrollment token expired at {grant.expires_at:%Y-%m-%d %H:%M} UTC"
-        )
-    if session.get(Device, device_id) is not None:
+    raise EnrollmentError(
+        f"this enrollment token expired at {grant.expires_at:%Y-%m-%d %H:%M} UTC: ask for a new one"
+    )
+
+
+def _enroll(
+    session: Session, *, token: str, device_id: str, csr_pem: str | None, ca: FleetCA | None
+) -> Enrollment:
+    """Everything but the broker and the commit; the device row is flushed."""
+    grant = _use_token(session, token)
+    device = session.exec(
+        select(Device)
+        .where(Device.id == device_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
+    before = audit.snapshot(device)
+    if device is not None and device.state == DeviceState.ACTIVE:
         raise ConflictError(
             f"device {device_id} is already enrolled; revoke it first to enroll it again"
         )
-    grant.uses_left -= 1
-    session.add(grant)
+    if device is not None and not grant.reenroll_revoked:
+        raise ConflictError(
+            f"device {device_id} was revoked; enrolling that id again needs an enrollment "
+            'token an admin created with "reenroll_revoked": true'
+        )
 
     api_token = new_token("efd")
     password = None if ca is not None else secrets.token_urlsafe(24)
@@ -122,21 +199,32 @@ def enroll(
         certificate = issued.certificate_pem.decode()
         key = issued.private_key_pem.decode() if issued.private_key_pem else None
         serial = str(issued.serial)
-    device = Device(
+    fresh = Device(
         id=device_id,
         profile=grant.profile,
-        tags=sorted(set(grant.tags) | set(tags or [])),
+        tags=sorted(set(grant.tags)),
         password_hash=hash_password(password) if password else None,
         certificate_serial=serial,
         api_token_hash=hash_token(api_token),
     )
+    if device is None:
+        device = fresh
+    else:  # a revoked id enrolled again: a new identity, nothing kept from the old one
+        for name in Device.model_fields:
+            setattr(device, name, getattr(fresh, name))
     session.add(device)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        raise ConflictError(
+            f"device {device_id} was enrolled by another request at the same time"
+        ) from None
     audit.record(
         session,
         actor=f"device:{device_id}",
         action="device.enroll",
         target=f"device:{device_id}",
+        before=before,
         after=audit.snapshot(device),
     )
     return Enrollment(device, api_token, password, certificate, key)
@@ -149,37 +237,69 @@ def get_device(session: Session, device_id: str) -> Device:
     return device
 
 
-def revoke(session: Session, *, device: Device, actor: str, ca: FleetCA | None) -> None:
-    """Mark revoked and drop its secrets; the caller then re-syncs the broker."""
-    if device.state == DeviceState.REVOKED:
-        return
-    before = audit.snapshot(device)
-    if ca is not None and device.certificate_serial:
-        ca.revoke(int(device.certificate_serial))
-    device.state = DeviceState.REVOKED
-    device.revoked_at = utcnow()
-    device.password_hash = None
-    device.api_token_hash = None
-    device.online = False
-    session.add(device)
-    audit.record(
-        session,
-        actor=actor,
-        action="device.revoke",
-        target=f"device:{device.id}",
-        before=before,
-        after=audit.snapshot(device),
-    )
+def revoke(
+    session: Session,
+    *,
+    device: Device,
+    actor: str,
+    ca: FleetCA | None,
+    broker: MosquittoBroker | None,
+) -> None:
+    """Revoke and commit, then cut the device off at ``broker``.
+
+    The database comes first: its API token stops working and its certificate is on the
+    CRL even when the broker then fails (``BrokerError``); revoking a revoked device only
+    asks the broker again, so a failed cut can be retried.
+    """
+    if device.state != DeviceState.REVOKED:
+        before = audit.snapshot(device)
+        if ca is not None and device.certificate_serial:
+            ca.revoke(int(device.certificate_serial))
+        device.state = DeviceState.REVOKED
+        device.revoked_at = utcnow()
+        device.password_hash = None
+        device.api_token_hash = None
+        device.online = False
+        session.add(device)
+        audit.record(
+            session,
+            actor=actor,
+            action="device.revoke",
+            target=f"device:{device.id}",
+            before=before,
+            after=audit.snapshot(device),
+        )
+        session.commit()
+    if broker is not None:
+        broker.remove_device(device.id)
 
 
 def broker_credentials(session: Session) -> list[DeviceCredential]:
-    """Every active device's broker identity, for the generated password file and ACL."""
+    """Every active device's broker identity, for the broker's start.
+
+    A row that is not a valid identity (an id from before the identifier policy, a
+    reserved id, a password hash mosquitto cannot load) is left out with a warning: the
+    broker starts without it, and that device cannot connect until it is fixed.
+    """
     rows = session.exec(
         select(Device.id, Device.password_hash)
         .where(Device.state == DeviceState.ACTIVE)
         .order_by(col(Device.id))
     ).all()
-    return [DeviceCredential(device_id=i, password_hash=h) for i, h in rows]
+    credentials = []
+    for device_id, password_hash in rows:
+        try:
+            if device_id.startswith(RESERVED_PREFIX):
+                raise ValueError(f"ids starting with {RESERVED_PREFIX!r} are the fleet's own")
+            credentials.append(DeviceCredential(device_id=device_id, password_hash=password_hash))
+        except ValueError as e:
+            log.warning(
+                "device row %r is left out of the broker, so it cannot connect: %s; revoke it "
+                "(POST /api/v1/devices/ID/revoke) and enroll the device again under a valid id",
+                device_id,
+                e,
+            )
+    return credentials
 
 
 def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> list[str]:

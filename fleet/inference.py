@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from contracts import oip
 from contracts.errors import InferenceRequestError
+from contracts.ids import check_name, check_version
 from contracts.oip import (
     DATATYPES,
     ErrorResponse,
@@ -207,6 +208,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "the model file cannot be loaded"),
     )
 }
+_TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "the request is over max_inference_bytes"}
+}
 
 
 _BODY = {
@@ -225,12 +229,20 @@ def inference_router(
     models: CloudModels,
     *,
     dependencies: Sequence[Any] = (),
+    guard_responses: dict[int | str, dict[str, Any]] | None = None,
 ) -> APIRouter:
     """The v2 routes. ``resolve`` names the version served for a model name (``None``: not
-    served); ``dependencies`` guard the model routes, the health routes stay open."""
+    served); ``dependencies`` guard the model routes, the health routes stay open, and
+    ``guard_responses`` documents what the guard answers."""
     router = APIRouter(tags=["inference"])
 
     def served(name: str, version: str | None) -> CloudModel:
+        try:
+            check_name(name)
+            if version is not None:
+                check_version(version)
+        except ValueError as e:  # no such name can be served
+            raise NotFoundError(f"no such model is served: {e}") from None
         model = resolve(name)
         if model is None:
             raise NotFoundError(f"no model named {name!r} is served")
@@ -266,7 +278,9 @@ def inference_router(
 
         return await run_in_threadpool(_answer, run)
 
-    guarded = APIRouter(dependencies=list(dependencies), responses=_ERRORS)
+    guarded = APIRouter(
+        dependencies=list(dependencies), responses={**(guard_responses or {}), **_ERRORS}
+    )
 
     @guarded.get("/v2/models/{name}", response_model=ModelMetadata)
     def model_metadata(name: str) -> JSONResponse:
@@ -284,7 +298,12 @@ def inference_router(
     def version_is_ready(name: str, version: str) -> JSONResponse:
         return model_ready(name, version)
 
-    @guarded.post("/v2/models/{name}/infer", response_model=InferenceResponse, openapi_extra=_BODY)
+    @guarded.post(
+        "/v2/models/{name}/infer",
+        response_model=InferenceResponse,
+        openapi_extra=_BODY,
+        responses=_TOO_LARGE,
+    )
     async def model_infer(request: Request, name: str) -> JSONResponse:
         return await infer(request, name, None)
 
@@ -292,6 +311,7 @@ def inference_router(
         "/v2/models/{name}/versions/{version}/infer",
         response_model=InferenceResponse,
         openapi_extra=_BODY,
+        responses=_TOO_LARGE,
     )
     async def version_infer(request: Request, name: str, version: str) -> JSONResponse:
         return await infer(request, name, version)

@@ -22,6 +22,30 @@ class FleetMetrics:
             ["channel"],
             registry=self.registry,
         )
+        self.quarantined = Counter(
+            "edgefleet_mqtt_quarantined",
+            "MQTT messages that decoded but that the database refused, kept in the quarantine "
+            "table instead, by channel.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "edgefleet_mqtt_shed",
+            "MQTT messages dropped on arrival because the bridge already held its most "
+            "unstored bytes (the database slow or down), by channel.",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.database_unavailable = Gauge(
+            "edgefleet_ingest_database_unavailable",
+            "1 while the MQTT bridge holds messages and waits for the database to come back.",
+            registry=self.registry,
+        )
+        self.store_retries = Counter(
+            "edgefleet_ingest_store_retries",
+            "Transactions of MQTT messages retried because the database failed.",
+            registry=self.registry,
+        )
         self.telemetry_records = Counter(
             "edgefleet_telemetry_records", "Telemetry records stored.", registry=self.registry
         )

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import re
 from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field, field_validator
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from hw_profiles import list_profiles
+
+from .bounds import (
+    MAX_TTL_S,
+    Count,
+    Document,
+    LongText,
+    Metrics,
+    Name,
+    RowId,
+    ShortText,
+    Tag,
+    Text,
+    TokenName,
+    Version,
+    Wave,
+)
 
 __all__ = [
     "ApiToken",
@@ -39,6 +56,7 @@ __all__ = [
     "ModelVersion",
     "ModelVersionCreate",
     "ModelVersionPublic",
+    "Quarantine",
     "Role",
     "Rollout",
     "RolloutCreate",
@@ -51,9 +69,6 @@ __all__ = [
     "TelemetryRecordRow",
     "utcnow",
 ]
-
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def utcnow() -> dt.datetime:
@@ -75,25 +90,16 @@ class Stage(enum.StrEnum):
 
 
 class ModelVersionBase(SQLModel):
-    name: str = Field(index=True, min_length=1, max_length=128)
-    version: str = Field(min_length=1, max_length=64)
-    description: str = ""
-    owner: str = ""
-    source_sha256: str | None = Field(default=None, max_length=64)
-    training_data: str | None = None
+    name: Name = Field(index=True, min_length=1, max_length=128)
+    version: Version = Field(min_length=1, max_length=64)
+    description: Text = ""
+    owner: ShortText = ""
+    source_sha256: str | None = Field(default=None, max_length=64, regex=r"^[0-9a-fA-F]{64}$")
+    training_data: Text | None = None
     """Where the training data lives (a URI, a dataset name and version)."""
-    model_card: str | None = None
-    metrics: dict[str, float] = _json()
-    hyperparameters: dict[str, Any] = _json()
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "letters, digits, '.', '_' and '-' only, starting with a letter or digit"
-            )
-        return value
+    model_card: LongText | None = None
+    metrics: Metrics = _json()
+    hyperparameters: Document = _json()
 
 
 class ModelVersionCreate(ModelVersionBase):
@@ -167,7 +173,8 @@ class Device(SQLModel, table=True):
     agent_version: str | None = None
     bundle: str | None = None
     """``NAME-VERSION`` the device reported serving."""
-    bundle_version_number: int | None = None
+    bundle_version_number: int | None = Field(default=None, sa_type=BigInteger)
+    """As the device reported it: up to the contract's ``MAX_VERSION_NUMBER`` (2^53 - 1)."""
     agent_state: str | None = None
     last_seen: dt.datetime | None = None
     enrolled_at: dt.datetime = Field(default_factory=utcnow)
@@ -190,11 +197,25 @@ class DevicePublic(SQLModel):
 
 
 class EnrollmentTokenCreate(SQLModel):
-    profile: str
-    tags: list[str] = []
+    profile: Name
+    """A hardware profile the fleet knows (``edgefleet profiles``)."""
+    tags: list[Tag] = Field(default=[], max_length=64)
     uses: int = Field(default=1, ge=1, le=100_000)
     """How many devices may enroll with it (1: a one-time token)."""
-    ttl_s: int = Field(default=24 * 3600, ge=1)
+    ttl_s: int = Field(default=24 * 3600, ge=1, le=MAX_TTL_S)
+    reenroll_revoked: bool = False
+    """May enroll an id that was revoked (a device reinstalled after a revocation)."""
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        known = list_profiles()
+        if value not in known:
+            raise ValueError(
+                f"no hardware profile {value!r}: the fleet knows {', '.join(known)} "
+                "(add one with a TOML file on EDGEFLEET_PROFILES_PATH)"
+            )
+        return value
 
 
 class EnrollmentToken(SQLModel, table=True):
@@ -204,6 +225,7 @@ class EnrollmentToken(SQLModel, table=True):
     tags: list[str] = _json(list)
     uses_left: int
     expires_at: dt.datetime
+    reenroll_revoked: bool = False
     created_by: str
     created_at: dt.datetime = Field(default_factory=utcnow)
 
@@ -222,7 +244,7 @@ class Role(enum.StrEnum):
 
 
 class ApiTokenCreate(SQLModel):
-    name: str = Field(min_length=1, max_length=64)
+    name: TokenName = Field(min_length=1, max_length=64)
     role: Role
 
 
@@ -275,22 +297,28 @@ class RolloutMode(enum.StrEnum):
     SHADOW = "shadow"
 
 
+_MAX_WAIT_S = 30 * 24 * 3600.0
+"""The longest a wave may soak, or a device take to answer: 30 days."""
+
+
 class Gate(SQLModel):
     """What a wave must show before the next one starts."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # type: ignore[assignment]
 
     min_healthy_ratio: float = Field(default=0.9, ge=0, le=1)
     """Share of the wave's devices that must report ``healthy``."""
     max_failure_ratio: float = Field(default=0.1, ge=0, le=1)
     """Share of failed devices that stops the rollout at once, soak or not."""
-    soak_s: float = Field(default=300, ge=0)
-    deploy_timeout_s: float = Field(default=1800, gt=0)
+    soak_s: float = Field(default=300, ge=0, le=_MAX_WAIT_S)
+    deploy_timeout_s: float = Field(default=1800, gt=0, le=_MAX_WAIT_S)
     """Devices silent this long after their command count as failed."""
-    max_error_rate_increase: float = Field(default=0.02, ge=0)
+    max_error_rate_increase: float = Field(default=0.02, ge=0, le=1)
     """Error rate may exceed the previous version's by this much (absolute)."""
-    max_latency_ratio: float = Field(default=1.5, gt=0)
+    max_latency_ratio: float = Field(default=1.5, gt=0, le=1000)
     """p95 latency may be this multiple of the previous version's."""
-    max_fallback_rate_increase: float = Field(default=0.05, ge=0)
-    min_inferences: int = Field(default=0, ge=0)
+    max_fallback_rate_increase: float = Field(default=0.05, ge=0, le=1)
+    min_inferences: Count = 0
     """Telemetry needed from the wave before health is judged (0: judge acks only)."""
     min_agreement: float = Field(default=0.0, ge=0, le=1)
     """Shadow rollouts: share of agreeing predictions the challenger must reach."""
@@ -403,12 +431,12 @@ class GateVerdict(BaseModel):
 
 
 class RolloutCreate(SQLModel):
-    bundle_id: int
-    profile: str | None = None
+    bundle_id: RowId
+    profile: Name | None = None
     """Devices of this profile; default: the bundle's profile."""
-    tags: list[str] = []
+    tags: list[Tag] = Field(default=[], max_length=64)
     """Devices carrying all these tags."""
-    waves: list[str] = ["1", "10", "50", "100"]
+    waves: list[Wave] = Field(default=["1", "10", "50", "100"], min_length=1, max_length=100)
     """Cumulative percentages of the selected devices, or cohort tags (``canary``)."""
     gate: Gate = Gate()
     auto_advance: bool = True
@@ -513,12 +541,14 @@ class TelemetryRecordRow(SQLModel, table=True):
     """One device report; ``(device_id, record_id)`` makes ingest idempotent."""
 
     __tablename__ = "telemetry"
-    __table_args__ = (Index("ix_telemetry_bundle_ts", "bundle", "ts"),)
+    __table_args__ = (Index("ix_telemetry_bundle_received_at", "bundle", "received_at"),)
 
     device_id: str = Field(primary_key=True, max_length=64)
     record_id: str = Field(primary_key=True, max_length=128)
     ts: dt.datetime
+    """The device's clock: data, never a window's bound (it may be unset or lie)."""
     received_at: dt.datetime = Field(default_factory=utcnow)
+    """The fleet's clock: health windows are cut on it."""
     bundle: str | None = None
     inferences: int = 0
     errors: int = 0
@@ -533,3 +563,23 @@ class TelemetryRecordRow(SQLModel, table=True):
 
 
 ModelVersionPublic.model_rebuild()
+
+
+# ---------------------------------------------------------------------------- quarantine
+
+
+class Quarantine(SQLModel, table=True):
+    """A device's message that decoded but that the database refused: kept for an operator
+    instead of the batch it came in (``fleet.bridge``)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: dt.datetime = Field(index=True)
+    device_id: str = Field(index=True, max_length=64)
+    channel: str = Field(max_length=16)
+    topic: str = Field(max_length=256)
+    error: str = Field(max_length=2000)
+    """The database's error, in one line of printable text."""
+    payload_size: int
+    payload_sha256: str = Field(max_length=64)
+    payload: bytes
+    """The payload's first ``fleet.bridge.QUARANTINE_PAYLOAD_BYTES`` (64 KiB)."""

@@ -28,6 +28,8 @@ from fastapi.responses import FileResponse, Response
 
 from ota.repository import OtaRepository
 
+from .api.responses import errors
+
 __all__ = ["METADATA_CACHE_CONTROL", "TARGETS_CACHE_CONTROL", "TimestampRefresher", "ota_router"]
 
 log = logging.getLogger(__name__)
@@ -67,12 +69,6 @@ def ota_router(
     default: it is signed)."""
     router = APIRouter(tags=["ota"])
 
-    @router.api_route(
-        "/ota/metadata/{name}",
-        methods=["GET", "HEAD"],
-        dependencies=list(metadata_dependencies),
-        response_class=Response,
-    )
     def metadata(name: str) -> Response:
         path = _inside(repository_dir / "metadata", name)
         try:
@@ -85,12 +81,6 @@ def ota_router(
             headers={"Cache-Control": METADATA_CACHE_CONTROL},
         )
 
-    @router.api_route(
-        "/ota/targets/{path:path}",
-        methods=["GET", "HEAD"],
-        dependencies=list(dependencies),
-        response_class=FileResponse,
-    )
     def targets(path: str) -> FileResponse:
         return FileResponse(
             _inside(repository_dir / "targets", path),
@@ -98,6 +88,33 @@ def ota_router(
             headers={"Cache-Control": TARGETS_CACHE_CONTROL},
         )
 
+    for method in ("GET", "HEAD"):  # one route each, so each has its own operation id
+        router.add_api_route(
+            "/ota/metadata/{name}",
+            metadata,
+            methods=[method],
+            name=f"ota_metadata_{method.lower()}",
+            dependencies=list(metadata_dependencies),
+            response_class=Response,
+            responses={
+                200: {"content": {"application/json": {}}, "description": "a signed file"},
+                **errors(*((401, 404) if metadata_dependencies else (404,))),
+            },
+        )
+        router.add_api_route(
+            "/ota/targets/{path:path}",
+            targets,
+            methods=[method],
+            name=f"ota_targets_{method.lower()}",
+            dependencies=list(dependencies),
+            response_class=FileResponse,
+            responses={
+                200: {"content": {"application/octet-stream": {}}, "description": "a bundle"},
+                206: {"description": "the requested Range (multipart for several ranges)"},
+                416: {"description": "a Range past the end of the file"},
+                **errors(*((401, 404) if dependencies else (404,))),
+            },
+        )
     return router
 
 

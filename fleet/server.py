@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -32,9 +33,9 @@ from .metrics import FleetMetrics
 from .migrate import upgrade
 from .models import ApiToken, Device, Role, Rollout, RolloutState
 from .rollouts import RolloutEngine
-from .security import hash_token, new_token
+from .tokens import issue_api_token
 
-__all__ = ["ADMIN_TOKEN_FILE", "FLEET_MQTT_USER", "FleetServer"]
+__all__ = ["ADMIN_TOKEN_FILE", "FLEET_MQTT_USER", "FleetServer", "prepare_data_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class FleetServer:
 
     def start(self) -> None:
         settings = self.settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(settings.data_dir, 0o700)
+        prepare_data_dir(settings.data_dir)
+        for directory in (settings.ota_dir, settings.ota_keys_dir):
+            _private_dir(directory)
         self.db = make_engine(settings.db_url)
         upgrade(self.db)
         self._bootstrap_admin_token()
@@ -114,12 +116,12 @@ class FleetServer:
     # --- parts ----------------------------------------------------------------------------
 
     def _bootstrap_admin_token(self) -> None:
-        """The first start creates an admin token and leaves it in DATA_DIR/admin.token."""
+        """The first start creates an admin token and leaves it in DATA_DIR/admin.token
+        (0600). Later admin tokens: ``POST /api/v1/tokens`` or ``fleet admin-token``."""
         with session_scope(self.db) as session:
             if session.exec(select(ApiToken)).first() is not None:
                 return
-            token = new_token("efa")
-            session.add(ApiToken(name="admin", role=Role.ADMIN, token_hash=hash_token(token)))
+            _, token = issue_api_token(session, name="admin", role=Role.ADMIN, actor="fleet")
         path = self.settings.data_dir / ADMIN_TOKEN_FILE
         _write_secret(path, token)
         log.warning("created the first admin API token in %s", path)
@@ -164,7 +166,7 @@ class FleetServer:
             self.settings.broker_dir, port=self.settings.mqtt_port, ca=self.ca
         )
         with Session(self.db) as session:
-            devices = broker_credentials(session)
+            devices = broker_credentials(session)  # bad rows are logged and left out
         return self.broker.start(
             fleet_username=FLEET_MQTT_USER,
             fleet_password=password_file.read_text().strip(),
@@ -177,13 +179,6 @@ class FleetServer:
     def device_mqtt(self) -> MqttEndpoint:
         """The broker as devices reach it (same host and port as the fleet's connection)."""
         return self.mqtt
-
-    def sync_broker(self) -> None:
-        """Make the broker's credentials and ACL match the database's active devices."""
-        if self.broker is None:
-            return
-        with Session(self.db) as session:
-            self.broker.set_devices(broker_credentials(session))
 
     def render_metrics(self, timestamp_refresh_failures: int) -> bytes:
         """The Prometheus exposition, with the fleet-wide gauges read fresh from the database."""
@@ -214,6 +209,27 @@ class FleetServer:
 def _write_secret(path: Path, value: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (value + "\n").encode(), mode=0o600)
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create DATA_DIR with mode 0700 if it does not exist. An existing directory is the
+    operator's and keeps its mode (``--data-dir /tmp`` must not lock others out of /tmp);
+    a warning says when group or others may enter it. The secrets inside are 0600 and the
+    directories the server creates 0700 either way."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                "the data directory %s has mode %04o: group or others may enter it; its "
+                "secrets are 0600 and its subdirectories 0700, but `chmod 700 %s` is safer",
+                path,
+                mode,
+                path,
+            )
+    else:
+        os.chmod(path, 0o700)  # whatever the umask
 
 
 def _private_dir(path: Path) -> Path:

@@ -1,4 +1,9 @@
-"""Telemetry: idempotent ingest of device batches, and the health figures gates read."""
+"""Telemetry: idempotent ingest of device batches, and the health figures gates read.
+
+Windows are on the fleet's clock (``received_at``): a record's ``ts`` is the device's
+clock, which may be unset (1970) or lie, so it is kept as data and never decides whether a
+record counts.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,21 @@ from sqlmodel import Session, col
 
 from contracts.mqtt import TelemetryRecord
 
-from .models import HealthStats, TelemetryRecordRow, utcnow
+from .models import HealthStats, TelemetryRecordRow
 
 __all__ = ["COLUMN_OF_FIELD", "health_stats", "ingest"]
 
 
-def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord]]) -> int:
-    """Store ``(device_id, record)`` pairs once each; returns how many were new.
+def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord, dt.datetime]]) -> int:
+    """Store ``(device_id, record, received_at)`` once each; returns how many were new.
 
-    A record id already stored for that device (a resend after a lost PUBACK, a replayed
-    queue) is skipped by the database itself (``ON CONFLICT DO NOTHING``).
+    ``received_at``: when the fleet received the record, on its own clock. A record id
+    already stored for that device (a resend after a lost PUBACK, a replayed queue) is
+    skipped by the database itself (``ON CONFLICT DO NOTHING``). Every value fits its
+    column on SQLite and PostgreSQL: the contract bounds counts to ``MAX_COUNT``, a 32-bit
+    integer, and ``ts`` to before 2100.
     """
-    now = utcnow()
-    values = [_row(device_id, record, now) for device_id, record in rows]
+    values = [_row(device_id, record, at) for device_id, record, at in rows]
     if not values:
         return 0
     dialect = session.get_bind().dialect.name
@@ -64,7 +71,8 @@ def health_stats(
     device_ids: Sequence[str] | Select[str] | None = None,
     shadow: bool = False,
 ) -> HealthStats:
-    """Totals of records serving one of ``bundles`` (or shadowing it) since ``since``.
+    """Totals of records serving one of ``bundles`` (or shadowing it) that the fleet
+    received since ``since``.
 
     ``device_ids``: only these devices' records; a query selecting the ids keeps a
     rollout's thousands of devices out of the statement's parameters.
@@ -80,7 +88,7 @@ def health_stats(
         func.sum(case((col(t.latency_p95_ms).is_not(None), t.inferences), else_=0)),
         func.coalesce(func.sum(t.shadow_compared), 0),
         func.coalesce(func.sum(t.shadow_agreed), 0),
-    ).where(bundle_column.in_(list(bundles)), col(t.ts) >= since)
+    ).where(bundle_column.in_(list(bundles)), col(t.received_at) >= since)
     if device_ids is not None:
         ids = device_ids if isinstance(device_ids, Select) else list(device_ids)
         query = query.where(col(t.device_id).in_(ids))

@@ -2,11 +2,14 @@
 
 Against a real fleet (mosquitto + bridge + SQLite) and real paho clients. The key case
 is the issue's: 10,000 records queued while the broker is down, the agent killed with
-SIGKILL mid-way, restarted, the broker back: every record reaches the fleet once.
+SIGKILL mid-way, restarted, the broker back: every record reaches the fleet once. A broker
+that takes a batch and never acknowledges it (mosquitto stopped with SIGSTOP) must not cost
+a record either. (A broker that refuses a batch: ``tests/test_hostile_agent.py``.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -24,12 +27,14 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 from sqlmodel import Session, col, func, select
 
 from agent.config import TelemetryConfig
 from agent.errors import TelemetryQueueError
 from agent.telemetry import LATENCY_BUCKETS_MS, InferenceOutcome, InferenceStats, TelemetrySender
 from agent.telemetry_queue import MIN_QUEUE_BYTES, TelemetryQueue
+from contracts.bounded import MAX_DOCUMENT_BYTES
 from contracts.mqtt import MAX_PAYLOAD_BYTES, TelemetryBatch, TelemetryRecord, device_topic
 from fleet.models import TelemetryRecordRow
 from fleet.server import FLEET_MQTT_USER
@@ -94,16 +99,22 @@ def wait_rows(
 
 @contextmanager
 def connected_sender(
-    fleet: RunningFleet, spec: SimulatedDeviceSpec, queue: TelemetryQueue
+    fleet: RunningFleet, spec: SimulatedDeviceSpec, queue: TelemetryQueue, **timing: float
 ) -> Iterator[TelemetrySender]:
-    """A paho client logged in as the device, and a started sender on it."""
+    """A paho client logged in as the device, and a started sender on it (``timing``: its
+    ``retry_s`` and ``ack_timeout_s``), told each PUBACK's reason code as the agent's is."""
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=spec.device_id, protocol=mqtt.MQTTv5
     )
     client.username_pw_set(spec.username, spec.password)
+    sender = TelemetrySender(queue, spec.device_id, client, TelemetryConfig(), **timing)
+
+    def on_publish(_c: mqtt.Client, _u: object, mid: int, reason: ReasonCode, _p: object) -> None:
+        sender.published(mid, reason)
+
+    client.on_publish = on_publish
     client.connect("127.0.0.1", fleet.mqtt_port)
     client.loop_start()
-    sender = TelemetrySender(queue, spec.device_id, client, TelemetryConfig())
     try:
         wait_for(client.is_connected, timeout_s=10, what="the device's MQTT connection")
         sender.start()
@@ -311,13 +322,20 @@ def test_inference_outcome_refuses_values_the_report_cannot_hold(bad: dict[str, 
 # --- sending --------------------------------------------------------------------------------
 
 
-def test_record_too_large_to_send_is_dropped_without_wedging_the_queue(
+def test_a_queued_record_the_contract_no_longer_allows_is_dropped_without_wedging_the_queue(
     tmp_path: Path, fleet: RunningFleet, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An older agent could queue a record with a 4 MiB ``extra``, too large for any payload;
+    ``extra`` is now bounded, so it is no record any more: dropped, counted, and the
+    records around it are sent."""
     (spec,) = fleet.enroll(1, prefix="oversize")
     with TelemetryQueue(tmp_path / "telemetry.db", BIG_QUEUE) as queue:
         before = queue.put(record(1))
-        huge = queue.put(record(2, pad_bytes=MAX_PAYLOAD_BYTES + 1024))
+        pad = os.urandom((MAX_PAYLOAD_BYTES + 1024) // 2).hex()
+        older = TelemetryRecord.model_construct(
+            id=uuid.uuid4().hex, ts=time.time(), inferences=2, extra={"pad": pad}
+        )
+        huge = queue.put(older)
         after = queue.put(record(3))
         assert before and huge and after
         with caplog.at_level(logging.WARNING), connected_sender(fleet, spec, queue) as sender:
@@ -328,7 +346,7 @@ def test_record_too_large_to_send_is_dropped_without_wedging_the_queue(
             assert sender.flush(timeout_s=30)
     rows = wait_rows(fleet, spec.device_id, 3)
     assert {row.record_id for row in rows} == {before.id, after.id, reporter.id}
-    assert "can never be sent" in caplog.text and huge.id in caplog.text
+    assert "not a valid record" in caplog.text and huge.id in caplog.text
 
 
 def test_records_over_one_payload_are_split_into_batches_that_all_arrive(
@@ -336,16 +354,53 @@ def test_records_over_one_payload_are_split_into_batches_that_all_arrive(
 ) -> None:
     (spec,) = fleet.enroll(1, prefix="split")
     with TelemetryQueue(tmp_path / "telemetry.db", BIG_QUEUE) as queue:
-        # Three records fill one payload almost exactly; four need two batches.
-        records = [queue.put(record(i, pad_bytes=MAX_PAYLOAD_BYTES // 3 - 200)) for i in range(4)]
+        # Each record's extra is near its 256 KiB bound: 15 fill one payload, 20 need two.
+        records = queue.put_many(record(i, pad_bytes=MAX_DOCUMENT_BYTES - 64) for i in range(20))
+        sizes = [len(r.model_dump_json(exclude_defaults=True)) for r in records]
+        assert len(records) == 20 and sum(sizes) > MAX_PAYLOAD_BYTES > 15 * max(sizes)
         with connected_sender(fleet, spec, queue) as sender:
             assert sender.flush(timeout_s=60)
-    rows = wait_rows(fleet, spec.device_id, 4)
-    assert {row.record_id for row in rows} == {r.id for r in records if r}
+    rows = wait_rows(fleet, spec.device_id, 20)
+    assert {row.record_id for row in rows} == {r.id for r in records}
     malformed = fleet.server.metrics.registry.get_sample_value(
         "edgefleet_mqtt_malformed_total", {"channel": "telemetry"}
     )
     assert not malformed
+
+
+def test_a_batch_the_broker_never_acknowledges_stays_queued_until_it_does(
+    tmp_path: Path, fleet: RunningFleet
+) -> None:
+    """The broker takes the batch but sends no PUBACK (mosquitto stopped with SIGSTOP once
+    the device is connected): nothing leaves the queue, the sender publishes the batch
+    again after each ``ack_timeout_s``, and once the broker runs again the records arrive.
+    A sender that removed records before the PUBACK came would empty the queue here."""
+    broker = fleet.server.broker
+    assert broker is not None and broker.pid is not None
+    (spec,) = fleet.enroll(1, prefix="silent")
+    with (
+        TelemetryQueue(tmp_path / "telemetry.db", BIG_QUEUE) as queue,
+        connected_sender(fleet, spec, queue, retry_s=0.1, ack_timeout_s=0.5) as sender,
+    ):
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            records = queue.put_many(record(i) for i in range(5))
+            sender.wake()
+            time.sleep(2.0)  # three ack timeouts: published three times, never acknowledged
+            assert [r.id for r in queue.peek(10)] == [r.id for r in records]
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert sender.flush(timeout_s=30)
+    rows = wait_rows(fleet, spec.device_id, 5)
+    assert {row.record_id for row in rows} == {r.id for r in records}
+
+    def duplicates() -> float:  # the copies published while the broker was stopped
+        value = fleet.server.metrics.registry.get_sample_value(
+            "edgefleet_telemetry_duplicates_total"
+        )
+        return value or 0.0
+
+    wait_for(lambda: duplicates() >= len(records), what="the batch's earlier copies")
 
 
 # --- the issue's case: offline, SIGKILL, restart, broker back ------------------------------
@@ -365,10 +420,8 @@ class AgentProcess:
                     str(queue),
                     "--device-id",
                     spec.device_id,
-                    "--username",
-                    spec.username or "",
-                    "--password",
-                    spec.password or "",
+                    f"--username={spec.username or ''}",
+                    f"--password={spec.password or ''}",  # it may start with "-"
                     "--port",
                     str(port),
                     *args,
@@ -420,14 +473,16 @@ def test_offline_records_survive_sigkill_and_arrive_exactly_once(
     b.wait_output(f"queued {total}")
     password = (fleet.server.settings.data_dir / "mqtt-fleet.password").read_text().strip()
     broker.start(fleet_username=FLEET_MQTT_USER, fleet_password=password, devices=[])
+    broker.add_device("probe", password="probe-pw")
+    as_probe = dataclasses.replace(broker.endpoint, username="probe", password="probe-pw")
 
     def bridge_ingests() -> bool:
         probe = TelemetryBatch(records=[record()]).model_dump_json()
-        mqtt_pub(broker.endpoint, device_topic("probe", "telemetry"), probe)
+        mqtt_pub(as_probe, device_topic("probe", "telemetry"), probe)
         return bool(fleet_rows(fleet, "probe"))
 
     wait_for(bridge_ingests, timeout_s=60, what="the fleet's bridge back on the broker")
-    fleet.server.sync_broker()
+    broker.add_device(spec.device_id, password=spec.password)
 
     # Killed again while sending (small batches: it is very likely not done), then run to
     # the end.

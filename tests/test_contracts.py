@@ -5,11 +5,25 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from pydantic import ValidationError
 
 from contracts import oip
-from contracts.mqtt import TelemetryRecord
+from contracts.bounded import MAX_DOCUMENT_BYTES, check_json_document, check_text
+from contracts.errors import PayloadError
+from contracts.ids import (
+    BUNDLE_LABEL,
+    DEVICE_ID,
+    MESSAGE_ID,
+    NAME,
+    TAG,
+    VERSION,
+    IdentifierKind,
+    check_device_id,
+)
+from contracts.mqtt import Status, TelemetryBatch, TelemetryRecord, decode_payload
 from contracts.tensors import (
     ELEMENT_TYPES,
     dtype_of_oip_datatype,
@@ -76,3 +90,88 @@ def test_types_outside_the_table_are_refused_by_name() -> None:
 def test_fleet_settings_refuse_unknown_keys() -> None:
     with pytest.raises(ValidationError, match="mqtt_prot"):
         FleetSettings.model_validate({"mqtt_prot": 1883})
+
+
+# --- the identifier policy and bounded values ------------------------------------------------
+
+_KINDS = [DEVICE_ID, NAME, TAG, VERSION, BUNDLE_LABEL, MESSAGE_ID]
+
+
+@pytest.mark.parametrize("kind", _KINDS, ids=lambda k: k.what)
+@pytest.mark.parametrize(
+    "bad", ["zz\n", "\nzz", "z z", "z/z", "z#", "z+", "$share", "-z", ".z", "", "z\x00", "zé"]
+)
+def test_no_identifier_takes_a_character_outside_its_alphabet(
+    kind: IdentifierKind, bad: str
+) -> None:
+    if (kind is VERSION or kind is BUNDLE_LABEL) and bad == "z+":
+        assert kind.check(bad) == bad  # '+' is part of semantic versions' build metadata
+        return
+    with pytest.raises(ValueError, match=f"{kind.what} .* is not valid"):
+        kind.check(bad)
+
+
+@pytest.mark.parametrize("kind", _KINDS, ids=lambda k: k.what)
+def test_identifiers_are_bounded_in_length(kind: IdentifierKind) -> None:
+    assert kind.check("a" * kind.max_length)
+    with pytest.raises(ValueError, match=f"1 to {kind.max_length}"):
+        kind.check("a" * (kind.max_length + 1))
+
+
+@given(st.text(max_size=80))
+def test_an_accepted_identifier_is_safe_in_a_topic_and_a_config_line(value: str) -> None:
+    try:
+        check_device_id(value)
+    except ValueError:
+        return
+    assert value.isascii() and value.isprintable()
+    assert not set(value) & set("/+#$ \t\r\n\x00")
+
+
+def test_every_mqtt_message_field_is_bounded() -> None:
+    """Values past the database's range or JSON's are refused by the contract itself."""
+    good = {"id": "r1", "ts": 1.7e9, "inferences": 3, "errors": 1}
+    assert TelemetryRecord.model_validate(good).errors == 1
+    for field, value in [
+        ("ts", float("nan")),
+        ("ts", 1e20),
+        ("inferences", 2**63),
+        ("inferences", -1),
+        ("latency_p95_ms", float("inf")),
+        ("errors", 4),  # more errors than inferences
+        ("bundle", "digits-1.0.0\n"),
+        ("extra", {"a": float("nan")}),
+        ("extra", {"a": "\x00"}),
+        ("extra", {"deep": [[[[[[[[[1]]]]]]]]]}),
+        ("extra", {"big": "x" * (MAX_DOCUMENT_BYTES + 1)}),
+    ]:
+        with pytest.raises(ValidationError, match=field):
+            TelemetryRecord.model_validate({**good, field: value})
+    with pytest.raises(ValidationError, match="bundle_version_number"):
+        Status.model_validate({"online": True, "bundle_version_number": 2**64})
+    with pytest.raises(PayloadError, match="not a JSON number"):
+        decode_payload(b'{"records": [{"id": "r", "ts": NaN}]}', TelemetryBatch)
+
+
+def test_text_refuses_control_characters_but_keeps_newlines_and_tabs() -> None:
+    assert check_text("line one\n\tline two", max_length=100) == "line one\n\tline two"
+    for bad in ("\x00", "\x1b[31m", "\x7f"):
+        with pytest.raises(ValueError, match="control character"):
+            check_text(f"a{bad}b", max_length=100)
+    with pytest.raises(ValueError, match="over the 3 allowed"):
+        check_text("abcd", max_length=3)
+
+
+def test_json_documents_are_shallow_small_and_finite() -> None:
+    assert check_json_document({"a": [1, 2.5, "x", None, True, {"b": 2**62}]})
+    with pytest.raises(ValueError, match="outside 64 bits"):
+        check_json_document({"a": 2**64})
+    with pytest.raises(ValueError, match="not text"):
+        check_json_document({1: "a"})
+    nested: dict[str, object] = {}
+    node = nested
+    for _ in range(20):
+        node["n"] = {}
+        node = node["n"]  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="nested over 8 levels"):
+        check_json_document(nested)

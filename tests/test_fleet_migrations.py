@@ -397,3 +397,28 @@ def test_0002_counts_step_failures_from_zero_and_clears_untyped_verdicts(engine:
     assert "step_failures" not in columns and "last_gate" in columns
     with engine.connect() as connection:
         assert connection.exec_driver_sql("SELECT state FROM rollout").scalar() == "PAUSED"
+
+
+def test_0004_widens_device_version_numbers_and_its_downgrade_clears_what_int_cannot_hold(
+    engine: Engine,
+) -> None:
+    """A status may report a version number up to 2^53 - 1, past PostgreSQL's INTEGER: 0004
+    makes the column BIGINT. Going back to 0003 clears the numbers INTEGER cannot hold,
+    keeps the others, and drops the quarantine table."""
+    upgrade(engine)
+    with Session(engine) as session:
+        session.add(Device(id="big", profile="host", bundle_version_number=2**53 - 1))
+        session.add(Device(id="small", profile="host", bundle_version_number=7))
+        session.commit()
+    with Session(engine) as session:
+        assert session.get_one(Device, "big").bundle_version_number == 2**53 - 1
+
+    downgrade(engine, "0003")
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT id, bundle_version_number FROM device ORDER BY id"
+        ).all()
+    assert [tuple(row) for row in rows] == [("big", None), ("small", 7)]
+    assert "quarantine" not in sa.inspect(engine).get_table_names()
+    upgrade(engine)
+    assert check_schema(engine) == []

@@ -100,7 +100,7 @@ def test_a_rollout_advances_through_every_wave_to_every_device(fleet: RunningFle
         )
         assert len(waves_seen) == 2  # wave 1 → 2 → 3, then complete
         observer.close()
-        metrics = fleet.client.get("/metrics").text
+        metrics = fleet.metrics()
         assert "edgefleet_devices_online 20.0" in metrics
         assert "edgefleet_rollouts_active 0.0" in metrics
         assert 'edgefleet_commands_sent_total{kind="deploy"} 20.0' in metrics

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
 from sqlmodel import col, select
 
-from .. import audit
-from ..errors import NotFoundError
-from ..models import ApiToken, ApiTokenCreate, ApiTokenPublic, AuditEntry, utcnow
-from ..security import hash_token, new_token
+from .. import tokens
+from ..bounds import MAX_ROW_ID, Name
+from ..models import ApiToken, ApiTokenCreate, ApiTokenPublic, AuditEntry
 from .deps import Admin, SessionDep
+from .responses import errors
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], responses=errors(401, 403))
 
 
 class ApiTokenIssued(ApiTokenPublic):
@@ -19,19 +21,9 @@ class ApiTokenIssued(ApiTokenPublic):
     """Shown once."""
 
 
-@router.post("/tokens", status_code=201)
+@router.post("/tokens", status_code=201, responses=errors(400))
 def create_token(data: ApiTokenCreate, session: SessionDep, who: Admin) -> ApiTokenIssued:
-    token = new_token("efa")
-    row = ApiToken(name=data.name, role=data.role, token_hash=hash_token(token))
-    session.add(row)
-    session.flush()
-    audit.record(
-        session,
-        actor=who.name,
-        action="token.create",
-        target=f"token:{row.id}",
-        after=audit.snapshot(row),
-    )
+    row, token = tokens.issue_api_token(session, name=data.name, role=data.role, actor=who.name)
     session.commit()
     return ApiTokenIssued.model_validate(row, update={"token": token})
 
@@ -41,31 +33,24 @@ def list_tokens(session: SessionDep, _: Admin) -> list[ApiTokenPublic]:
     return [ApiTokenPublic.model_validate(t) for t in session.exec(select(ApiToken))]
 
 
-@router.delete("/tokens/{token_id}")
-def revoke_token(token_id: int, session: SessionDep, who: Admin) -> ApiTokenPublic:
-    row = session.get(ApiToken, token_id)
-    if row is None:
-        raise NotFoundError(f"no API token with id {token_id}")
-    before = audit.snapshot(row)
-    row.revoked_at = row.revoked_at or utcnow()
-    session.add(row)
-    audit.record(
-        session,
-        actor=who.name,
-        action="token.revoke",
-        target=f"token:{token_id}",
-        before=before,
-        after=audit.snapshot(row),
-    )
+@router.delete("/tokens/{token_id}", responses=errors(404, 409))
+def revoke_token(
+    token_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)], session: SessionDep, who: Admin
+) -> ApiTokenPublic:
+    """Revoke a token. The last active admin token cannot be revoked (409)."""
+    row = tokens.revoke_api_token(session, token_id=token_id, actor=who.name)
     session.commit()
     return ApiTokenPublic.model_validate(row)
 
 
 @router.get("/audit")
 def audit_log(
-    session: SessionDep, _: Admin, limit: int = 100, action: str | None = None
+    session: SessionDep,
+    _: Admin,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    action: Name | None = None,
 ) -> list[AuditEntry]:
-    query = select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(min(limit, 10_000))
+    query = select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(limit)
     if action is not None:
         query = query.where(AuditEntry.action == action)
     return list(session.exec(query))

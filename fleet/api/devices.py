@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+import logging
+from typing import Annotated, Any
 
-from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
 from contracts.mqtt import TOPIC_PREFIX
 
 from .. import audit, devices
+from ..bounds import MAX_ROW_ID, DeviceId, Name, Tag
+from ..errors import BrokerError
 from ..models import Device, DevicePublic, EnrollmentTokenCreate, TelemetryRecordRow
 from .deps import Admin, Operator, ServerDep, SessionDep, Viewer
+from .responses import errors
 
-router = APIRouter(tags=["devices"])
+log = logging.getLogger(__name__)
+
+# /enroll answers 403 for a bad enrollment token and 409 for an enrolled device id
+router = APIRouter(tags=["devices"], responses=errors(400, 401, 403, 404, 409))
 
 
 class EnrollmentTokenIssued(BaseModel):
@@ -26,14 +33,26 @@ class EnrollmentTokenIssued(BaseModel):
     tags: list[str]
     uses: int
     expires_at: dt.datetime
+    reenroll_revoked: bool
 
 
 class EnrollRequest(BaseModel):
-    token: str
-    device_id: str
-    csr_pem: str | None = None
+    token: Annotated[str, Field(max_length=256)]
+    device_id: DeviceId
+    csr_pem: Annotated[str, Field(max_length=16384)] | None = None
     """A PKCS#10 request for the device's own key (TLS on); without it the fleet makes one."""
-    tags: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tags(cls, data: Any) -> Any:
+        """Agents before 0.2 send ``"tags": []``; an empty list asks for nothing and passes."""
+        if isinstance(data, dict) and data.get("tags", []) != []:
+            raise ValueError(
+                "a device cannot choose its tags: they come from the enrollment token "
+                "(POST /enrollment-tokens with tags), or an operator sets them later "
+                "(PUT /devices/ID/tags); send the request without tags"
+            )
+        return data
 
 
 class MqttAccess(BaseModel):
@@ -62,7 +81,7 @@ class Enrolled(BaseModel):
 
 
 class TagsUpdate(BaseModel):
-    tags: list[str] = Field(max_length=64)
+    tags: list[Tag] = Field(max_length=64)
 
 
 @router.post("/enrollment-tokens", status_code=201)
@@ -72,23 +91,39 @@ def create_enrollment_token(
     row, token = devices.create_enrollment_token(session, data=data, actor=who.name)
     session.commit()
     return EnrollmentTokenIssued(
-        token=token, profile=row.profile, tags=row.tags, uses=data.uses, expires_at=row.expires_at
+        token=token,
+        profile=row.profile,
+        tags=row.tags,
+        uses=data.uses,
+        expires_at=row.expires_at,
+        reenroll_revoked=row.reenroll_revoked,
     )
 
 
-@router.post("/enroll", status_code=201)
+@router.post("/enroll", status_code=201, responses=errors(503))
 def enroll(request: EnrollRequest, server: ServerDep, session: SessionDep) -> Enrolled:
-    """A device trades its enrollment token for its identity. No API token needed."""
-    result = devices.enroll(
-        session,
-        token=request.token,
-        device_id=request.device_id,
-        csr_pem=request.csr_pem,
-        ca=server.ca,
-        tags=request.tags,
-    )
-    session.commit()
-    server.sync_broker()
+    """A device trades its enrollment token for its identity. No API token needed.
+
+    503: the broker did not accept the device; nothing was stored and the token was not
+    used, so the same request may be sent again.
+    """
+    try:
+        result = devices.enroll(
+            session,
+            token=request.token,
+            device_id=request.device_id,
+            csr_pem=request.csr_pem,
+            ca=server.ca,
+            broker=server.broker,
+        )
+    except BrokerError as e:
+        log.error("enrolling %s: the broker did not accept it: %s", request.device_id, e)
+        raise HTTPException(
+            503,
+            "the fleet's MQTT broker did not accept the device (the fleet server's log says "
+            "why); nothing was stored and the enrollment token was not used: try again later",
+            headers={"Retry-After": "10"},
+        ) from None
     endpoint = server.device_mqtt
     base = server.settings.base_url
     return Enrolled(
@@ -118,11 +153,11 @@ def enroll(request: EnrollRequest, server: ServerDep, session: SessionDep) -> En
 def list_devices(
     session: SessionDep,
     _: Viewer,
-    profile: str | None = None,
-    tag: str | None = None,
+    profile: Name | None = None,
+    tag: Tag | None = None,
     online: bool | None = None,
-    limit: int = 1000,
-    offset: int = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
 ) -> list[DevicePublic]:
     query = select(Device).order_by(col(Device.id))
     if profile is not None:
@@ -136,13 +171,13 @@ def list_devices(
 
 
 @router.get("/devices/{device_id}")
-def get_device(device_id: str, session: SessionDep, _: Viewer) -> DevicePublic:
+def get_device(device_id: DeviceId, session: SessionDep, _: Viewer) -> DevicePublic:
     return DevicePublic.model_validate(devices.get_device(session, device_id))
 
 
 @router.put("/devices/{device_id}/tags")
 def set_tags(
-    device_id: str, update: TagsUpdate, session: SessionDep, who: Operator
+    device_id: DeviceId, update: TagsUpdate, session: SessionDep, who: Operator
 ) -> DevicePublic:
     device = devices.get_device(session, device_id)
     before = audit.snapshot(device)
@@ -162,7 +197,10 @@ def set_tags(
 
 @router.get("/devices/{device_id}/telemetry")
 def device_telemetry(
-    device_id: str, session: SessionDep, _: Viewer, limit: int = 100
+    device_id: DeviceId,
+    session: SessionDep,
+    _: Viewer,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[TelemetryRecordRow]:
     """The device's latest telemetry records, newest first."""
     devices.get_device(session, device_id)  # 404 for an unknown device
@@ -171,16 +209,25 @@ def device_telemetry(
             select(TelemetryRecordRow)
             .where(TelemetryRecordRow.device_id == device_id)
             .order_by(col(TelemetryRecordRow.ts).desc())
-            .limit(min(max(limit, 1), 1000))
+            .limit(limit)
         )
     )
 
 
-@router.post("/devices/{device_id}/revoke")
+@router.post("/devices/{device_id}/revoke", responses=errors(503))
 def revoke(device_id: str, server: ServerDep, session: SessionDep, who: Admin) -> DevicePublic:
-    """Revoke at once: the broker drops its connection and refuses it from now on."""
+    """Revoke at once: the broker drops its connection and refuses it from now on.
+
+    503: revoked in the database, but the broker did not confirm the cut; send it again.
+    """
     device = devices.get_device(session, device_id)
-    devices.revoke(session, device=device, actor=who.name, ca=server.ca)
-    session.commit()
-    server.sync_broker()
+    try:
+        devices.revoke(session, device=device, actor=who.name, ca=server.ca, broker=server.broker)
+    except BrokerError as e:
+        raise HTTPException(
+            503,
+            f"device {device_id} is revoked in the database (its API token no longer works"
+            f"{', its certificate is on the CRL' if server.ca else ''}), but the broker did "
+            f"not confirm cutting it off: {e}; send the revoke again",
+        ) from None
     return DevicePublic.model_validate(device)

@@ -10,20 +10,20 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from .. import registry
+from ..bounds import Name, Version
 from ..errors import RequestError
 from ..models import BundlePublic, ModelVersionCreate, ModelVersionPublic, Stage
 from .deps import Operator, ServerDep, SessionDep, Viewer
+from .responses import errors
 
-router = APIRouter(prefix="/models", tags=["models"])
-
-MAX_BUNDLE_BYTES = 8 << 30
+router = APIRouter(prefix="/models", tags=["models"], responses=errors(401, 403))
 
 
 class StageChange(BaseModel):
     stage: Stage
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(400, 409))
 def create_version(
     data: ModelVersionCreate, session: SessionDep, who: Operator
 ) -> ModelVersionPublic:
@@ -34,7 +34,7 @@ def create_version(
 
 @router.get("")
 def list_versions(
-    session: SessionDep, _: Viewer, name: str | None = None, stage: Stage | None = None
+    session: SessionDep, _: Viewer, name: Name | None = None, stage: Stage | None = None
 ) -> list[ModelVersionPublic]:
     return [
         registry.public_version(session, v)
@@ -42,8 +42,8 @@ def list_versions(
     ]
 
 
-@router.get("/{name}/versions/{version}")
-def get_version(name: str, version: str, session: SessionDep, _: Viewer) -> ModelVersionPublic:
+@router.get("/{name}/versions/{version}", responses=errors(404))
+def get_version(name: Name, version: Version, session: SessionDep, _: Viewer) -> ModelVersionPublic:
     return registry.public_version(
         session, registry.get_version(session, name=name, version=version)
     )
@@ -51,7 +51,7 @@ def get_version(name: str, version: str, session: SessionDep, _: Viewer) -> Mode
 
 @router.get("/{name}/stages/{stage}")
 def get_by_stage(
-    name: str, stage: Stage, session: SessionDep, _: Viewer
+    name: Name, stage: Stage, session: SessionDep, _: Viewer
 ) -> list[ModelVersionPublic]:
     return [
         registry.public_version(session, v)
@@ -59,9 +59,9 @@ def get_by_stage(
     ]
 
 
-@router.put("/{name}/versions/{version}/stage")
+@router.put("/{name}/versions/{version}/stage", responses=errors(400, 404))
 def set_stage(
-    name: str, version: str, change: StageChange, session: SessionDep, who: Operator
+    name: Name, version: Version, change: StageChange, session: SessionDep, who: Operator
 ) -> ModelVersionPublic:
     found = registry.get_version(session, name=name, version=version)
     registry.set_stage(session, version=found, stage=change.stage, actor=who.name)
@@ -69,16 +69,31 @@ def set_stage(
     return registry.public_version(session, found)
 
 
-@router.post("/{name}/versions/{version}/bundles", status_code=201)
+@router.post(
+    "/{name}/versions/{version}/bundles",
+    status_code=201,
+    responses=errors(400, 404, 409),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "the .efb file (edgefleet ota bundle), at most max_bundle_bytes",
+        }
+    },
+)
 async def attach_bundle(
-    name: str,
-    version: str,
+    name: Name,
+    version: Version,
     request: Request,
     server: ServerDep,
     session: SessionDep,
     who: Operator,
 ) -> BundlePublic:
-    """Upload a ``.efb`` (the raw request body); it is verified and signed for devices."""
+    """Upload a ``.efb`` (the raw request body); it is verified and signed for devices.
+
+    The body is streamed to disk; the body limit (``max_bundle_bytes``) bounds it."""
     found = registry.get_version(session, name=name, version=version)
     upload = await _receive(request, server.settings.data_dir / "uploads")
     try:
@@ -96,7 +111,7 @@ async def attach_bundle(
 
 
 async def _receive(request: Request, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=directory, suffix=".efb")
     path = Path(name)
     size = 0
@@ -104,8 +119,6 @@ async def _receive(request: Request, directory: Path) -> Path:
         with os.fdopen(fd, "wb") as out:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > MAX_BUNDLE_BYTES:
-                    raise RequestError(f"bundle is over the {MAX_BUNDLE_BYTES >> 30} GiB limit")
                 out.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)

@@ -9,16 +9,19 @@ from pydantic import BaseModel
 from sqlmodel import col, select
 
 from .. import rollouts
+from ..bounds import Name, Text
 from ..models import Rollout, RolloutCreate, RolloutDevice, RolloutPublic
 from .deps import Operator, ServerDep, SessionDep, Viewer
+from .responses import errors
 
-router = APIRouter(prefix="/rollouts", tags=["rollouts"])
+router = APIRouter(prefix="/rollouts", tags=["rollouts"], responses=errors(401, 403))
 
 Action = Literal["pause", "resume", "advance", "abort", "rollback"]
 
 
 class ActionRequest(BaseModel):
-    reason: str = ""
+    reason: Text = ""
+    """Goes into the rollout's reason and the audit log."""
 
 
 class RolloutDevicePublic(BaseModel):
@@ -29,7 +32,7 @@ class RolloutDevicePublic(BaseModel):
     detail: str
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(400, 404))
 def create(
     data: RolloutCreate, server: ServerDep, session: SessionDep, who: Operator
 ) -> RolloutPublic:
@@ -45,13 +48,13 @@ def list_rollouts(session: SessionDep, _: Viewer) -> list[RolloutPublic]:
     return [rollouts.public_rollout(session, r) for r in found]
 
 
-@router.get("/{rollout_id}")
-def get(rollout_id: str, session: SessionDep, _: Viewer) -> RolloutPublic:
+@router.get("/{rollout_id}", responses=errors(404))
+def get(rollout_id: Name, session: SessionDep, _: Viewer) -> RolloutPublic:
     return rollouts.public_rollout(session, rollouts.get_rollout(session, rollout_id))
 
 
-@router.get("/{rollout_id}/devices")
-def devices(rollout_id: str, session: SessionDep, _: Viewer) -> list[RolloutDevicePublic]:
+@router.get("/{rollout_id}/devices", responses=errors(404))
+def devices(rollout_id: Name, session: SessionDep, _: Viewer) -> list[RolloutDevicePublic]:
     rollouts.get_rollout(session, rollout_id)
     rows = session.exec(
         select(RolloutDevice)
@@ -70,9 +73,9 @@ def devices(rollout_id: str, session: SessionDep, _: Viewer) -> list[RolloutDevi
     ]
 
 
-@router.post("/{rollout_id}/{action}")
+@router.post("/{rollout_id}/{action}", responses=errors(400, 404, 409))
 def act(
-    rollout_id: str,
+    rollout_id: Name,
     action: Action,
     server: ServerDep,
     session: SessionDep,

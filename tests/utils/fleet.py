@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from fastapi.testclient import TestClient
 
 from fleet.app import create_app
+from fleet.broker import MqttEndpoint
 from fleet.config import FleetSettings
 from fleet.server import ADMIN_TOKEN_FILE, FleetServer
 from fleet.simulator import SimulatedDeviceSpec
@@ -42,6 +43,14 @@ class RunningFleet:
         headers = {"Authorization": f"Bearer {token or self.admin_token}"}
         headers.update(kwargs.pop("headers", {}))
         return self.client.request(method, f"/api/v1{path}", headers=headers, **kwargs)
+
+    def metrics(self) -> str:
+        """``/metrics`` as Prometheus scrapes it, with the admin token."""
+        response = self.client.get(
+            "/metrics", headers={"Authorization": f"Bearer {self.admin_token}"}
+        )
+        assert response.status_code == 200, f"/metrics: {response.status_code} {response.text}"
+        return str(response.text)
 
     def token(self, role: str) -> str:
         return str(
@@ -76,7 +85,11 @@ class RunningFleet:
         bundle: str | None = None,
         bundle_version_number: int | None = None,
     ) -> list[SimulatedDeviceSpec]:
-        """Enroll ``count`` devices through ``/enroll``; specs for the simulator."""
+        """Enroll ``count`` devices through ``/enroll``; specs for the simulator.
+
+        ``tags`` are set by an operator's ``PUT /devices/ID/tags`` after enrollment (a
+        device cannot choose its own).
+        """
         grant = self.api("POST", "/enrollment-tokens", json={"profile": profile, "uses": count})[
             "token"
         ]
@@ -84,10 +97,12 @@ class RunningFleet:
         for i in range(count):
             enrolled = self.client.post(
                 "/api/v1/enroll",
-                json={"token": grant, "device_id": f"{prefix}-{i:04d}", "tags": tags(i)},
+                json={"token": grant, "device_id": f"{prefix}-{i:04d}"},
             )
             assert enrolled.status_code == 201, enrolled.text
             body = enrolled.json()
+            if tags(i):
+                self.api("PUT", f"/devices/{body['device_id']}/tags", json={"tags": tags(i)})
             specs.append(
                 SimulatedDeviceSpec(
                     device_id=body["device_id"],
@@ -114,6 +129,32 @@ def running_fleet(data_dir: Path, **overrides: Any) -> Iterator[RunningFleet]:
     with TestClient(app) as client:
         token = (data_dir / ADMIN_TOKEN_FILE).read_text().strip()
         yield RunningFleet(client=client, server=app.state.fleet, admin_token=token)
+
+
+def device_endpoint(enrolled: dict[str, Any], directory: Path) -> MqttEndpoint:
+    """How a device reaches the broker with what ``/enroll`` answered it: its password, or
+    (mTLS) its certificate and key, written into ``directory`` with the fleet's CA."""
+    mqtt = enrolled["mqtt"]
+    if not mqtt["tls"]:
+        return MqttEndpoint(
+            mqtt["host"], mqtt["port"], username=mqtt["username"], password=mqtt["password"]
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {
+        "ca": (directory / "ca.pem", mqtt["ca_pem"]),
+        "cert": (directory / f"{enrolled['device_id']}.pem", enrolled["certificate_pem"]),
+        "key": (directory / f"{enrolled['device_id']}.key", enrolled["private_key_pem"]),
+    }
+    for path, text in files.values():
+        path.write_text(text)
+    return MqttEndpoint(
+        mqtt["host"],
+        mqtt["port"],
+        tls=True,
+        ca_file=files["ca"][0],
+        cert_file=files["cert"][0],
+        key_file=files["key"][0],
+    )
 
 
 def make_bundle(
@@ -143,26 +184,48 @@ def wait_for(
 class CommandObserver:
     """A broker-side witness: every command any device was sent, as the broker delivered it.
 
-    Connects with the fleet's own broker account (the only one that may read every
-    ``cmd`` topic) and records ``(device_id, Command)`` in arrival order.
+    Connects with a broker account of its own, made through the broker's dynamic-security
+    plugin (no fleet account may read ``cmd`` topics), and records ``(device_id, Command)``
+    in arrival order.
     """
 
     def __init__(self, fleet: RunningFleet) -> None:
+        import secrets
         import threading
 
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         from contracts.mqtt import Command, decode_payload, device_id_from_topic
-        from fleet.server import FLEET_MQTT_USER
 
         self.commands: list[tuple[str, Command]] = []
         subscribed = threading.Event()
-        password = (fleet.server.settings.data_dir / "mqtt-fleet.password").read_text().strip()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="test-observer", protocol=mqtt.MQTTv5
+        broker = fleet.server.broker
+        assert broker is not None, "the observer needs the fleet's embedded broker"
+        username, password = f"test-observer-{secrets.token_hex(4)}", secrets.token_urlsafe(16)
+        commands = "edgefleet/v1/devices/+/cmd"
+        broker.control(
+            [
+                {
+                    "command": "createRole",
+                    "rolename": username,
+                    "acls": [
+                        {"acltype": kind, "topic": commands, "allow": True}
+                        for kind in ("subscribeLiteral", "publishClientReceive")
+                    ],
+                },
+                {
+                    "command": "createClient",
+                    "username": username,
+                    "password": password,
+                    "roles": [{"rolename": username}],
+                },
+            ]
         )
-        self._client.username_pw_set(FLEET_MQTT_USER, password)
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=username, protocol=mqtt.MQTTv5
+        )
+        self._client.username_pw_set(username, password)
 
         def on_connect(client: Any, *_: Any) -> None:
             client.subscribe("edgefleet/v1/devices/+/cmd", qos=1)

@@ -1,4 +1,5 @@
-"""Real MQTT clients for broker tests: mosquitto_sub and mosquitto_pub as subprocesses.
+"""Real MQTT clients for broker tests: mosquitto_sub and mosquitto_pub as subprocesses, and
+a paho client that reports every reason code.
 
 Each takes an ``MqttEndpoint`` for whom to connect as (username/password, or CA,
 certificate and key). All speak MQTT 5, so a refusal comes back with its reason.
@@ -6,16 +7,25 @@ certificate and key). All speak MQTT 5, so a refusal comes back with its reason.
 
 from __future__ import annotations
 
+import queue
 import socket
 import subprocess
 import threading
 import time
 from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.broker import MqttEndpoint
 
 Result = tuple[int, str, str]
 """``(returncode, stdout, stderr)``."""
+REFUSED = 135
+"""The SUBACK / PUBACK / CONNACK reason code "Not authorized"."""
+ACCEPTED = (0, 16)
+"""PUBACK reason codes of an accepted publish: delivered, or "No matching subscribers"."""
 
 
 def free_port() -> int:
@@ -130,3 +140,79 @@ class Subscriber:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class PahoClient:
+    """A paho MQTT 5 client: messages into a queue, SUBACK and PUBACK reason codes.
+
+    ``will``: ``(topic, payload)`` of a retained QoS 1 Last Will. It connects at once and
+    asserts that the broker accepted it; paho reconnects by itself after a disconnection,
+    which ``disconnects`` counts.
+    """
+
+    def __init__(
+        self, endpoint: MqttEndpoint, client_id: str, *, will: tuple[str, str] | None = None
+    ) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.pubacks: dict[int, int] = {}
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.disconnects = 0
+        self._subscribed = threading.Event()
+        self._granted: list[int] = []
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if endpoint.username:
+            c.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls:
+            c.tls_set(
+                ca_certs=str(endpoint.ca_file),
+                certfile=str(endpoint.cert_file) if endpoint.cert_file else None,
+                keyfile=str(endpoint.key_file) if endpoint.key_file else None,
+            )
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
+        c.on_publish = lambda _c, _u, mid, rc, _p: self.pubacks.__setitem__(mid, rc.value)
+        c.connect(endpoint.host, endpoint.port)
+        c.loop_start()
+        self.client = c
+        assert self.connected.wait(5), f"{client_id} was not accepted"
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            self.connected.set()
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self.disconnects += 1
+        self.disconnected.set()
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        self._granted = [c.value for c in codes]
+        self._subscribed.set()
+
+    def subscribe(self, topic: str) -> int:
+        """The SUBACK's reason code: the QoS granted, or :data:`REFUSED`."""
+        self._subscribed.clear()
+        self.client.subscribe(topic, qos=1)
+        assert self._subscribed.wait(5), f"no SUBACK for {topic}"
+        (code,) = self._granted
+        return code
+
+    def publish(self, topic: str, payload: str | bytes, *, retain: bool = False) -> int:
+        """The PUBACK's reason code (:data:`ACCEPTED`, or :data:`REFUSED`)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        deadline = time.monotonic() + 5
+        while info.mid not in self.pubacks:
+            assert time.monotonic() < deadline, "no PUBACK"
+            time.sleep(0.01)
+        return self.pubacks[info.mid]
+
+    def next_message(self, timeout_s: float = 5.0) -> tuple[str, bytes]:
+        return self.messages.get(timeout=timeout_s)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

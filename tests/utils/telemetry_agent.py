@@ -21,6 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import TelemetryConfig
 from agent.telemetry import InferenceOutcome, InferenceStats, TelemetrySender
@@ -78,7 +79,11 @@ def main() -> int:
     def on_connect(*_: Any) -> None:
         sender.wake()
 
+    def on_publish(_client: Any, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:
+        sender.published(mid, reason)
+
     client.on_connect = on_connect
+    client.on_publish = on_publish
     client.connect_async(args.host, args.port)
     client.loop_start()
     sender.start()
