@@ -139,8 +139,16 @@ def compile_command(
     ] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed calls per artifact.", min=1)] = 50,
     out: Annotated[
-        Path, typer.Option(help="Output directory for artifacts and report.json.")
-    ] = Path("build"),
+        Path | None,
+        typer.Option(
+            help="Output directory (default build/MODEL-PROFILE); replaced only when it is "
+            "empty or an earlier compile's output."
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace --out even if it holds other files."),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Prune, quantize, tune and build MODEL for a hardware profile, behind an accuracy gate."""
@@ -167,6 +175,7 @@ def compile_command(
         fail("--rpc-tracker and --rpc-key go together")
     try:
         hw = load_profile(profile)
+        out = out or Path("build") / f"{_model_stem(model)}-{hw.name}"
         overrides = {
             k: v
             for k, v in {
@@ -181,6 +190,7 @@ def compile_command(
             model=model,
             profile=hw,
             out_dir=out,
+            force=force,
             calibration=calibration,
             validation=validation,
             quantize=quantize,
@@ -211,3 +221,8 @@ def compile_command(
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"wrote {out / 'report.json'} and {out / 'MODEL_CARD.md'}")
+
+
+def _model_stem(model: Path) -> str:
+    """``digits`` for ``digits.onnx``, ``digits.keras`` or a SavedModel directory ``digits/``."""
+    return model.name.split(".")[0] or "model"

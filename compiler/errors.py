@@ -12,6 +12,7 @@ __all__ = [
     "CompilerError",
     "DataError",
     "ModelImportError",
+    "OutputDirError",
     "StepError",
     "ToolchainError",
     "UnsupportedTargetError",
@@ -36,6 +37,10 @@ class UnsupportedTargetError(CompilerError, ValueError):
 
 class ToolchainError(CompilerError, RuntimeError):
     """The C compiler a profile names is missing or failed to link."""
+
+
+class OutputDirError(CompilerError, ValueError):
+    """``--out`` names a directory a compile may not replace (see ``compiler/output.py``)."""
 
 
 class StepError(CompilerError, RuntimeError):

@@ -23,7 +23,6 @@ import onnx
 from agent.errors import AgentError
 from agent.runtimes import OnnxRuntime, Runtime, load_runtime
 from contracts.artifacts import LEGACY_FP32, PRECISIONS, Precision, RuntimeName, artifact_id
-from contracts.durable import fsync_directory, fsync_tree
 from contracts.report import (
     AccuracyGate,
     CompileReport,
@@ -43,6 +42,7 @@ from .errors import AccuracyGateError, DataError, StepError, UnsupportedTargetEr
 from .golden import golden_inputs, write_golden
 from .importers import SourceModel, import_model
 from .measure import measure_latency
+from .output import check_output_dir, publish
 from .prune import PruneScope, magnitude_prune, structured_prune
 from .report import build_report, write_model_card, write_report
 from .tune import RpcTarget
@@ -76,6 +76,9 @@ class CompileOptions:
     select: Literal["fastest"] | None = None
     gate: AccuracyGate | None = None  # None: the profile's
     latency_runs: int = 50
+    force: bool = False
+    """Replace ``out_dir`` even when it is not an earlier compile output (never the
+    current directory, one above it, or one holding the model)."""
 
     def __post_init__(self) -> None:
         if self.quantize not in PRECISIONS:
@@ -471,8 +474,10 @@ def compile_model(
 ) -> CompileReport:
     """Run ``pipeline`` and publish artifacts, report.json and MODEL_CARD.md to ``out_dir``.
 
-    On any error nothing is published and ``out_dir`` is left as it was.
+    On any error nothing is published and ``out_dir`` is left as it was; an ``out_dir`` a
+    compile may not replace (``compiler/output.py``) is refused before any work starts.
     """
+    check_output_dir(options.out_dir, source=options.model, force=options.force)
     out = options.out_dir.resolve()
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     ctx = CompileContext(options, staging, staging / ".work")
@@ -488,7 +493,7 @@ def compile_model(
             for hook in (recorder, *hooks):
                 hook.after_step(name, seconds, detail)
         report = _finish(ctx, recorder.records)
-        _publish(staging, out)
+        publish(staging, out, source=options.model, force=options.force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -528,16 +533,3 @@ def _settings(options: CompileOptions) -> CompileSettings:
         select=options.select,
         rpc_tracker=f"{options.rpc.host}:{options.rpc.port}" if options.rpc else None,
     )
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the staged directory in for ``out`` with renames, so readers never see half:
-    every staged file is on disk before the renames, and the renames before the old
-    directory goes."""
-    fsync_tree(staging)
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    fsync_directory(out.parent)
-    shutil.rmtree(old, ignore_errors=True)

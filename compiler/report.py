@@ -24,6 +24,7 @@ from contracts.report import (
 
 from .candidates import Candidate
 from .importers import sha256_file
+from .output import MODEL_CARD_NAME
 
 __all__ = ["build_report", "library_versions", "write_model_card", "write_report"]
 
@@ -163,6 +164,6 @@ def write_model_card(report: CompileReport, out_dir: Path) -> Path:
     if report.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     lines += ["## Libraries", "", *[f"- {k} {v}" for k, v in report.libraries.items()], ""]
-    path = out_dir / "MODEL_CARD.md"
+    path = out_dir / MODEL_CARD_NAME
     write_atomic(path, "\n".join(lines).encode())
     return path

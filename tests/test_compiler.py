@@ -186,7 +186,7 @@ def test_an_over_pruned_model_fails_the_gate_and_publishes_nothing(
     result = runner.invoke(
         app,
         ["compile", str(digits / "digits.onnx"), "--profile", "host", "--prune", "0.99",
-         "--calibration", str(digits / "digits.npz"), "--out", str(out)],
+         "--calibration", str(digits / "digits.npz"), "--out", str(out), "--force"],
     )  # fmt: skip
     assert result.exit_code == EXIT_ERROR
     message = " ".join(result.stderr.split())
