@@ -16,6 +16,7 @@ __all__ = [
     "EXIT_ERROR",
     "JsonOption",
     "fail",
+    "print_error",
     "print_json",
 ]
 
@@ -31,7 +32,12 @@ def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-def fail(message: object) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with EXIT_ERROR."""
+def print_error(message: object) -> None:
+    """``error: message`` on stderr."""
     _stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def fail(message: object) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with EXIT_ERROR (inside a command)."""
+    print_error(message)
     raise typer.Exit(EXIT_ERROR)

@@ -1,5 +1,5 @@
 """``python -m edgefleet``: the same as the ``edgefleet`` command."""
 
-from edgefleet.cli import app
+from edgefleet.cli import run
 
-app(prog_name="edgefleet")
+run()

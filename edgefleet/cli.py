@@ -8,6 +8,7 @@ others; nothing imports it.
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Annotated
 
@@ -18,13 +19,41 @@ import compiler.cli
 import fleet.cli
 import hw_profiles.cli
 import ota.cli
+from contracts.cli import EXIT_ERROR, print_error
 
 app = typer.Typer(
     name="edgefleet",
     help="Take a trained model to a fleet of edge devices and keep it healthy there.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help: click's formatter keeps every option name whole at 80 columns, and gives
+    # flags no metavar; rich's panels truncated names and showed `<bool>` on every flag.
+    rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = importlib.metadata.version("edgefleet")
+        except importlib.metadata.PackageNotFoundError:  # a source tree, not installed
+            version = "unknown (not installed)"
+        typer.echo(f"edgefleet {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Take a trained model to a fleet of edge devices and keep it healthy there."""
+
+
 app.add_typer(hw_profiles.cli.app, name="profiles")
 app.command("compile")(compiler.cli.compile_command)
 app.add_typer(ota.cli.app, name="ota")
@@ -45,3 +74,17 @@ def demo(
     from .demo import run_demo
 
     run_demo(out)
+
+
+def run() -> None:
+    """The console script: the app, with the mistakes any command can meet turned into one
+    ``error:`` line instead of a traceback: a file that is missing or unreadable (exit 1),
+    Ctrl-C (exit 130)."""
+    try:
+        app(prog_name="edgefleet")
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print_error(f"{where}{e.strerror or e}")
+        raise SystemExit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -38,10 +38,48 @@ def test_the_cli_has_a_group_per_package() -> None:
 
 
 @pytest.mark.parametrize("path", ALL_COMMANDS, ids=lambda p: " ".join(p) or "edgefleet")
-def test_every_command_has_help(path: tuple[str, ...]) -> None:
-    result = runner.invoke(app, [*path, "--help"])
+def test_every_command_has_help_readable_at_80_columns(path: tuple[str, ...]) -> None:
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines()), result.output
+    assert "<bool>" not in result.output and "…" not in result.output
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    for param in getattr(command, "params", []):
+        if getattr(param, "hidden", False):
+            continue
+        for option in param.opts:
+            if option.startswith("--"):
+                assert option in result.output, f"{option} is cut from the help"
+
+
+def test_version_prints_the_installed_version() -> None:
+    import importlib.metadata
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"edgefleet {importlib.metadata.version('edgefleet')}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ota", "delta", "missing-old.efb", "missing-new.efb", "--out", "d.delta"],
+        ["ota", "patch", "missing-old.efb", "missing.delta", "--out", "x.efb"],
+        ["ota", "verify", "missing.efb", "--root", "missing-root.json"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_a_missing_file_is_one_error_line_not_a_traceback(args: list[str], tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "edgefleet"
+    result = subprocess.run(
+        [str(script), *args], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert result.returncode == EXIT_ERROR, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error:") and len(result.stderr.splitlines()) <= 3
 
 
 def test_profiles_list_shows_the_six_profiles() -> None:
