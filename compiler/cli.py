@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
@@ -14,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts.artifacts import LEGACY_FP32, PRECISIONS
-from contracts.cli import JsonOption, fail, print_json
+from contracts.cli import JsonOption, fail, print_json, third_party_output_to_stderr
 from contracts.report import REFERENCE_LATENCY
 
 if TYPE_CHECKING:
@@ -44,24 +40,6 @@ class _ProgressHook:
         if self._status is not None:
             self._status.stop()
             self._status = None
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
-    """Keep stdout for the JSON report: TensorFlow and tf2onnx print to it, some from C++."""
-    if not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def candidates_table(report: CompileReport) -> Table:
@@ -207,7 +185,7 @@ def compile_command(
         )
         progress = _ProgressHook()
         try:
-            with _stdout_to_stderr(json_output):
+            with third_party_output_to_stderr():
                 report = compile_model(options, hooks=[progress])
         finally:
             progress.close()

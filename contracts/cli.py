@@ -6,7 +6,11 @@ error (typer's).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -18,6 +22,7 @@ __all__ = [
     "fail",
     "print_error",
     "print_json",
+    "third_party_output_to_stderr",
 ]
 
 EXIT_ERROR = 1
@@ -25,6 +30,23 @@ EXIT_ERROR = 1
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
 
 _stderr = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def third_party_output_to_stderr() -> Iterator[None]:
+    """Move what libraries print (TensorFlow, absl and tf2onnx write to stdout, some from
+    C++, so at the file-descriptor level) to stderr for the duration: stdout keeps only
+    what edgefleet itself prints, so ``--json`` pipes into ``jq`` and tables stay clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def print_json(data: Any) -> None:

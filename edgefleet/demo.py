@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from contracts.cli import fail
+from contracts.cli import fail, third_party_output_to_stderr
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
 # The demo's keys protect nothing; real repositories take the passphrase from the env.
@@ -58,16 +58,17 @@ def run_demo(out: Path) -> None:
         # of accuracy: a 1-point gate can fail on noise. It allows 3 points here.
         gate = hw.accuracy_gate.model_copy(update={"max_accuracy_drop": DEMO_MAX_ACCURACY_DROP})
         try:
-            report = compile_model(
-                CompileOptions(
-                    model=data / "digits.keras",
-                    profile=hw,
-                    gate=gate,
-                    out_dir=out / profile,
-                    calibration=data / "digits.npz",
-                    **extra,  # type: ignore[arg-type]
+            with third_party_output_to_stderr():
+                report = compile_model(
+                    CompileOptions(
+                        model=data / "digits.keras",
+                        profile=hw,
+                        gate=gate,
+                        out_dir=out / profile,
+                        calibration=data / "digits.npz",
+                        **extra,  # type: ignore[arg-type]
+                    )
                 )
-            )
         except CompilerError as e:
             fail(e)
         console.print(candidates_table(report))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,23 @@ def test_json_output_is_only_the_report_even_when_tensorflow_prints(
     report = json.loads(result.stdout)
     assert report == json.loads((tmp_path / "out" / "report.json").read_text())
     assert "litert:int8" in {a["id"] for a in report["artifacts"]}
+
+
+def test_stdout_holds_only_what_edgefleet_prints(digits: Path, tmp_path: Path) -> None:
+    """TensorFlow's start-up lines and the LiteRT converter's "Saved artifact at ..." go to
+    stderr; stdout is the candidates table, the notes and where the output went."""
+    script = Path(sys.executable).parent / "edgefleet"
+    result = subprocess.run(
+        [str(script), "compile", str(digits / "digits.keras"), "--profile", "host",
+         "--calibration", str(digits / "digits.npz"), "--out", str(tmp_path / "out"),
+         "--latency-runs", "3"],
+        capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "120"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Saved artifact" in result.stderr  # the converter did talk...
+    for noise in ("Saved artifact", "absl", "tensorflow", "WARNING", "I0000"):
+        assert noise not in result.stdout, result.stdout  # ...but not on stdout
+    assert "litert:fp32" in result.stdout and "report.json" in result.stdout
 
 
 def test_a_corrupt_data_file_is_a_data_error(digits: Path, tmp_path: Path) -> None:
