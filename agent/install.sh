@@ -4,7 +4,8 @@
 #   sudo sh install.sh [--package SPEC] [options of `edgefleet agent install`]
 #
 # SPEC is what pip installs into the agent's venv: edgefleet[agent] (the default), a
-# version (edgefleet[agent]==0.2.0), or a wheel or source folder (./edgefleet.whl[agent]).
+# version (edgefleet==0.2.0), or a wheel or source folder (./edgefleet.whl); `edgefleet
+# agent install` gives it the [agent] extra unless it names extras.
 # A throwaway bootstrap venv gets edgefleet without its extras, just enough to run
 # `edgefleet agent install`, which does the rest. pip reads PIP_INDEX_URL, PIP_FIND_LINKS,
 # PIP_NO_INDEX and the like from the environment in both steps, for offline boards.

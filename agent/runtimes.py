@@ -4,6 +4,11 @@ Each runtime loads one artifact and answers ``predict`` (one call, inputs as the
 takes them) and ``predict_batch`` (N samples stacked on the first axis, split into calls the
 model accepts). Inputs are keyed by the source model's input names; outputs come back as a
 list in the model's output order, always as float32 when the model quantized its outputs.
+
+A signature sidecar (``ARTIFACT.json``, :func:`write_signature`) names an artifact's inputs
+and outputs as the source model does: a TVM library needs one (it carries no names), and a
+LiteRT model uses one when it has it (the converter renames ``image`` to
+``serving_default_image:0``), so clients send the same names whichever runtime serves.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ __all__ = [
     "Runtime",
     "TvmRuntime",
     "load_runtime",
-    "read_tvm_metadata",
-    "write_tvm_metadata",
+    "read_signature",
+    "write_signature",
 ]
 
 
@@ -140,7 +145,8 @@ class LiteRTRuntime:
     """A ``.tflite`` file on LiteRT (``ai-edge-litert``, or ``tflite-runtime`` if that is there).
 
     Inputs are matched to the model's by position. Integer-quantized inputs and outputs are
-    quantized and dequantized here, so callers always speak float32.
+    quantized and dequantized here, so callers always speak float32. With a signature
+    sidecar beside the file, inputs and outputs carry the source model's names and types.
     """
 
     name: RuntimeName = "litert"
@@ -158,17 +164,33 @@ class LiteRTRuntime:
             raise ModelLoadError(f"LiteRT cannot load {path}: {e}") from e
         self._in = self._interpreter.get_input_details()
         self._out = self._interpreter.get_output_details()
+        self._inputs = [_litert_spec(d) for d in self._in]
+        self._outputs = [_litert_spec(d) for d in self._out]
+        if path.with_suffix(".json").is_file():
+            inputs, outputs = read_signature(path)
+            if (len(inputs), len(outputs)) != (len(self._in), len(self._out)):
+                raise ModelLoadError(
+                    f"{path.with_suffix('.json')} names {len(inputs)} inputs and "
+                    f"{len(outputs)} outputs, but {path.name} has {len(self._in)} and "
+                    f"{len(self._out)}: the sidecar belongs to another model"
+                )
+            self._inputs, self._outputs = inputs, outputs
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [_litert_spec(d) for d in self._in]
+        return list(self._inputs)
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [_litert_spec(d) for d in self._out]
+        return list(self._outputs)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        for detail, value in zip(self._in, inputs.values(), strict=True):
+        values = (
+            [inputs[spec.name] for spec in self._inputs]
+            if all(spec.name in inputs for spec in self._inputs)
+            else list(inputs.values())
+        )
+        for detail, value in zip(self._in, values, strict=True):
             self._interpreter.set_tensor(detail["index"], _quantize(value, detail))
         self._interpreter.invoke()
         return [_dequantize(self._interpreter.get_tensor(d["index"]), d) for d in self._out]
@@ -206,18 +228,19 @@ def _dequantize(value: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
     return value
 
 
-def write_tvm_metadata(
-    library: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+def write_signature(
+    artifact: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
 ) -> Path:
-    """Write the sidecar that tells the agent a TVM library's input and output names."""
-    sidecar = library.with_suffix(".json")
+    """Write the sidecar naming an artifact's inputs and outputs (``ARTIFACT.json``)."""
+    sidecar = artifact.with_suffix(".json")
     data = {"inputs": [asdict(s) for s in inputs], "outputs": [asdict(s) for s in outputs]}
     sidecar.write_text(json.dumps(data, indent=2))
     return sidecar
 
 
-def read_tvm_metadata(library: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    sidecar = library.with_suffix(".json")
+def read_signature(artifact: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs and outputs an artifact's sidecar names."""
+    sidecar = artifact.with_suffix(".json")
     try:
         data = json.loads(sidecar.read_text())
         specs = [
@@ -225,7 +248,7 @@ def read_tvm_metadata(library: Path) -> tuple[list[TensorSpec], list[TensorSpec]
             for key in ("inputs", "outputs")
         ]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"TVM model {library} needs a readable sidecar {sidecar}: {e}") from e
+        raise ModelLoadError(f"{artifact} needs a readable signature {sidecar}: {e}") from e
     return specs[0], specs[1]
 
 
@@ -237,7 +260,7 @@ class TvmRuntime:
     def __init__(self, path: Path, device: Device = "cpu") -> None:
         tvm = _require("tvm", "tvm")
         _check_file(path, "tvm")
-        self._inputs, self._outputs = read_tvm_metadata(path)
+        self._inputs, self._outputs = read_signature(path)
         try:
             self._device = tvm.cuda() if device == "gpu" else tvm.cpu()
             self._vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(str(path)), self._device)

@@ -157,6 +157,7 @@ def main() -> None:
                 inputs=source.inputs,
                 outputs=source.outputs,
                 work=work,
+                twin=False,
             )
             rows.append(
                 row(f"tvm {label}", TvmRuntime(path), path, data, reference, args.runs, note)

@@ -6,20 +6,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.artifacts import Device, Precision, RuntimeName, artifact_id
-from contracts.report import Comparison, GoldenVectors, Latency
+from contracts.report import Comparison, GoldenVectors, Latency, ValidatedOn
 
 __all__ = ["Candidate"]
 
 
 @dataclass
 class Candidate:
-    """``artifact`` is what ships; ``runnable`` is what runs here when that differs (a TVM
-    build for the board validated through the same module built for this machine)."""
+    """``artifact`` is what ships; ``runnable`` is what runs on this machine when that
+    differs (a TVM build for the board validated through the same module built for this
+    machine); ``validated_on`` says where the gate and the golden vectors run it."""
 
     runtime: RuntimeName
     precision: Precision
     artifact: Path
     runnable: Path
+    validated_on: ValidatedOn
     device: Device = "cpu"
     comparison: Comparison | None = None
     latency: Latency | None = None
@@ -30,6 +32,10 @@ class Candidate:
     @property
     def id(self) -> str:
         return artifact_id(self.runtime, self.precision)
+
+    @property
+    def emulated(self) -> bool:
+        return self.validated_on.kind == "emulator"
 
     @property
     def passed(self) -> bool:

@@ -113,9 +113,21 @@ def compile_command(
     max_abs_error: Annotated[float | None, typer.Option(help="Override the gate.")] = None,
     cache_dir: Annotated[
         Path | None,
-        typer.Option(help="Where tuning databases persist (default ~/.cache/edgefleet)."),
+        typer.Option(
+            help="Where tuning databases and emulated userlands persist "
+            "(default ~/.cache/edgefleet)."
+        ),
     ] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed calls per artifact.", min=1)] = 50,
+    emulation: Annotated[
+        str,
+        typer.Option(
+            help="For a board this machine cannot run: 'auto' validates its artifacts on an "
+            "emulated board when this machine can (root, qemu-user-static) and the arm64 "
+            "userland is built; 'on' requires it, building the userland once; 'off' "
+            "validates here."
+        ),
+    ] = "auto",
     out: Annotated[
         Path | None,
         typer.Option(
@@ -149,6 +161,8 @@ def compile_command(
         fail(f"--prune-scope must be global or layer, got {prune_scope!r}")
     if select not in (None, "fastest"):
         fail(f"--select accepts only 'fastest', got {select!r}")
+    if emulation not in ("auto", "on", "off"):
+        fail(f"--emulation must be auto, on or off, got {emulation!r}")
     if (rpc_tracker is None) != (not rpc_key):
         fail("--rpc-tracker and --rpc-key go together")
     try:
@@ -181,6 +195,7 @@ def compile_command(
             select=cast(Literal["fastest"] | None, select),
             gate=AccuracyGate.model_validate({**hw.accuracy_gate.model_dump(), **overrides}),
             latency_runs=latency_runs,
+            emulation=cast(Literal["auto", "on", "off"], emulation),
             **({"cache_dir": cache_dir} if cache_dir else {}),
         )
         progress = _ProgressHook()

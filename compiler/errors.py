@@ -11,6 +11,7 @@ __all__ = [
     "AccuracyGateError",
     "CompilerError",
     "DataError",
+    "EmulationError",
     "ModelImportError",
     "OutputDirError",
     "StepError",
@@ -37,6 +38,10 @@ class UnsupportedTargetError(CompilerError, ValueError):
 
 class ToolchainError(CompilerError, RuntimeError):
     """The C compiler a profile names is missing or failed to link."""
+
+
+class EmulationError(CompilerError, RuntimeError):
+    """An emulated board could not be built or run (see ``compiler/emulation``)."""
 
 
 class OutputDirError(CompilerError, ValueError):

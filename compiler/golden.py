@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes import Runtime
 from contracts.artifacts import Precision
 from contracts.report import GoldenVectors
 from contracts.tensors import TensorSpec
@@ -48,11 +47,13 @@ def golden_inputs(
 
 
 def write_golden(
-    runtime: Runtime, inputs: Mapping[str, np.ndarray], precision: Precision, path: Path
+    outputs: list[np.ndarray],
+    inputs: Mapping[str, np.ndarray],
+    precision: Precision,
+    path: Path,
 ) -> GoldenVectors:
-    """Run ``inputs`` through ``runtime`` and save both to ``path``; the record names the
-    file by its name alone (it sits beside the artifact) with the tolerance."""
-    outputs = runtime.predict_batch(inputs)
+    """Save ``inputs`` and the artifact's ``outputs`` for them to ``path``; the record names
+    the file by its name alone (it sits beside the artifact) with the tolerance."""
     arrays = {f"input:{name}": value for name, value in inputs.items()}
     arrays |= {f"output:{i}": value for i, value in enumerate(outputs)}
     with path.open("wb") as f:

@@ -4,12 +4,19 @@ Steps live in a registry that refuses duplicates; each takes the ``CompileContex
 returns the detail the report shows for it. Timing and progress are hooks around the
 steps, never code inside them. Artifacts are built in a staging directory next to the
 output and published only when every step, the accuracy gate included, has passed.
+
+Where artifacts run for the gate and the golden vectors: on this machine when the profile's
+target does; else, when this machine can emulate the board (``compiler/emulation``), the
+artifacts themselves on an emulated board with the profile's CPU model; else the artifacts
+that are portable (ONNX, TFLite) here and TVM through a twin built for this machine. Each
+candidate's ``validated_on`` records which; emulated runs are never timed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,7 +28,7 @@ import numpy as np
 import onnx
 
 from agent.errors import AgentError
-from agent.runtimes import OnnxRuntime, Runtime, load_runtime
+from agent.runtimes import OnnxRuntime, Runtime, load_runtime, write_signature
 from contracts.artifacts import LEGACY_FP32, PRECISIONS, Precision, RuntimeName, artifact_id
 from contracts.report import (
     AccuracyGate,
@@ -30,15 +37,22 @@ from contracts.report import (
     Latency,
     SourceInfo,
     StepRecord,
+    ValidatedOn,
 )
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile
-from hw_profiles.host import runs_here
+from hw_profiles.host import detect_host, runs_here
 
-from . import litert, quantize, tune, tvm_build
+from . import emulation, litert, quantize, tune, tvm_build
 from .candidates import Candidate
 from .data import Dataset, load_dataset
-from .errors import AccuracyGateError, DataError, StepError, UnsupportedTargetError
+from .errors import (
+    AccuracyGateError,
+    DataError,
+    EmulationError,
+    StepError,
+    UnsupportedTargetError,
+)
 from .golden import golden_inputs, write_golden
 from .importers import SourceModel, import_model
 from .measure import measure_latency
@@ -76,6 +90,10 @@ class CompileOptions:
     select: Literal["fastest"] | None = None
     gate: AccuracyGate | None = None  # None: the profile's
     latency_runs: int = 50
+    emulation: Literal["auto", "on", "off"] = "auto"
+    """For a profile this machine cannot run: ``auto`` runs its artifacts on an emulated
+    board when this machine can and the userland is built; ``on`` requires that, building
+    the userland first if needed (minutes, once); ``off`` validates on this machine."""
     force: bool = False
     """Replace ``out_dir`` even when it is not an earlier compile output (never the
     current directory, one above it, or one holding the model)."""
@@ -93,6 +111,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "edgefleet"
 
 
+@dataclass(frozen=True)
+class _Emulator:
+    """The emulated board the profile's artifacts run on, chosen by the emulator step."""
+
+    userland: emulation.Userland
+    board: emulation.BoardSpec
+
+
 @dataclass
 class CompileContext:
     options: CompileOptions
@@ -105,6 +131,7 @@ class CompileContext:
     precisions: list[Precision] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     tuning_database: Path | None = None
+    emulator: _Emulator | None = None
     reference_latency: Latency | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -126,6 +153,7 @@ StepFn = Callable[[CompileContext], dict[str, Any]]
 _STEPS: dict[str, StepFn] = {}
 DEFAULT_PIPELINE = (
     "import",
+    "emulator",
     "prune",
     "quantize",
     "tune",
@@ -237,6 +265,69 @@ def _prune(ctx: CompileContext) -> dict[str, Any]:
     return report.as_detail()
 
 
+@register_step("emulator")
+def _emulator(ctx: CompileContext) -> dict[str, Any]:
+    """Choose where the artifacts of a profile this machine cannot run will run (see the
+    module doc and ``CompileOptions.emulation``)."""
+    here, why = _runs_here(ctx)
+    if here:
+        return {"skipped": "the profile's target runs on this machine"}
+    mode, arch = ctx.options.emulation, ctx.profile.arch
+    if mode == "off":
+        return {"skipped": "--emulation off"}
+    spec = emulation.agent_userland_spec(arch)
+    cache = ctx.options.cache_dir
+    reason: str | None = None
+    userland: emulation.Userland | None = None
+    if ctx.profile.emulation is None:
+        reason = f"profile {ctx.profile.name!r} has no [emulation] section naming a CPU model"
+    elif mode == "auto" and emulation.find_userland(spec, cache) is None:
+        reason = (
+            f"no {arch} userland is built in {cache / 'userlands'} "
+            "(--emulation on builds it once, in a few minutes)"
+        )
+    else:
+        reason = emulation.emulation_unavailable(arch)
+    if reason is None:
+        try:
+            userland = emulation.ensure_userland(
+                spec, cache, echo=lambda line: print(line, file=sys.stderr)
+            )
+        except EmulationError as e:
+            reason = str(e)
+    if userland is None or ctx.profile.emulation is None:
+        if mode == "on":
+            raise UnsupportedTargetError(f"--emulation on, but {arch} cannot be emulated: {reason}")
+        ctx.notes.append(
+            f"validated on this machine, not on {arch} ({why}): {reason}; a TVM build for the "
+            "board is validated through the same module built for this machine"
+        )
+        return {"skipped": reason}
+    board = emulation.BoardSpec(ctx.profile.emulation.qemu_cpu)
+    ctx.emulator = _Emulator(userland, board)
+    return {"board": board.summary, "userland": str(userland.directory)}
+
+
+def _validated_on(ctx: CompileContext, device: str, *, twin: bool = False) -> ValidatedOn:
+    """Where a candidate will run for the gate and the golden vectors."""
+    host = str(detect_host()["arch"])
+    if twin:
+        return ValidatedOn(
+            kind="host-build", arch=host, summary=f"host build of the same module ({host})"
+        )
+    if ctx.emulator is None:
+        return ValidatedOn(
+            kind="build-machine", arch=host, summary=f"the artifact itself on this {host} machine"
+        )
+    board = ctx.emulator.board
+    provider = (
+        " (CPU execution provider: the board's GPU is not emulated)" if device == "gpu" else ""
+    )
+    return ValidatedOn(
+        kind="emulator", arch=ctx.profile.arch, cpu=board.cpu, summary=board.summary + provider
+    )
+
+
 def _artifact_path(
     ctx: CompileContext, runtime: RuntimeName, precision: Precision, suffix: str
 ) -> Path:
@@ -257,15 +348,25 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
             detail[artifact_id("onnxruntime", precision)] = quantize.quantize_onnx(
                 ctx.model_path, path, precision, ctx.calibration, ctx.options.keep_float
             )
+            device = runtimes["onnxruntime"].device
             ctx.candidates.append(
-                Candidate("onnxruntime", precision, path, path, runtimes["onnxruntime"].device)
+                Candidate("onnxruntime", precision, path, path, _validated_on(ctx, device), device)
             )
         if "litert" in runtimes and ctx.model().is_tensorflow:
             path = _artifact_path(ctx, "litert", precision, ".tflite")
             detail[artifact_id("litert", precision)] = litert.convert(
                 ctx.model(), path, precision, ctx.calibration
             )
-            ctx.candidates.append(Candidate("litert", precision, path, path))
+            # The converter renames inputs (image -> serving_default_image:0): the sidecar
+            # keeps the source's names, which the agent serves whatever the runtime.
+            write_signature(
+                path,
+                tvm_build.batch_one(ctx.model().inputs),
+                tvm_build.batch_one(ctx.model().outputs),
+            )
+            ctx.candidates.append(
+                Candidate("litert", precision, path, path, _validated_on(ctx, "cpu"))
+            )
     if "litert" in runtimes and not ctx.model().is_tensorflow:
         ctx.notes.append(
             "litert skipped: LiteRT artifacts are converted from a Keras or SavedModel source, "
@@ -309,6 +410,9 @@ def _build(ctx: CompileContext) -> dict[str, Any]:
         return {"skipped": "profile has no tvm runtime"}
     assert ctx.model_path is not None
     detail: dict[str, Any] = {}
+    here, _ = _runs_here(ctx)
+    device = tvm_runtime.device
+    twin = not here and (device == "gpu" or ctx.emulator is None)
     for precision in _tvm_precisions(ctx):
         path = _artifact_path(ctx, "tvm", precision, ".so")
         try:
@@ -322,14 +426,16 @@ def _build(ctx: CompileContext) -> dict[str, Any]:
                 inputs=ctx.model().inputs,
                 outputs=ctx.model().outputs,
                 work=ctx.work,
+                twin=twin,
             )
         except tvm_build.GpuToolchainMissing as e:
             ctx.notes.append(
                 f"{artifact_id('tvm', precision)} ({tvm_runtime.device}) not built: {e}"
             )
             continue
-        ctx.candidates.append(Candidate("tvm", precision, path, build.runnable, tvm_runtime.device))
-        detail[artifact_id("tvm", precision)] = build.as_detail()
+        where = _validated_on(ctx, device, twin=twin)
+        ctx.candidates.append(Candidate("tvm", precision, path, build.runnable, where, device))
+        detail[artifact_id("tvm", precision)] = build.as_detail() | {"validated_on": where.summary}
     return detail
 
 
@@ -348,6 +454,34 @@ def _load(candidate: Candidate) -> Runtime:
         raise StepError(f"{candidate.id} was built but does not load: {e}") from e
 
 
+def _run(
+    ctx: CompileContext, candidates: list[Candidate], inputs: dict[str, np.ndarray], purpose: str
+) -> dict[str, list[np.ndarray]]:
+    """Each candidate's outputs for ``inputs``, computed where its ``validated_on`` says: on
+    this machine, or (in one batch) on the emulated board."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    for candidate in candidates:
+        if not candidate.emulated:
+            runtime = _load(candidate)
+            outputs[candidate.id] = runtime.predict_batch(inputs)
+            runtime.close()
+    emulated = [c for c in candidates if c.emulated]
+    if emulated:
+        assert ctx.emulator is not None
+        board = ctx.emulator.board
+        artifacts = [emulation.ArtifactToRun(c.id, c.runtime, c.artifact) for c in emulated]
+        try:
+            outputs |= emulation.run_artifacts(
+                ctx.emulator.userland, board, artifacts, inputs, ctx.work / f"board-{purpose}"
+            )
+        except emulation.EmulatedRunError as e:
+            raise StepError(
+                f"{e.artifact or 'an artifact'} was built but does not run on {board.summary}: "
+                f"{e.detail}"
+            ) from e
+    return outputs
+
+
 def _tvm_precisions(ctx: CompileContext) -> list[Precision]:
     """TVM builds fp32 and fp16; an int8 request gets a TVM fp32 build beside the int8
     ONNX Runtime / LiteRT artifacts (TVM here has no int8 kernels that beat fp32)."""
@@ -364,17 +498,19 @@ def _tvm_precisions(ctx: CompileContext) -> list[Precision]:
 
 @register_step("validate")
 def _validate(ctx: CompileContext) -> dict[str, Any]:
-    """Every candidate that runs here against the unpruned fp32 original on ONNX Runtime."""
+    """Every candidate against the unpruned fp32 original on ONNX Runtime (this machine's)."""
     if ctx.validation is None:
         return {"skipped": "no validation data"}
     reference = _load_reference(ctx).predict_batch(ctx.validation.inputs)[0]
+    outputs = _run(ctx, ctx.candidates, ctx.validation.inputs, "validate")
     detail: dict[str, Any] = {}
     for candidate in ctx.candidates:
-        runtime = _load(candidate)
-        outputs = runtime.predict_batch(ctx.validation.inputs)[0]
-        runtime.close()
-        candidate.comparison = compare(reference, outputs, ctx.validation.labels, ctx.gate)
-        detail[candidate.id] = candidate.comparison.model_dump(mode="json")
+        candidate.comparison = compare(
+            reference, outputs[candidate.id][0], ctx.validation.labels, ctx.gate
+        )
+        detail[candidate.id] = candidate.comparison.model_dump(mode="json") | {
+            "validated_on": candidate.validated_on.summary
+        }
     failed = [c for c in ctx.candidates if not c.passed]
     if failed and ctx.options.select is None:
         raise AccuracyGateError(
@@ -406,7 +542,8 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
                 candidate.artifact, ctx.options.rpc, sample, ctx.options.latency_runs
             )
         elif not here:
-            candidate.latency_note = f"not measured: {why}"
+            emulated = "; emulated runs are not timed" if candidate.emulated else ""
+            candidate.latency_note = f"not measured: {why}{emulated}"
         elif candidate.device == "gpu":
             candidate.latency_note = "not measured: needs the board's GPU"
         else:
@@ -453,14 +590,14 @@ def _golden(ctx: CompileContext) -> dict[str, Any]:
     data = ctx.validation or ctx.calibration
     inputs = golden_inputs(data.inputs if data else None, ctx.model().inputs)
     detail: dict[str, Any] = {"inputs": "validation data" if data else "seeded noise"}
-    for candidate in ctx.candidates:
-        if not candidate.passed:
-            continue
-        runtime = _load(candidate)
+    shipped = [c for c in ctx.candidates if c.passed]
+    outputs = _run(ctx, shipped, inputs, "golden")
+    for candidate in shipped:
         path = candidate.artifact.with_name(f"{candidate.artifact.stem}.golden.npz")
-        candidate.golden = write_golden(runtime, inputs, candidate.precision, path)
-        runtime.close()
-        detail[candidate.id] = candidate.golden.model_dump(mode="json")
+        candidate.golden = write_golden(outputs[candidate.id], inputs, candidate.precision, path)
+        detail[candidate.id] = candidate.golden.model_dump(mode="json") | {
+            "validated_on": candidate.validated_on.summary
+        }
     return detail
 
 

@@ -59,8 +59,9 @@ def _artifact(candidate: Candidate) -> Artifact:
         path=candidate.artifact.name,
         sha256=sha256_file(candidate.artifact),
         size_bytes=candidate.artifact.stat().st_size,
-        metadata_path=sidecar.name if candidate.runtime == "tvm" and sidecar.exists() else None,
+        metadata_path=sidecar.name if sidecar.exists() else None,
         golden=candidate.golden,
+        validated_on=candidate.validated_on,
     )
 
 
@@ -74,6 +75,7 @@ def _candidate(candidate: Candidate) -> CandidateResult:
         latency_ms=candidate.latency,
         size_bytes=artifact.stat().st_size if artifact.exists() else None,
         latency_note=candidate.latency_note,
+        validated_on=candidate.validated_on,
     )
 
 
@@ -150,15 +152,18 @@ def write_model_card(report: CompileReport, out_dir: Path) -> Path:
         "",
         "## Candidates",
         "",
-        "| artifact | passed gate | metric | value | p50 ms | size bytes |",
+        "| artifact | passed gate | metric | value | p50 ms | size bytes | validated on |",
     ]
-    lines.append("| --- | --- | --- | ---: | ---: | ---: |")
+    lines.append("| --- | --- | --- | ---: | ---: | ---: | --- |")
     for c in report.candidates:
         acc = c.accuracy
         p50 = c.latency_ms.p50 if c.latency_ms else "n/a"
         value = f"{acc.candidate:.4f}" if acc else "n/a"
         metric = acc.metric if acc else "n/a"
-        lines.append(f"| {c.id} | {c.passed} | {metric} | {value} | {p50} | {c.size_bytes} |")
+        where = c.validated_on.summary if c.validated_on else "n/a"
+        lines.append(
+            f"| {c.id} | {c.passed} | {metric} | {value} | {p50} | {c.size_bytes} | {where} |"
+        )
     gate = json.dumps(report.gate.model_dump(mode="json"), sort_keys=True)
     lines += ["", "## Accuracy gate", "", f"`{gate}`", ""]
     if report.notes:

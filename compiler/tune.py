@@ -218,9 +218,9 @@ def rpc_latency(
     import tvm
     from tvm import rpc as tvm_rpc
 
-    from agent.runtimes import read_tvm_metadata
+    from agent.runtimes import read_signature
 
-    inputs, _ = read_tvm_metadata(library)
+    inputs, _ = read_signature(library)
     try:
         tracker = tvm_rpc.connect_tracker(rpc.host, rpc.port)
         remote = tracker.request(rpc.key, priority=1, session_timeout=120)

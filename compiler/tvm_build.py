@@ -1,8 +1,9 @@
 """Build TVM Relax modules for a profile: import ONNX, apply tuning, compile, link.
 
 Edge inference runs one sample at a time, so the module is built for batch 1: static
-shapes are what MetaSchedule tunes well. A build for a board this machine cannot run is
-paired with the same module built for this machine, which the validate step runs.
+shapes are what MetaSchedule tunes well. When the pipeline has no way to run a board's
+build (its GPU, or no emulated board), the build is paired with a twin: the same module
+built for this machine, which the validate and golden steps run instead.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any
 
 import onnx
 
-from agent.runtimes import write_tvm_metadata
+from agent.runtimes import write_signature
 from contracts.artifacts import Device, Precision
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile, load_profile
-from hw_profiles.host import runs_here
 
 from .errors import StepError
 from .targets import tvm_target
@@ -39,20 +39,16 @@ class GpuToolchainMissing(StepError):
 
 @dataclass(frozen=True)
 class TvmBuild:
+    """``runnable`` is the twin when one was built, else the artifact itself."""
+
     artifact: Path
     runnable: Path
     target: str
     tuned: bool
     seconds: float
-    runnable_note: str
 
     def as_detail(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "tuned": self.tuned,
-            "seconds": round(self.seconds, 3),
-            "validated_with": self.runnable_note,
-        }
+        return {"target": self.target, "tuned": self.tuned, "seconds": round(self.seconds, 3)}
 
 
 def batch_one(specs: list[TensorSpec]) -> list[TensorSpec]:
@@ -131,7 +127,10 @@ def build(
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     work: Path,
+    twin: bool,
 ) -> TvmBuild:
+    """Build ``onnx_path`` for ``profile`` into ``out_path`` (and its signature sidecar);
+    with ``twin``, also the same module for this machine, in ``work``."""
     start = time.perf_counter()
     mod = _to_precision(import_relax(onnx_path, inputs), precision)
     target = tvm_target(profile, device)
@@ -146,20 +145,14 @@ def build(
         raise StepError(f"TVM could not compile for {profile.name}: {e}") from e
     export_library(executable, out_path, profile)
     specs_in, specs_out = batch_one(inputs), batch_one(outputs)
-    write_tvm_metadata(out_path, specs_in, specs_out)
+    write_signature(out_path, specs_in, specs_out)
 
-    here, why = runs_here(profile.arch, profile.targets.cpu)
-    if device == "gpu":
-        here, why = False, "the artifact runs on the board's GPU"
-    if here:
-        runnable, note = out_path, "the artifact itself"
-    else:
+    runnable = out_path
+    if twin:
         host = load_profile("host")
-        twin = work / f"host-{out_path.name}"
-        export_library(compile_module(mod, tvm_target(host), None), twin, host)
-        write_tvm_metadata(twin, specs_in, specs_out)
-        runnable = twin
-        note = f"the same Relax module built for this machine ({why})"
+        runnable = work / f"host-{out_path.name}"
+        export_library(compile_module(mod, tvm_target(host), None), runnable, host)
+        write_signature(runnable, specs_in, specs_out)
     return TvmBuild(
-        out_path, runnable, str(target), database is not None, time.perf_counter() - start, note
+        out_path, runnable, str(target), database is not None, time.perf_counter() - start
     )

@@ -13,6 +13,10 @@ report and in a bundle's manifest).
 
 Keys a record leaves out when they do not apply (a TVM artifact's ``metadata_path``, a
 classifier's ``top1_agreement``) are left out of the JSON too, not written as ``null``.
+
+Versions: schema ``/2`` added :class:`ValidatedOn`, where each candidate ran for the gate
+and its golden vectors (``validated_on``, required from ``/2`` on). :func:`parse_report`
+reads ``/1`` reports too, which have no such key; compiles write ``/2``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .errors import ReportError
 
 __all__ = [
     "MAX_REPORT_BYTES",
+    "READABLE_SCHEMAS",
     "REFERENCE_LATENCY",
     "REPORT_NAME",
     "REPORT_SCHEMA",
@@ -53,11 +58,14 @@ __all__ = [
     "Latency",
     "SourceInfo",
     "StepRecord",
+    "ValidatedOn",
     "parse_report",
 ]
 
 REPORT_NAME = "report.json"
-REPORT_SCHEMA = "edgefleet.compile-report/1"
+REPORT_SCHEMA = "edgefleet.compile-report/2"
+READABLE_SCHEMAS = ("edgefleet.compile-report/1", REPORT_SCHEMA)
+"""What :func:`parse_report` accepts: this release's schema and the one before it."""
 MAX_REPORT_BYTES = 16 << 20
 REFERENCE_LATENCY = "reference_onnxruntime"
 """The key of ``latency_ms`` that times the unpruned fp32 original on ONNX Runtime."""
@@ -170,6 +178,24 @@ class Comparison(_Record):
     )
 
 
+class ValidatedOn(_Record):
+    """Where a candidate ran for the accuracy gate and its golden vectors (schema ``/2``).
+
+    ``kind``: ``build-machine``, the artifact itself on the compiling machine; ``emulator``,
+    the artifact itself on the board's instruction set under qemu user mode (``cpu`` names
+    the CPU model); ``host-build``, the same module built for the compiling machine, when
+    the artifact cannot run there (a board's GPU, or no emulation). ``summary`` says it in
+    words, e.g. "aarch64 under qemu, cortex-a72". Emulated runs are never timed.
+    """
+
+    _omit_when_empty = frozenset({"cpu"})
+
+    kind: Literal["build-machine", "emulator", "host-build"]
+    arch: str = Field(description="the instruction set it ran on: aarch64, x86_64")
+    cpu: str | None = Field(default=None, description="the emulated CPU model")
+    summary: str
+
+
 class SourceInfo(_Record):
     path: str
     kind: Literal["onnx", "keras", "saved_model"]
@@ -192,7 +218,7 @@ class CompileSettings(_Record):
 class Artifact(_Record):
     """One shipped artifact (it passed the gate): files are named relative to the report."""
 
-    _omit_when_empty = frozenset({"metadata_path", "golden"})
+    _omit_when_empty = frozenset({"metadata_path", "golden", "validated_on"})
 
     id: str
     runtime: RuntimeName
@@ -202,9 +228,11 @@ class Artifact(_Record):
     sha256: _Sha256
     size_bytes: Annotated[int, Field(ge=0)]
     metadata_path: str | None = Field(
-        default=None, description="TVM's input and output signature beside the library"
+        default=None,
+        description="the input and output signature beside the artifact (TVM, LiteRT)",
     )
     golden: GoldenVectors | None = None
+    validated_on: ValidatedOn | None = Field(default=None, description="schema /2 on")
 
     @model_validator(mode="after")
     def _consistent(self) -> Artifact:
@@ -232,7 +260,7 @@ class Artifact(_Record):
 class CandidateResult(_Record):
     """One runtime at one precision that was built and judged, shipped or not."""
 
-    _omit_when_empty = frozenset({"latency_note"})
+    _omit_when_empty = frozenset({"latency_note", "validated_on"})
 
     id: str
     passed: bool
@@ -241,6 +269,7 @@ class CandidateResult(_Record):
     latency_ms: Latency | None
     size_bytes: Annotated[int, Field(ge=0)] | None
     latency_note: str | None = Field(default=None, description="why latency was not measured")
+    validated_on: ValidatedOn | None = Field(default=None, description="schema /2 on")
 
     @field_validator("id")
     @classmethod
@@ -265,8 +294,8 @@ class CompileReport(_Record):
 
     model_config = ConfigDict(populate_by_name=True)  # merged with _Record's
 
-    schema_: Literal["edgefleet.compile-report/1"] = Field(
-        alias="schema", default="edgefleet.compile-report/1"
+    schema_: Literal["edgefleet.compile-report/1", "edgefleet.compile-report/2"] = Field(
+        alias="schema", default="edgefleet.compile-report/2"
     )
     profile: str
     source: SourceInfo
@@ -323,6 +352,23 @@ class CompileReport(_Record):
             raise ValueError(
                 f"candidates marked selected {flagged} do not match selected {self.selected!r}"
             )
+        records: list[tuple[str, Artifact | CandidateResult]] = [
+            (f"artifacts.{i}", a) for i, a in enumerate(self.artifacts)
+        ]
+        records += [(f"candidates.{i}", c) for i, c in enumerate(self.candidates)]
+        if self.schema_ == REPORT_SCHEMA:
+            missing = [where for where, r in records if r.validated_on is None]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)}: validated_on is required in {REPORT_SCHEMA}"
+                )
+        else:
+            early = [where for where, r in records if r.validated_on is not None]
+            if early:
+                raise ValueError(
+                    f"{', '.join(early)}: validated_on arrived with {REPORT_SCHEMA}, and this "
+                    f"report says {self.schema_}"
+                )
         return self
 
     def artifact(self, wanted: str) -> Artifact | None:
@@ -359,14 +405,15 @@ def parse_report(data: bytes) -> CompileReport:
     if not isinstance(raw, dict):
         raise ReportError(f"{REPORT_NAME} must hold a JSON object, not {type(raw).__name__}")
     schema = raw.get("schema")
-    if schema != REPORT_SCHEMA:
+    if schema not in READABLE_SCHEMAS:
         found = (
             "no 'schema' key (written before reports were versioned)"
             if schema is None
             else (f"schema {schema!r}")
         )
+        readable = " and ".join(repr(s) for s in READABLE_SCHEMAS)
         raise ReportError(
-            f"{REPORT_NAME} has {found}; this release reads schema {REPORT_SCHEMA!r}: "
+            f"{REPORT_NAME} has {found}; this release reads schemas {readable}: "
             "compile the model again with this release"
         )
     try:

@@ -27,6 +27,7 @@ __all__ = [
     "AccuracyGate",
     "AgentInstall",
     "Arch",
+    "Emulation",
     "Profile",
     "Resources",
     "RuntimeChoice",
@@ -128,6 +129,17 @@ class AgentInstall(_Strict):
     notes: str = ""
 
 
+class Emulation(_Strict):
+    """How the compiler and the tests imitate the board on a build machine of another
+    architecture: qemu user mode with this CPU model (``compiler/emulation``)."""
+
+    qemu_cpu: str = Field(
+        pattern=r"^[a-z0-9-]+$",
+        description="qemu's model of the board's CPU, or the nearest one "
+        "(`qemu-aarch64-static -cpu help` lists them)",
+    )
+
+
 class Profile(_Strict):
     """One hardware target. ``name`` is the file's stem; ``source`` where it was read."""
 
@@ -147,6 +159,9 @@ class Profile(_Strict):
         description="the gate's default thresholds (a compile may override them)"
     )
     agent_install: AgentInstall
+    emulation: Emulation | None = Field(
+        default=None, description="unset: the board is not emulated (its artifacts run on it)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import hashlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,7 @@ from agent.install import (
     render_unit,
     runtime_packages,
     uninstall,
+    with_agent_extra,
 )
 from agent.install.plan import _swap_in
 from agent.sd_notify import notify, watchdog_interval
@@ -120,6 +122,12 @@ FAKE_BOARDS: dict[str, tuple[str, dict[str, str], Board]] = {
             profile="jetson-nano",
         ),
     ),
+    # Raspberry Pi OS Bookworm: the device tree under /sys (what /proc/device-tree links to).
+    "fake-raspberry-pi-5-sysfs": (
+        "aarch64",
+        {"sys/firmware/devicetree/base/model": "Raspberry Pi 5 Model B Rev 1.0\0"},
+        Board("aarch64", "raspberry-pi", "Raspberry Pi 5 Model B Rev 1.0", profile="rpi5"),
+    ),
     "fake-x86_64-box": ("x86_64", {}, Board("x86_64", "generic")),
     # A release newer than the table: the major version only, and no GPU index guessed.
     "fake-jetson-agx-orin-future-l4t": (
@@ -160,6 +168,29 @@ def test_arm64_is_aarch64() -> None:
 
 
 # --- runtime wheels --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "installed"),
+    [
+        ("edgefleet[agent]", "edgefleet[agent]"),
+        ("edgefleet", "edgefleet[agent]"),
+        ("edgefleet==0.2.0", "edgefleet[agent]==0.2.0"),
+        (
+            "/media/edgefleet-0.2.0-py3-none-any.whl",
+            "/media/edgefleet-0.2.0-py3-none-any.whl[agent]",
+        ),
+        ("./edgefleet-0.2.0.tar.gz", "./edgefleet-0.2.0.tar.gz[agent]"),
+        (str(REPO), f"{REPO}[agent]"),
+        (f"{REPO}[agent,compiler]", f"{REPO}[agent,compiler]"),
+        ("git+https://example.org/edgefleet.git", "git+https://example.org/edgefleet.git"),
+        ("edgefleet-fork", "edgefleet-fork"),
+    ],
+)
+def test_a_package_naming_edgefleet_without_extras_gets_the_agent_extra(
+    given: str, installed: str
+) -> None:
+    assert with_agent_extra(given) == installed
 
 
 @pytest.mark.parametrize(
@@ -560,6 +591,46 @@ def test_watchdog_interval(
             own = str(os.getpid())
             monkeypatch.setenv(key, {"self": own, "other": own + "0"}.get(value, value))
     assert watchdog_interval() == expected
+
+
+def test_the_cli_keeps_the_agent_extra_for_a_local_package(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgefleet.cli import app
+
+    layout = [
+        *("--venv", str(tmp_path / "venv"), "--config-dir", str(tmp_path / "etc")),
+        *("--data-dir", str(tmp_path / "data"), "--systemd-dir", str(tmp_path / "units")),
+    ]
+    result = CliRunner().invoke(
+        app,
+        ["agent", "install", "--package", str(REPO), "--dry-run", "--no-create-user",
+         "--no-start", *layout],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"pip install '{REPO}[agent]' (minutes on a small board)" in result.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another group needs root")
+def test_config_and_secrets_are_readable_by_the_service_group_only(tmp_path: Path) -> None:
+    """install makes the config folder root's in the service's group; enroll's secrets there
+    are 0640 in that group (the service runs as its own user), elsewhere 0600."""
+    from agent.enroll import _write
+    from agent.install.plan import _make_config_dir
+
+    service = "nobody"  # a user every Debian has, standing in for edgefleet
+    config_dir = tmp_path / "etc" / "edgefleet"
+    _make_config_dir(config_dir, service)
+    group = pwd.getpwnam(service).pw_gid
+    stat = config_dir.stat()
+    assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o777) == (0, group, 0o750)
+    _write(config_dir / "agent.toml", "secret", private=True)
+    _write(config_dir / "root.json", "{}", private=False)
+    secret = (config_dir / "agent.toml").stat()
+    assert (secret.st_gid, secret.st_mode & 0o777) == (group, 0o640)
+    assert (config_dir / "root.json").stat().st_mode & 0o777 == 0o644
+    _write(tmp_path / "agent.toml", "secret", private=True)  # a folder of root's own group
+    assert (tmp_path / "agent.toml").stat().st_mode & 0o777 == 0o600
 
 
 def test_the_cli_prints_the_install_plan_and_changes_nothing(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agent.runtimes import OnnxRuntime, TvmRuntime, load_runtime
+from agent.errors import ModelLoadError
+from agent.runtimes import LiteRTRuntime, OnnxRuntime, TvmRuntime, load_runtime
 from compiler.errors import (
     AccuracyGateError,
     DataError,
@@ -68,8 +70,12 @@ def test_report_follows_the_contract(digits: Path, tmp_path: Path) -> None:
     assert set(report["latency_ms"]) >= {"reference_onnxruntime", "onnxruntime:int8", "tvm:fp32"}
     assert report["accuracy"]["metric"] == "top1_agreement"
     assert [s["name"] for s in report["steps"]] == [
-        "import", "prune", "quantize", "tune", "build", "validate", "measure", "select", "golden"
+        "import", "emulator", "prune", "quantize", "tune", "build", "validate", "measure",
+        "select", "golden",
     ]  # fmt: skip
+    here = {"kind": "build-machine", "arch": platform.machine(),
+            "summary": f"the artifact itself on this {platform.machine()} machine"}  # fmt: skip
+    assert all(c["validated_on"] == here for c in report["candidates"])
     for artifact in report["artifacts"]:  # the agent's health check reads these
         golden = artifact["golden"]
         assert (tmp_path / "out" / golden["path"]).exists() and golden["count"] == 4
@@ -86,6 +92,23 @@ def test_static_int8_keeps_top1_accuracy_within_one_point(digits: Path, tmp_path
     int8 = (tmp_path / "out" / "onnxruntime-int8.onnx").stat().st_size
     fp32 = (digits / "digits.onnx").stat().st_size
     assert int8 < 0.5 * fp32
+    # LiteRT renames the input (serving_default_image:0, int8); its sidecar keeps the
+    # model's name and type, so clients send the same tensor to every runtime.
+    litert = next(a for a in report["artifacts"] if a["id"] == "litert:int8")
+    assert litert["metadata_path"] == "litert-int8.json"
+    runtime = LiteRTRuntime(tmp_path / "out" / "litert-int8.tflite")
+    assert [(s.name, s.dtype) for s in runtime.inputs] == [("image", "float32")]
+    images = np.load(digits / "digits.npz")["image"][:8]
+    reference = OnnxRuntime(digits / "digits.onnx").predict_batch({"image": images})[0]
+    assert (runtime.predict_batch({"image": images})[0].argmax(1) == reference.argmax(1)).all()
+    sidecar = tmp_path / "out" / "litert-int8.json"
+    sidecar.write_text(
+        sidecar.read_text().replace(
+            '"inputs": [', '"inputs": [{"name": "x", "shape": [1], "dtype": "float32"}, ', 1
+        )
+    )
+    with pytest.raises(ModelLoadError, match="names 2 inputs and 1 outputs"):
+        LiteRTRuntime(tmp_path / "out" / "litert-int8.tflite")
 
 
 def test_every_candidate_runs_on_its_runtime_and_agrees_with_onnxruntime(
@@ -164,16 +187,29 @@ def test_tuning_for_a_board_without_rpc_says_how(digits: Path, tmp_path: Path) -
     assert not (tmp_path / "out").exists()
 
 
-def test_an_rpi4_build_is_an_aarch64_elf_validated_through_a_host_build(
+def test_an_rpi4_build_without_an_emulated_board_is_validated_through_a_host_build(
     digits: Path, tmp_path: Path
 ) -> None:
-    report = _compile(digits, tmp_path / "out", profile="rpi4", quantize="int8")
+    """With no arm64 userland in the cache (an empty one here), ``--emulation auto`` checks
+    the portable artifacts themselves here and TVM through a twin, and says so; the emulated
+    board is tests/test_board_arm64.py's."""
+    report = _compile(
+        digits, tmp_path / "out", profile="rpi4", quantize="int8", cache_dir=tmp_path / "cache"
+    )
     library = tmp_path / "out" / "tvm-fp32.so"
     header = library.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
     assert json.loads(library.with_suffix(".json").read_text())["inputs"][0]["name"] == "image"
-    assert _candidate(report, "tvm:fp32")["accuracy"]["passed"] is True
-    assert "built for this machine" in _step(report, "build")["tvm:fp32"]["validated_with"]
+    tvm = _candidate(report, "tvm:fp32")
+    assert tvm["accuracy"]["passed"] is True
+    host = platform.machine()
+    assert tvm["validated_on"] == {
+        "kind": "host-build", "arch": host, "summary": f"host build of the same module ({host})"
+    }  # fmt: skip
+    assert _candidate(report, "onnxruntime:int8")["validated_on"]["kind"] == "build-machine"
+    assert _step(report, "build")["tvm:fp32"]["validated_on"] == tvm["validated_on"]["summary"]
+    assert "no aarch64 userland is built" in _step(report, "emulator")["skipped"]
+    assert any("validated on this machine, not on aarch64" in note for note in report["notes"])
     assert "reference_onnxruntime" not in report["latency_ms"]
     assert any("latency not measured" in note for note in report["notes"])
 

@@ -172,7 +172,7 @@ def _typo_in_an_artifact(report: dict[str, Any]) -> None:
 
 
 def _next_schema(report: dict[str, Any]) -> None:
-    report["schema"] = "edgefleet.compile-report/2"
+    report["schema"] = "edgefleet.compile-report/3"
 
 
 def _selected_is_not_shipped(report: dict[str, Any]) -> None:
@@ -190,8 +190,9 @@ def _selected_is_not_shipped(report: dict[str, Any]) -> None:
         ),
         pytest.param(
             _next_schema,
-            "report.json has schema 'edgefleet.compile-report/2'; this release reads schema "
-            "'edgefleet.compile-report/1': compile the model again with this release",
+            "report.json has schema 'edgefleet.compile-report/3'; this release reads schemas "
+            "'edgefleet.compile-report/1' and 'edgefleet.compile-report/2': compile the model "
+            "again with this release",
             id="schema-version",
         ),
         pytest.param(
@@ -223,3 +224,29 @@ def test_ota_bundle_refuses_a_report_that_breaks_the_contract(
     assert message.startswith(f"error: {directory}: cannot bundle this compile output: ")
     assert expected in message
     assert not (tmp_path / "b.efb").exists()
+
+
+def _as_schema_1(report: dict[str, Any]) -> None:
+    """What a compile of the release before ``validated_on`` wrote."""
+    report["schema"] = "edgefleet.compile-report/1"
+    for record in (*report["artifacts"], *report["candidates"]):
+        del record["validated_on"]
+
+
+def test_ota_bundle_reads_reports_of_both_schemas(compiled_digits: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "compiled"
+    shutil.copytree(compiled_digits, directory)
+    current = json.loads((directory / "report.json").read_text())
+    assert current["schema"] == "edgefleet.compile-report/2"
+    assert current["artifacts"][0]["validated_on"]["kind"] == "build-machine"
+    older = json.loads(json.dumps(current))
+    _as_schema_1(older)
+    for version, report in (("1.0.0", current), ("1.0.1", older)):
+        (directory / "report.json").write_text(json.dumps(report, indent=2))
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "edgefleet"), "ota", "bundle", str(directory),
+             "--version", version, "--artifact", "onnxruntime:fp32", "--out", f"{version}.efb"],
+            cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert read_manifest(tmp_path / f"{version}.efb").precision == "fp32"

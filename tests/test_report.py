@@ -30,6 +30,17 @@ def test_a_real_report_round_trips_byte_for_byte(compiled_digits: Path) -> None:
     assert tvm is not None and tvm.metadata_path == "tvm-fp32.json" and tvm.golden is not None
     assert "metadata_path" not in json.loads(data)["artifacts"][0]  # absent, not null
     assert parsed.gate.min_top1_agreement == 0.97
+    assert parsed.schema_ == "edgefleet.compile-report/2"
+    assert {a.validated_on.kind for a in parsed.artifacts if a.validated_on} == {"build-machine"}
+
+
+def test_a_schema_1_report_without_validated_on_still_reads(report: dict[str, Any]) -> None:
+    report["schema"] = "edgefleet.compile-report/1"
+    for record in (*report["artifacts"], *report["candidates"]):
+        del record["validated_on"]
+    parsed = parse_report(json.dumps(report).encode())
+    assert parsed.schema_ == "edgefleet.compile-report/1"
+    assert all(a.validated_on is None for a in parsed.artifacts)
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -41,6 +52,19 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         for part in parents:
             node = node[int(part)] if part.isdigit() else node[part]
         node[int(last) if last.isdigit() else last] = value
+
+    return edit
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    """An edit that removes the dotted ``path``."""
+
+    def edit(report: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = report
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        del node[last]
 
     return edit
 
@@ -64,6 +88,9 @@ def _duplicate_artifact(report: dict[str, Any]) -> None:
         (_set("settings.quantize", "none"), "settings.quantize: Input should be"),
         (_set("steps.0.seconds", "fast"), "steps.0.seconds: Input should be a valid number"),
         (_set("gate.min_top1_agreement", 2.0), "gate.min_top1_agreement"),
+        (_drop("candidates.1.validated_on"), "candidates.1: validated_on is required in"),
+        (_set("artifacts.0.validated_on.kind", "board"), "validated_on.kind: Input should be"),
+        (_set("schema", "edgefleet.compile-report/1"), "validated_on arrived with"),
     ],
 )
 def test_a_report_that_does_not_hold_is_refused_naming_the_field(

@@ -9,7 +9,7 @@ then runs ``edgefleet agent install``.
 """
 
 from .boards import JETPACK_FOR_L4T, Board, detect_board, systemd_booted
-from .packages import JETSON_JP6_INDEX_URL, RuntimeWheel, runtime_packages
+from .packages import JETSON_JP6_INDEX_URL, RuntimeWheel, runtime_packages, with_agent_extra
 from .plan import (
     InstallOptions,
     InstallReport,
@@ -40,4 +40,5 @@ __all__ = [
     "runtime_packages",
     "systemd_booted",
     "uninstall",
+    "with_agent_extra",
 ]

@@ -1,7 +1,8 @@
 """What board the agent is being installed on: Raspberry Pi, Jetson or generic, and its profile.
 
-:func:`detect_board` reads the device tree's model string, and on a Jetson its Jetson Linux
-(L4T) release, from a root directory (``/`` on the board, a fake tree in tests).
+:func:`detect_board` reads the device tree's model string (``/sys/firmware/devicetree/base``,
+or ``/proc/device-tree``, the link to it older images rely on), and on a Jetson its Jetson
+Linux (L4T) release, from a root directory (``/`` on the board, a fake tree in tests).
 
 JetPack
 -------
@@ -135,14 +136,18 @@ def _l4t_release(root: Path) -> str | None:
 
 
 def detect_board(root: Path = Path("/"), machine: str | None = None) -> Board:
-    """Read the board from ``root``'s ``/proc/device-tree``, ``/etc`` and dpkg status.
+    """Read the board from ``root``'s device tree, ``/etc`` and dpkg status.
 
     ``machine`` stands in for ``platform.machine()``; tests pass both to describe a board
     other than the one they run on.
     """
     raw_arch = machine or platform.machine()
     arch = _ARCH_ALIASES.get(raw_arch.lower(), raw_arch)
-    model = (_read_text(root / "proc/device-tree/model") or "").strip("\0 \n")
+    model = (
+        _read_text(root / "sys/firmware/devicetree/base/model")
+        or _read_text(root / "proc/device-tree/model")
+        or ""
+    ).strip("\0 \n")
     l4t = _l4t_release(root)
     family: Family = "generic"
     if l4t or model.startswith("NVIDIA Jetson"):

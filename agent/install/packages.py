@@ -25,11 +25,18 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InstallError
 from .boards import Board
 
-__all__ = ["JETSON_JP6_INDEX_URL", "RuntimeWheel", "edgefleet_requirement", "runtime_packages"]
+__all__ = [
+    "JETSON_JP6_INDEX_URL",
+    "RuntimeWheel",
+    "edgefleet_requirement",
+    "runtime_packages",
+    "with_agent_extra",
+]
 
 JETSON_JP6_INDEX_URL = "https://pypi.jetson-ai-lab.io/jp6/cu126"
 """NVIDIA's Jetson AI Lab package index for JetPack 6.1+ (CUDA 12.6, Ubuntu 22.04)."""
@@ -65,6 +72,23 @@ def edgefleet_requirement(name: str, extra: str) -> str:
         if f'extra == "{extra}"' in marker and pattern.match(spec.strip()):
             return spec.strip()
     return name
+
+
+_EDGEFLEET_SPEC = re.compile(r"edgefleet(?P<version>\s*(?:[<>=!~].*)?)", re.IGNORECASE)
+
+
+def with_agent_extra(package: str) -> str:
+    """``package`` with the ``[agent]`` extra when it names edgefleet without extras: a wheel,
+    an sdist or a source folder (``./edgefleet.whl`` -> ``./edgefleet.whl[agent]``), or the
+    name with a version (``edgefleet==0.2.0`` -> ``edgefleet[agent]==0.2.0``). Without it pip
+    installs the agent without its runtimes; any other requirement is left as given."""
+    if "[" in package:
+        return package
+    if Path(package).exists() or package.endswith((".whl", ".tar.gz", ".zip")):
+        return f"{package}[agent]"
+    if match := _EDGEFLEET_SPEC.fullmatch(package):
+        return f"edgefleet[agent]{match['version']}"
+    return package
 
 
 def runtime_packages(

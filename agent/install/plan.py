@@ -71,7 +71,8 @@ class InstallOptions:
 
     layout: Layout = Layout()
     package: str = "edgefleet[agent]"
-    """A pip requirement, or a local path or wheel (add ``[agent]`` for its dependencies)."""
+    """A pip requirement, or a local path or wheel, installed as given (``edgefleet agent
+    install`` passes it through :func:`~agent.install.packages.with_agent_extra` first)."""
     pip_args: tuple[str, ...] = ()
     """Extra ``pip install`` arguments, e.g. ``("--no-index", "--find-links", "/media/wheels")``."""
     python: Path | None = None
@@ -222,6 +223,16 @@ def _make_data_dir(path: Path, user: str) -> None:
         os.chown(path, *ids)
 
 
+def _make_config_dir(path: Path, user: str) -> None:
+    """Root's, in the service's group, 0750: the service reads its config, nobody else
+    does, and ``agent enroll`` gives the secrets it writes here that group."""
+    path.mkdir(parents=True, exist_ok=True)
+    ids = _user_ids(user)
+    if ids is not None and os.geteuid() == 0:
+        os.chown(path, 0, ids[1])
+        path.chmod(0o750)
+
+
 def _swap_in(pip: Sequence[str], wheel: RuntimeWheel, pip_args: Sequence[str]) -> str | None:
     """Install ``wheel`` in place of ``wheel.replaces``, or put that back and say why not."""
     if wheel.replaces is None:
@@ -324,12 +335,16 @@ def _plan_python(plan: _Plan, options: InstallOptions, wheels: Sequence[RuntimeW
 
 
 def _plan_files(plan: _Plan, options: InstallOptions, unit_text: str, config_text: str) -> bool:
-    """The data directory, the config (unless one is kept) and the unit; whether the config
-    is written."""
+    """The data and config directories, the config (unless one is kept) and the unit; whether
+    the config is written."""
     layout = options.layout
     plan.add(
         f"create the data directory {layout.data_dir}",
         functools.partial(_make_data_dir, layout.data_dir, options.user),
+    )
+    plan.add(
+        f"create the config directory {layout.config_dir} (the group {options.user} reads it)",
+        functools.partial(_make_config_dir, layout.config_dir, options.user),
     )
     write_config = options.force or not layout.config_path.exists()
     if write_config:
