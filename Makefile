@@ -10,11 +10,15 @@ STAMP := $(VENV)/.edgefleet-installed
 # Debian packages the suite uses: a C compiler TVM links with, the aarch64 cross compiler
 # the Raspberry Pi and Jetson profiles name, mosquitto for the MQTT tests, PostgreSQL for
 # the fleet's PostgreSQL tests, systemd (systemd-analyze verify) and shellcheck for the
-# agent's install files, python3-venv for the virtual environment.
+# agent's install files, python3-venv for the virtual environment, chromium for the
+# dashboard's browser tests, and for the emulated arm64 boards (tests/test_board_arm64.py,
+# compiler/emulation) qemu's user-mode emulator registered with binfmt_misc and debootstrap
+# to build their Debian userland.
 SYSTEM_PACKAGES := python3-venv gcc g++ gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
-	mosquitto mosquitto-clients postgresql systemd shellcheck
+	mosquitto mosquitto-clients postgresql systemd shellcheck chromium \
+	qemu-user-static binfmt-support debootstrap
 
-.PHONY: setup system-packages test lint demo bench conformance clean
+.PHONY: setup system-packages test lint demo bench conformance clean dashboard-assets screenshots
 
 setup: system-packages $(STAMP)
 
@@ -55,6 +59,15 @@ conformance: setup
 	@.ci/ensure-system-packages faketime
 	@test -x $(TUF_CONFORMANCE)/env/bin/pytest || { $(PYTHON) -m venv $(TUF_CONFORMANCE)/env && $(TUF_CONFORMANCE)/env/bin/pip install --quiet -e $(TUF_CONFORMANCE); }
 	cd $(TUF_CONFORMANCE) && ./env/bin/pytest tuf_conformance -q -p no:cacheprovider --entrypoint "$(abspath $(BIN))/edgefleet ota tuf-client"
+
+# The dashboard's browser libraries (fleet/dashboard/static/vendor/, committed): exactly the
+# versions fleet/dashboard/package-lock.json pins, from the npm registry, copied by vendor.mjs.
+dashboard-assets:
+	cd fleet/dashboard && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
+
+# The dashboard's screenshots in docs/images/, taken by its browser test.
+screenshots: setup
+	EDGEFLEET_SCREENSHOTS=docs/images $(BIN)/pytest tests/test_dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -144,7 +144,7 @@ def _infer(
     service: InferenceService, model: LoadedModel | None, name: str, body: bytes
 ) -> dict[str, Any]:
     request = oip.parse_request(body)
-    signature = model.runtime.inputs if model is not None else None
+    signature = model.inputs if model is not None else None
     result = service.infer(oip.decode_inputs(request, signature, name))
     wanted = oip.select_outputs(request, result.output_names, name)
     by_name = dict(zip(result.output_names, result.outputs, strict=True))
@@ -170,8 +170,8 @@ def _metadata(name: str, model: LoadedModel) -> oip.ModelMetadata:
         name=name,
         versions=[model.manifest.model.version],
         platform=_PLATFORMS.get(runtime.name, runtime.name),
-        inputs=[oip.tensor_metadata(spec) for spec in runtime.inputs],
-        outputs=[oip.tensor_metadata(spec) for spec in runtime.outputs],
+        inputs=[oip.tensor_metadata(spec) for spec in model.inputs],
+        outputs=[oip.tensor_metadata(spec) for spec in model.outputs],
     )
 
 

@@ -79,7 +79,11 @@ def enroll(
 @app.command("install")
 def install(
     package: Annotated[
-        str, typer.Option(help="What pip installs: a requirement, or a wheel/source folder.")
+        str,
+        typer.Option(
+            help="What pip installs: a requirement, or a wheel/source folder (given the "
+            "[agent] extra when it names edgefleet without extras)."
+        ),
     ] = "edgefleet[agent]",
     pip_args: Annotated[
         str, typer.Option(help='Extra pip arguments, e.g. "--no-index --find-links /media/w".')
@@ -113,7 +117,7 @@ def install(
 ) -> None:
     """Install the agent on this board: venv, runtimes, systemd unit, config."""
     from .errors import InstallError
-    from .install import InstallOptions, Layout
+    from .install import InstallOptions, Layout, with_agent_extra
     from .install import install as run_install
 
     layout = Layout(
@@ -127,7 +131,7 @@ def install(
         report = run_install(
             InstallOptions(
                 layout=layout,
-                package=package,
+                package=with_agent_extra(package),
                 pip_args=tuple(shlex.split(pip_args)),
                 user=user,
                 create_user=create_user,

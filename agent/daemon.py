@@ -10,12 +10,18 @@ SIGTERM. The daemon only wires the parts together; each lives in its own module:
 - ``agent.api``: the local Open Inference Protocol server.
 
 MQTT (topics in ``contracts.mqtt``): the device subscribes to its ``cmd`` topic and only
-then publishes its retained ``online`` status, so the fleet, which resends unacknowledged
+then publishes its retained ``online`` status, so the fleet, which resends unfinished
 commands when a device comes online, never sends into the void. The Last Will marks it
-offline. The session starts clean on every connect; paho reconnects with backoff. Each
+offline. The session starts clean on every connect; paho reconnects with backoff, and
+``agent._broker_log`` says so: an outage when it begins, failed attempts at most once a
+minute, and the reconnection. Each
 PUBACK's reason code goes to the telemetry sender, which keeps a refused batch queued.
 Commands run one at a time on a worker thread (downloads block); a malformed command is
-logged and dropped, and one whose URLs name another origin than the fleet's is refused.
+logged and dropped, one past its ``expires_at`` on arrival is stale and ignored (no ack,
+no record: a fresh copy is acted on), and one whose URLs name another origin than the
+fleet's is refused. A command id seen before is only re-acked, shadow commands included.
+The retained status also names the last command finished and how, and is published again
+whenever that or the serving bundle changes, so the fleet recovers a lost final ack.
 
 HTTP: the device's API token goes only to the fleet's origin (``agent.origin``).
 """
@@ -26,6 +32,7 @@ import importlib.metadata
 import logging
 import queue
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +49,7 @@ from ota.client import OtaClient
 from ota.errors import OtaError
 
 from . import sd_notify
+from ._broker_log import ConnectionLog
 from .config import AgentConfig
 from .errors import AgentError
 from .inference import InferenceService
@@ -90,13 +98,16 @@ class AgentDaemon:
             origin=self._origin,
         )
         self.service.add_observer(self._observe)
+        self._link = ConnectionLog(f"{config.mqtt.host}:{config.mqtt.port}")
         self.client = self._mqtt_client()
         self.sender = TelemetrySender(self.queue, config.device_id, self.client, config.telemetry)
         self._commands: queue.Queue[Command | None] = queue.Queue()
+        self._status_shown: tuple[str | None, str | None, AckState | None] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._api: uvicorn.Server | None = None
         self.malformed_commands = 0
+        self.stale_commands = 0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -129,6 +140,8 @@ class AgentDaemon:
             if time.monotonic() >= next_report:
                 next_report += self.config.telemetry.interval_s
                 self.report()
+            if self.client.is_connected() and self._status_key() != self._status_shown:
+                self._publish_status(online=True)  # a health check ended since
 
     def request_stop(self) -> None:
         """Make :meth:`run` return (safe from a signal handler)."""
@@ -190,6 +203,8 @@ class AgentDaemon:
         )
         client.reconnect_delay_set(int(config.reconnect_min_s), int(config.reconnect_max_s))
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -199,10 +214,22 @@ class AgentDaemon:
         self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
     ) -> None:
         if reason.is_failure:
-            log.error("the broker refused the connection: %s (credentials revoked?)", reason)
+            refused = f"it refused the connection: {reason} (credentials revoked?)"
+            self._link.failed(refused, level=logging.ERROR)
             return
-        log.info("connected to the broker")
+        self._link.connected()
         client.subscribe(device_topic(self.config.device_id, "cmd"), qos=1)
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        """paho calls this from inside its ``except OSError`` around the connect."""
+        error = sys.exc_info()[1]
+        self._link.failed(str(error) if error else "the connection failed")
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        if not self._stop.is_set():
+            self._link.lost(str(reason))
 
     def _on_subscribe(
         self, _client: mqtt.Client, _userdata: Any, _mid: int, reasons: list[ReasonCode], _p: Any
@@ -220,6 +247,16 @@ class AgentDaemon:
             self.malformed_commands += 1
             log.warning("dropped a malformed command on %s: %s", message.topic, e)
             return
+        if command.expired(time.time()):
+            self.stale_commands += 1
+            log.warning(
+                "ignored command %s: it expired at %s, before it arrived (it sat in a queue, "
+                "or this device's clock is ahead); the fleet sends a fresh copy if it still "
+                "wants it",
+                command.id,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(command.expires_at or 0)),
+            )
+            return
         self._commands.put(command)
 
     def _on_publish(
@@ -227,16 +264,28 @@ class AgentDaemon:
     ) -> None:
         self.sender.published(mid, reason)
 
+    def _status_key(self) -> tuple[str | None, str | None, AckState | None]:
+        serving, outcome = self.updater.serving, self.updater.last_outcome
+        return (
+            f"{serving.name}-{serving.version}" if serving else None,
+            outcome.command if outcome else None,
+            outcome.state if outcome else None,
+        )
+
     def _publish_status(self, *, online: bool) -> mqtt.MQTTMessageInfo:
         serving = self.updater.serving
+        key = self._status_key()
         status = Status(
             online=online,
             agent_version=AGENT_VERSION,
-            bundle=f"{serving.name}-{serving.version}" if serving else None,
+            bundle=key[0],
             bundle_version_number=serving.version_number if serving else None,
             state=str(self.updater.state),
             ts=time.time(),
+            last_command=key[1],
+            last_command_state=key[2],
         )
+        self._status_shown = key
         return self.client.publish(
             device_topic(self.config.device_id, "status"),
             status.model_dump_json(exclude_none=True),
@@ -250,6 +299,12 @@ class AgentDaemon:
             device_topic(self.config.device_id, "ack"), ack.model_dump_json(), qos=1
         )
 
+    def _answer(self, ack: Ack) -> None:
+        """An ack the agent sends itself (not the updater): recorded, so that a resend of
+        its command is re-acked, then published."""
+        self.updater.record(ack)
+        self._publish_ack(ack)
+
     # --- commands -------------------------------------------------------------------------
 
     def _command_loop(self) -> None:
@@ -257,26 +312,28 @@ class AgentDaemon:
             try:
                 if command.kind in (CommandKind.DEPLOY, CommandKind.ROLLBACK):
                     self.updater.handle(command)
+                elif (seen := self.updater.acked(command.id)) is not None:
+                    self._publish_ack(seen.model_copy(update={"ts": time.time()}))
                 elif command.kind is CommandKind.SHADOW:
                     self._start_shadow(command)
                 else:
                     self._stop_shadow(command)
             except Exception as e:  # one bad command must not stop the next ones
                 log.exception("command %s failed", command.id)
-                self._publish_ack(_ack(command, AckState.FAILED, f"the agent failed: {e}"))
+                self._answer(_ack(command, AckState.FAILED, f"the agent failed: {e}"))
             if self.client.is_connected():
                 self._publish_status(online=True)
 
     def _start_shadow(self, command: Command) -> None:
         """Install the challenger beside the champion (never serving) and run it in shadow."""
         if command.bundle is None or command.metadata_url is None:
-            self._publish_ack(_ack(command, AckState.FAILED, "a shadow command needs a bundle"))
+            self._answer(_ack(command, AckState.FAILED, "a shadow command needs a bundle"))
             return
         refusal = foreign_urls(command, self._origin) if self._origin else None
         if refusal:
-            self._publish_ack(_ack(command, AckState.FAILED, refusal))
+            self._answer(_ack(command, AckState.FAILED, refusal))
             return
-        self._publish_ack(_ack(command, AckState.DOWNLOADING))
+        self._answer(_ack(command, AckState.DOWNLOADING))
         shadow_dir = self.config.data_dir / "shadow"
         try:
             client = OtaClient(
@@ -290,7 +347,7 @@ class AgentDaemon:
             if target.hashes.get("sha256") != command.bundle.sha256:
                 raise OtaError("the signed target does not match the command's sha256")
             path = client.download(target)
-            self._publish_ack(_ack(command, AckState.VERIFIED))
+            self._answer(_ack(command, AckState.VERIFIED))
             self._stop_shadow(None)
             shutil.rmtree(shadow_dir, ignore_errors=True)
             unpack_bundle(path, shadow_dir)
@@ -299,16 +356,16 @@ class AgentDaemon:
             if not golden.passed:
                 raise AgentError(f"the challenger failed its golden vectors: {golden.detail}")
         except (OtaError, AgentError, OSError) as e:
-            self._publish_ack(_ack(command, AckState.FAILED, str(e)))
+            self._answer(_ack(command, AckState.FAILED, str(e)))
             return
         self.service.set_shadow(challenger)
-        self._publish_ack(_ack(command, AckState.INSTALLED))
-        self._publish_ack(_ack(command, AckState.HEALTHY, f"{challenger.bundle} in shadow"))
+        self._answer(_ack(command, AckState.INSTALLED))
+        self._answer(_ack(command, AckState.HEALTHY, f"{challenger.bundle} in shadow"))
 
     def _stop_shadow(self, command: Command | None) -> None:
         self.service.set_shadow(None)
         if command is not None:
-            self._publish_ack(_ack(command, AckState.ROLLED_BACK, "shadow stopped"))
+            self._answer(_ack(command, AckState.ROLLED_BACK, "shadow stopped"))
 
     # --- inference ------------------------------------------------------------------------
 

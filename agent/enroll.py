@@ -8,11 +8,15 @@ the device's identity (``POST /api/v1/enroll``) and writes, into one directory:
   the only one commands may send the device to;
 - ``root.json``: the fleet's TUF root, the device's starting point of trust;
 - with mTLS: ``device.crt``, ``device.key`` (0600) and ``ca.crt``.
+
+Into a folder ``agent install`` made (root's, in the service's group) the secrets are 0640
+in that group instead, so the service can read them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,4 +119,15 @@ def enroll_device(
 
 
 def _write(path: Path, text: str, *, private: bool) -> None:
-    write_atomic(path, text.encode(), mode=0o600 if private else 0o644)
+    """Secrets are the writer's alone (0600), except in a folder of another group that the
+    writer may give them to (``agent install`` makes ``/etc/edgefleet`` root's in the
+    service's group): there 0640 and that group, so the service, which runs as its own user,
+    can read its config."""
+    if not private:
+        write_atomic(path, text.encode(), mode=0o644)
+        return
+    group = path.parent.stat().st_gid
+    shared = group != os.getegid() and (os.geteuid() == 0 or group in os.getgroups())
+    write_atomic(path, text.encode(), mode=0o640 if shared else 0o600)
+    if shared:
+        os.chown(path, -1, group)

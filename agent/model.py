@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts.tensors import TensorSpec
 from ota.archive import extract_bundle
 from ota.errors import BundleError
 from ota.manifest import MANIFEST_NAME, Manifest, parse_manifest
@@ -44,6 +45,17 @@ class LoadedModel:
     @property
     def model_name(self) -> str:
         return self.manifest.model.name
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """What :meth:`predict` takes: the runtime's inputs with any number of samples on
+        the first axis, which it splits into calls the artifact accepts (a TVM module and
+        a LiteRT model are built for one sample at a time)."""
+        return [_any_batch(spec) for spec in self.runtime.inputs]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [_any_batch(spec) for spec in self.runtime.outputs]
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.runtime.predict_batch(inputs)
@@ -85,6 +97,12 @@ class LoadedModel:
 
     def close(self) -> None:
         self.runtime.close()
+
+
+def _any_batch(spec: TensorSpec) -> TensorSpec:
+    if not spec.shape:
+        return spec
+    return TensorSpec(spec.name, (None, *spec.shape[1:]), spec.dtype)
 
 
 def load_installed(directory: Path) -> LoadedModel:

@@ -10,12 +10,14 @@ to someone else.
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from contracts.mqtt import Command
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["FleetAuth", "Origin", "foreign_urls"]
 
@@ -32,15 +34,22 @@ class Origin:
 
     @classmethod
     def of(cls, url: str | httpx.URL) -> Origin:
-        """The origin of an ``http(s)://`` URL; ``ValueError`` for anything else."""
+        """The origin of an ``http(s)://`` URL; ``ValueError`` for anything else.
+
+        Parsed with the standard library, not httpx: ``agent.config`` reads origins, and
+        ``edgefleet agent install`` loads configs from a venv without the agent extra.
+        """
+        text = str(url)
         try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL as e:
-            raise ValueError(f"{str(url)[:200]!r} is not a URL: {e}") from None
+            parsed = urlsplit(text)
+            host, port = parsed.hostname, parsed.port
+            host = host.encode("idna").decode("ascii") if host else None
+        except (ValueError, UnicodeError) as e:
+            raise ValueError(f"{text[:200]!r} is not a URL: {e}") from None
         default = _DEFAULT_PORTS.get(parsed.scheme)
-        if default is None or not parsed.host:
-            raise ValueError(f"{str(url)[:200]!r} is not an http:// or https:// URL with a host")
-        return cls(parsed.scheme, parsed.host, parsed.port or default)
+        if default is None or not host:
+            raise ValueError(f"{text[:200]!r} is not an http:// or https:// URL with a host")
+        return cls(parsed.scheme, host, port or default)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -72,19 +81,19 @@ def foreign_urls(command: Command, fleet: Origin) -> str | None:
     return None
 
 
-class FleetAuth(httpx.Auth):
+class FleetAuth:
     """``Authorization: Bearer TOKEN`` on requests to ``origin``, and on no other.
 
-    httpx runs an ``Auth`` for the first request only; on a redirect it drops the header
-    itself when the target is another origin (keeping it only for ``http://host`` →
-    ``https://host``, the same host on TLS).
+    An httpx function auth (``httpx.Client(auth=FleetAuth(...))``). httpx runs it for the
+    first request only; on a redirect it drops the header itself when the target is another
+    origin (keeping it only for ``http://host`` → ``https://host``, the same host on TLS).
     """
 
     def __init__(self, token: str, origin: Origin) -> None:
         self._header = f"Bearer {token}"
         self.origin = origin
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+    def __call__(self, request: httpx.Request) -> httpx.Request:
         if _origin_or_none(request.url) == self.origin:
             request.headers["Authorization"] = self._header
-        yield request
+        return request

@@ -51,6 +51,8 @@ FALLBACK_REASONS = frozenset({"no_model", "error", "latency", "confidence"})
 LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 """Upper edges of the latency histogram in ``extra``; a last bucket holds the slower ones."""
 
+_NO_MATCHING_SUBSCRIBERS = 0x10
+"""MQTT 5 PUBACK reason code: the broker accepted the message and delivered it to nobody."""
 _MAX_LATENCY_SAMPLES = 10_000
 """Latencies kept per interval for p50/p95; past this a uniform sample (reservoir) is kept."""
 _ERROR_RETRY_S = 30.0
@@ -257,8 +259,12 @@ class TelemetrySender:
 
     def published(self, mid: int, reason_code: ReasonCode) -> None:
         """The broker answered the publish ``mid``: call from the client's ``on_publish``
-        (paho's ``CallbackAPIVersion.VERSION2`` passes ``mid`` and ``reason_code``)."""
-        if reason_code.is_failure:
+        (paho's ``CallbackAPIVersion.VERSION2`` passes ``mid`` and ``reason_code``).
+
+        A refusal (``>= 0x80``) and "no matching subscribers" (``0x10``: the fleet's
+        subscription is not there, e.g. a broker restarted from its save before the fleet
+        subscribed again, so nobody took the records) both keep the batch queued."""
+        if reason_code.is_failure or reason_code.value == _NO_MATCHING_SUBSCRIBERS:
             with self._lock:
                 if self._refusals is not None:
                     self._refusals[mid] = reason_code

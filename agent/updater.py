@@ -309,6 +309,24 @@ class Updater:
         return self._serving
 
     @property
+    def last_outcome(self) -> Ack | None:
+        """The final ack of the command finished last, for the device's status (the fleet
+        reconciles a lost ack from it)."""
+        acks = list(self._record.acks.values())  # one C call: no lock, no torn read
+        return next((ack for ack in reversed(acks) if ack.state.final), None)
+
+    def acked(self, command_id: str) -> Ack | None:
+        """The latest ack of ``command_id`` if this device has seen it."""
+        return self._record.acks.get(command_id)
+
+    def record(self, ack: Ack) -> None:
+        """Keep the ack of a command the agent handled itself (shadow), persisted, so that a
+        resend of it is re-acked rather than acted on."""
+        with self._lock:
+            self._remember(ack)
+            self._save()
+
+    @property
     def trust(self) -> TrustStatus | None:
         """What the last TUF refresh said (``None`` before the first deploy), for status."""
         return self._trust

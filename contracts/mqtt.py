@@ -11,8 +11,11 @@ fleet server's dependencies. Topics live under ``edgefleet/v1/devices/{device_id
 | ``telemetry`` | device → fleet | 1   | :class:`TelemetryBatch`, JSON, optionally zstd  |
 
 Every command has an id; a device that sees an id again acks its current progress instead
-of acting twice, so the fleet may resend after a crash. Telemetry records carry ids too and
-the fleet stores each once.
+of acting twice, so the fleet may resend after a crash. A command past its ``expires_at``
+is stale and ignored (:meth:`Command.expired`): the fleet puts a fresh one on every copy it
+sends, and never sends a finished rollout's commands. A device's retained status names the
+last command it finished and how (:class:`Status`), so the fleet recovers a lost final ack.
+Telemetry records carry ids too and the fleet stores each once.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .ids import BundleLabel, DeviceId, MessageId, Name, Tag, Version, check_dev
 __all__ = [
     "MAX_PAYLOAD_BYTES",
     "TOPIC_PREFIX",
+    "UPDATER_IDLE",
     "Ack",
     "AckState",
     "BundleRef",
@@ -64,6 +68,9 @@ M = TypeVar("M", bound=BaseModel)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Channel = Literal["cmd", "ack", "status", "telemetry"]
+
+UPDATER_IDLE = "idle"
+""":attr:`Status.state` of a device whose updater has no command in progress."""
 
 
 def device_topic(device_id: DeviceId, channel: Channel) -> str:
@@ -132,6 +139,14 @@ class Command(_Message):
     """Base URL of the TUF metadata; bundles come from ``targets_url``."""
     targets_url: Url | None = None
     issued_at: Timestamp
+    expires_at: Timestamp | None = None
+    """After this (the fleet's clock) the command is stale: a device ignores it, sends no
+    ack and keeps no record of it, so a fresh copy (same id, later ``expires_at``) is acted
+    on. ``None``: it never goes stale."""
+
+    def expired(self, now: float) -> bool:
+        """Whether a device receiving this command at ``now`` must ignore it as stale."""
+        return self.expires_at is not None and now > self.expires_at
 
 
 class AckState(enum.StrEnum):
@@ -162,8 +177,22 @@ class Status(_Message):
     """``NAME-VERSION`` of the serving bundle, or ``None`` before the first install."""
     bundle_version_number: VersionNumber | None = None
     state: Tag | None = None
-    """The agent's updater state (``idle``, ``downloading``...)."""
+    """The agent's updater state (:data:`UPDATER_IDLE`, ``downloading``...)."""
     ts: Timestamp | None = None
+    last_command: MessageId | None = None
+    """The last command the device finished (its updater's record of acks), with its final
+    ack state in ``last_command_state``: both or neither."""
+    last_command_state: AckState | None = None
+
+    @model_validator(mode="after")
+    def _finished_command(self) -> Self:
+        if (self.last_command is None) != (self.last_command_state is None):
+            raise ValueError("last_command and last_command_state come together or not at all")
+        if self.last_command_state is not None and not self.last_command_state.final:
+            raise ValueError(
+                f"last_command_state must be a final ack state, not {self.last_command_state}"
+            )
+        return self
 
 
 class TelemetryRecord(_Message):

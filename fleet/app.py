@@ -6,18 +6,18 @@ import asyncio
 import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Sequence
-from importlib import resources
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
-from .api import admin, devices, registry, rollouts
+from .api import admin, broker, devices, registry, replicas, rollouts
 from .api.deps import _device_or_viewer, require
 from .api.responses import errors
 from .config import FleetSettings
+from .dashboard import add_dashboard
 from .errors import RequestError
 from .inference import inference_router
 from .limits import BodyLimit, BodyLimitMiddleware
@@ -31,12 +31,21 @@ _BUNDLE_UPLOAD = re.compile(r"/api/v1/models/[^/]+/versions/[^/]+/bundles")
 _INFERENCE = re.compile(r"/v2/models/.+/infer")
 
 
-def create_app(settings: FleetSettings) -> FastAPI:
+def create_app(
+    settings: FleetSettings, *, on_started: Callable[[FleetServer], None] = lambda _server: None
+) -> FastAPI:
+    """The app of one fleet server; ``on_started`` runs once the server is up (``fleet
+    serve`` prints its addresses)."""
     server = FleetServer(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(server.start)
+        try:
+            await asyncio.to_thread(server.start)
+        except BaseException:  # stop what did start: a mosquitto must not outlive it
+            await asyncio.to_thread(server.stop)
+            raise
+        on_started(server)
         refresher = TimestampRefresher(
             server.repository, interval_s=settings.timestamp_refresh_interval_s
         )
@@ -56,6 +65,8 @@ def create_app(settings: FleetSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         responses=errors(413),
+        docs_url=None,  # served by add_dashboard, from the package rather than a CDN
+        redoc_url=None,
     )
     app.state.fleet = server
     app.add_middleware(
@@ -75,7 +86,14 @@ def create_app(settings: FleetSettings) -> FastAPI:
     async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_errors(error.errors())}, status_code=422)
 
-    for router in (registry.router, devices.router, rollouts.router, admin.router):
+    for router in (
+        registry.router,
+        devices.router,
+        rollouts.router,
+        admin.router,
+        replicas.router,
+        broker.router,
+    ):
         app.include_router(router, prefix="/api/v1")
     device_or_viewer = [Depends(_device_or_viewer)]
     app.include_router(ota_router(settings.ota_dir, dependencies=device_or_viewer))
@@ -85,6 +103,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
             server.cloud_models,
             dependencies=device_or_viewer,
             guard_responses=errors(401),
+            not_ready=server.not_ready,
         )
     )
 
@@ -97,10 +116,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
         body = server.render_metrics(refresher.failures if refresher else 0)
         return Response(body, media_type="text/plain; version=0.0.4")
 
-    @app.get("/", include_in_schema=False)
-    def dashboard() -> HTMLResponse:
-        return HTMLResponse(resources.files("fleet").joinpath("dashboard.html").read_text())
-
+    add_dashboard(app)
     return app
 
 

@@ -20,6 +20,7 @@ from contracts.bounded import JSON_DOCUMENT, MAX_COUNT, check_text
 __all__ = [
     "MAX_ROW_ID",
     "MAX_TTL_S",
+    "BundleLabel",
     "Count",
     "DeviceId",
     "Document",
@@ -62,6 +63,8 @@ def _check_token_name(value: str) -> str:
 
 DeviceId = Annotated[ids.DeviceId, _identifier(ids.DEVICE_ID)]
 Name = Annotated[ids.Name, _identifier(ids.NAME)]
+BundleLabel = Annotated[ids.BundleLabel, _identifier(ids.BUNDLE_LABEL)]
+"""``NAME-VERSION``, as devices report the bundle they serve."""
 """Model, profile and rollout names and ids."""
 TokenName = Annotated[str, AfterValidator(_check_token_name), _identifier(ids.NAME, 64)]
 Tag = Annotated[ids.Tag, _identifier(ids.TAG)]

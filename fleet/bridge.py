@@ -5,6 +5,26 @@ several replicas split the devices' messages. paho's network thread only queues 
 arrives; one worker drains the queue and writes in batches (one transaction for up to
 ``batch_size`` messages), which is what lets ingest keep up with thousands of devices.
 
+The session outlives the fleet: the bridge connects with a stable client id (the
+replica's broker account), clean start off and a session expiry (``session_expiry_s``),
+so while it is away (killed, restarting, cut off) the broker queues what devices send for
+it, and delivers it when it is back. A message is acknowledged (PUBACK, paho's manual
+acks) only once it is committed to the database, quarantined, or counted malformed or
+shed: after the batch it came in is done, in the order messages arrived, and only on the
+connection it came on (a message id means nothing on the next one; the broker sends
+again there whatever was not acknowledged). So a fleet killed between a message's
+arrival and its commit loses nothing: the broker delivers it again. Messages may so
+arrive twice; storing one twice changes nothing (telemetry has ids, acks and statuses
+are states).
+
+Replicas split the devices' messages (each has its own session in the shared group), and
+a broker queues a dead replica's share in its session until it comes back (mosquitto and
+EMQX both keep serving a shared subscription's sessions while their clients are away). So
+a living replica takes a dead one's session over (:func:`drain_session`): it connects with
+the dead one's client id and clean start off, unsubscribes its shared subscriptions (no
+new message is queued there), stores and acknowledges what the session held, and
+disconnects, leaving the session to its owner, which subscribes again when it returns.
+
 Nothing a device sends can cost another device's data, nor stop the bridge:
 
 - a payload that breaks the contract is counted (``edgefleet_mqtt_malformed_total``),
@@ -20,7 +40,9 @@ Nothing a device sends can cost another device's data, nor stop the bridge:
   meanwhile, one log line per outage) and halves the transaction at each retry, so a
   batch too big for the database's limits goes through too. Messages go on arriving
   meanwhile; past ``max_held_bytes`` unstored the newest are dropped on arrival and counted
-  (``edgefleet_mqtt_shed_total``), so memory stays bounded however long the outage.
+  (``edgefleet_mqtt_shed_total``) and acknowledged in turn, so memory stays bounded
+  however long the outage, and the broker's window (``receive_maximum`` messages not yet
+  acknowledged) keeps moving.
 """
 
 from __future__ import annotations
@@ -29,7 +51,6 @@ import datetime as dt
 import hashlib
 import logging
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +59,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import exc as sa_exc
@@ -58,14 +80,14 @@ from contracts.mqtt import (
 
 from .broker import MqttEndpoint
 from .db import session_scope
-from .devices import apply_statuses
+from .devices import RESERVED_PREFIX, apply_statuses
 from .errors import BrokerError
 from .metrics import FleetMetrics
 from .models import Quarantine, utcnow
-from .rollouts import handle_acks
+from .rollouts import Link, handle_acks, lock_answered, reconcile_statuses
 from .telemetry import ingest
 
-__all__ = ["QUARANTINE_ERROR_CHARS", "QUARANTINE_PAYLOAD_BYTES", "MqttBridge"]
+__all__ = ["QUARANTINE_ERROR_CHARS", "QUARANTINE_PAYLOAD_BYTES", "MqttBridge", "drain_session"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +107,19 @@ _MESSAGE_OVERHEAD_BYTES = 1024
 _DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54", "P0"})
 """PostgreSQL error classes a statement's values cause: data exception, integrity
 constraint violation, program limit exceeded, and a trigger's ``RAISE``."""
+_DEFAULT_CLIENT_ID = f"{RESERVED_PREFIX}fleet"
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """One message as the broker delivered it: what to acknowledge once it is settled."""
+
+    mid: int
+    qos: int
+    connection: int
+    """The :attr:`Link.number` it came on: it is acknowledged on that connection only."""
+    message: mqtt.MQTTMessage | None
+    """``None``: shed on arrival (the bridge held ``max_held_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -105,9 +140,17 @@ class _Stopping(Exception):
 class MqttBridge:
     """Publishes commands and stores what devices publish (see the module's docstring).
 
-    ``max_held_bytes``: payloads received and not yet stored that the bridge keeps in
-    memory (each message counted with 1 KiB of overhead); past it, arrivals are dropped
-    and counted. ``retry_min_s`` / ``retry_max_s``: the backoff while the database fails.
+    ``client_id``: stable across restarts, one per replica (default: the endpoint's
+    username, else ``edgefleet-fleet``); ``session_expiry_s``: how long the broker keeps
+    the session (and queues for it) while the bridge is away. ``receive_maximum``: messages
+    the broker may send before the bridge acknowledges one. ``max_held_bytes``: payloads
+    received and not yet stored that the bridge keeps in memory (each message counted with
+    1 KiB of overhead); past it, arrivals are dropped and counted. ``retry_min_s`` /
+    ``retry_max_s``: the backoff while the database fails. ``on_online`` is called with the
+    devices whose online status was stored (after their rollout members were reconciled
+    from it), ``on_final_ack`` when an ack or a status finished a rollout member.
+    ``drain``: take over another replica's session to empty it (:func:`drain_session`):
+    unsubscribe rather than subscribe, and never reconnect.
     """
 
     def __init__(
@@ -120,11 +163,16 @@ class MqttBridge:
         on_online: Callable[[list[str]], None] = lambda _devices: None,
         batch_size: int = 2000,
         client_id: str | None = None,
+        session_expiry_s: int = 24 * 3600,
+        receive_maximum: int = 65535,
         max_held_bytes: int = 256 << 20,
         retry_min_s: float = 0.5,
         retry_max_s: float = 30.0,
+        drain: bool = False,
     ) -> None:
         self._endpoint = endpoint
+        self._takeover = drain
+        self._last_arrival = time.monotonic()
         self._db = db
         self._metrics = metrics
         self._on_final_ack = on_final_ack
@@ -133,7 +181,9 @@ class MqttBridge:
         self._max_held_bytes = max_held_bytes
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
-        self._inbox: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
+        self._session_expiry_s = session_expiry_s
+        self._receive_maximum = receive_maximum
+        self._inbox: queue.Queue[_Delivery | None] = queue.Queue()
         self._held_lock = threading.Lock()
         self._held_bytes = 0
         self._held = 0
@@ -142,11 +192,16 @@ class MqttBridge:
         self._retry_delay_s = retry_min_s
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._link_lock = threading.Lock()
+        self._link: Link | None = None
+        self._connections = 0
         self._worker: threading.Thread | None = None
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edgefleet-fleet-{secrets.token_hex(4)}",
+            client_id=client_id or endpoint.username or _DEFAULT_CLIENT_ID,
             protocol=mqtt.MQTTv5,
+            manual_ack=True,
+            reconnect_on_failure=not drain,
         )
         if endpoint.username:
             self._client.username_pw_set(endpoint.username, endpoint.password)
@@ -160,6 +215,9 @@ class MqttBridge:
         self._client.max_inflight_messages_set(1000)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_unsubscribe
         self._client.on_message = self._on_message
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -167,8 +225,17 @@ class MqttBridge:
     def start(self, timeout_s: float = 15.0) -> None:
         self._worker = threading.Thread(target=self._drain, name="mqtt-ingest", daemon=True)
         self._worker.start()
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self._session_expiry_s
+        properties.ReceiveMaximum = self._receive_maximum
         try:
-            self._client.connect(self._endpoint.host, self._endpoint.port, keepalive=30)
+            self._client.connect(
+                self._endpoint.host,
+                self._endpoint.port,
+                keepalive=30,
+                clean_start=False,
+                properties=properties,
+            )
         except OSError as e:
             raise BrokerError(f"cannot reach the MQTT broker at {self._endpoint.url}: {e}") from e
         self._client.loop_start()
@@ -176,12 +243,13 @@ class MqttBridge:
             self.stop()
             raise BrokerError(
                 f"the MQTT broker at {self._endpoint.url} did not accept the fleet's "
-                f"connection within {timeout_s:.0f} s (credentials or ACL?)"
+                f"connection and subscriptions within {timeout_s:.0f} s (credentials or ACL?)"
             )
 
     def stop(self) -> None:
-        """Disconnect, store what was received, and end the worker; while the database is
-        down it does not wait for it, and what the bridge held is lost (and logged)."""
+        """Disconnect (the session stays), store what was received, and end the worker;
+        while the database is down it does not wait for it. Nothing is acknowledged after
+        the disconnect: the broker delivers it all again to the next start."""
         self._client.disconnect()
         self._client.loop_stop()
         self._stopping.set()
@@ -193,10 +261,19 @@ class MqttBridge:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def link(self) -> Link | None:
+        """The connection to the broker, or ``None`` while there is none."""
+        with self._link_lock:
+            return self._link
+
     def pending(self) -> int:
         """Messages received and not yet stored, quarantined or dropped as malformed (for
         tests and benchmarks to wait on)."""
         return self._held
+
+    def quiet_s(self) -> float:
+        """Seconds since the last message arrived (or since the bridge was made)."""
+        return time.monotonic() - self._last_arrival
 
     # --- sending --------------------------------------------------------------------------
 
@@ -220,20 +297,55 @@ class MqttBridge:
         self,
         client: mqtt.Client,
         _userdata: Any,
-        _flags: Any,
+        flags: mqtt.ConnectFlags,
         reason: ReasonCode,
         _properties: Properties | None,
     ) -> None:
         if reason.is_failure:
             log.error("MQTT broker refused the fleet's connection: %s", reason)
             return
+        with self._link_lock:
+            self._connections += 1
+            self._link = Link(self._connections, utcnow())
+        if self._takeover:
+            client.unsubscribe([shared_subscription(c) for c in _CHANNELS])
+            return
+        if not flags.session_present:
+            log.log(
+                logging.INFO if self._connections == 1 else logging.WARNING,
+                "the MQTT broker kept no session for the fleet (a first start, or it expired "
+                "or was lost with the broker): what devices sent meanwhile is gone; the rollout "
+                "engine reconciles from their statuses and resends unfinished commands",
+            )
         client.subscribe([(shared_subscription(c), 1) for c in _CHANNELS])
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        if refused := [str(r) for r in reasons if r.is_failure]:
+            log.error("the MQTT broker refused the fleet's subscriptions: %s", ", ".join(refused))
+            return
         self._connected.set()
 
+    def _on_unsubscribe(self, *_: Any) -> None:
+        """Draining: nothing more is queued for the session taken over."""
+        self._connected.set()
+
+    def _on_disconnect(self, *_: Any) -> None:
+        """paho's thread, before any reconnection: no acknowledgement may go out now."""
+        with self._link_lock:
+            self._link = None
+
     def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """paho's thread: hold the message for the worker, or drop it if the bridge already
-        holds ``max_held_bytes``."""
+        """paho's thread: hold the message for the worker, or shed it (it is still
+        acknowledged in turn) if the bridge already holds ``max_held_bytes``."""
         size = len(message.payload) + _MESSAGE_OVERHEAD_BYTES
+        self._last_arrival = time.monotonic()
         with self._held_lock:
             accepted = self._held_bytes + size <= self._max_held_bytes
             if accepted:
@@ -241,8 +353,12 @@ class MqttBridge:
                 self._held += 1
             starts_shedding = not accepted and not self._shedding
             self._shedding = not accepted
+        with self._link_lock:  # paho calls on_connect on this thread first
+            connection = self._connections
+        self._inbox.put(
+            _Delivery(message.mid, message.qos, connection, message if accepted else None)
+        )
         if accepted:
-            self._inbox.put(message)
             return
         self._metrics.shed.labels(_channel_label(message)).inc()
         if starts_shedding:
@@ -255,20 +371,35 @@ class MqttBridge:
 
     def _drain(self) -> None:
         while (batch := self._next_batch()) is not None:
+            messages = [d.message for d in batch if d.message is not None]
             try:
-                self._write(batch)
+                self._write(messages)
             except _Stopping:
                 log.error(
-                    "stopped with %d MQTT messages not stored: the database is down", self._held
+                    "stopped with %d MQTT messages not stored (the database is down); the "
+                    "broker keeps them for the fleet's session",
+                    self._held,
                 )
                 return
             except Exception:  # a bug, not a device's doing: log, keep the bridge alive
-                log.exception("could not store %d MQTT messages; dropped", len(batch))
+                log.exception("could not store %d MQTT messages; dropped", len(messages))
             finally:
-                self._release(batch)
+                self._release(messages)
+            self._acknowledge(batch)
 
-    def _next_batch(self) -> list[mqtt.MQTTMessage] | None:
-        """Up to ``batch_size`` messages, waiting 50 ms at most after the first; ``None``
+    def _acknowledge(self, batch: Sequence[_Delivery]) -> None:
+        """PUBACK each message of a settled batch, in arrival order, if the connection it
+        came on is still the one up; else the broker sends it again on the new one."""
+        with self._link_lock:  # held across: on_disconnect cannot slip in between
+            link = self._link
+            if link is None:
+                return
+            for delivery in batch:
+                if delivery.qos == 1 and delivery.connection == link.number:
+                    self._client.ack(delivery.mid, delivery.qos)
+
+    def _next_batch(self) -> list[_Delivery] | None:
+        """Up to ``batch_size`` deliveries, waiting 50 ms at most after the first; ``None``
         once stopped."""
         first = self._inbox.get()
         if first is None:
@@ -340,7 +471,7 @@ class MqttBridge:
 
     def _commit(self, chunk: Sequence[_Received]) -> tuple[list[str], int]:
         """Store ``chunk`` in one transaction; returns the devices that came online and
-        how many acks were final."""
+        how many acks (or statuses, reconciled) finished something."""
         statuses = [(r.device_id, r.body) for r in chunk if isinstance(r.body, Status)]
         acks = [(r.device_id, r.body) for r in chunk if isinstance(r.body, Ack)]
         telemetry = [
@@ -350,8 +481,17 @@ class MqttBridge:
             for record in r.body.records
         ]
         with session_scope(self._db) as session:
+            if statuses or acks:
+                lock_answered(
+                    session,
+                    device_ids={d for d, s in statuses if s.online},
+                    command_ids={a.command for _, a in acks},
+                )
             online = apply_statuses(session, statuses) if statuses else []
-            final_acks = handle_acks(session, acks) if acks else 0
+            came = set(online)
+            reports = [(d, s) for d, s in statuses if s.online and d in came]
+            final_acks = reconcile_statuses(session, reports) if reports else 0
+            final_acks += handle_acks(session, acks) if acks else 0
             stored = ingest(session, telemetry) if telemetry else 0
         self._metrics.telemetry_records.inc(stored)
         self._metrics.telemetry_duplicates.inc(len(telemetry) - stored)
@@ -428,6 +568,51 @@ class MqttBridge:
             )
             self._down_since = None
             self._metrics.database_unavailable.set(0)
+
+
+def drain_session(
+    endpoint: MqttEndpoint,
+    db: Engine,
+    metrics: FleetMetrics,
+    *,
+    client_id: str,
+    session_expiry_s: int,
+    quiet_s: float = 1.0,
+    timeout_s: float = 300.0,
+    on_final_ack: Callable[[], None] = lambda: None,
+    on_online: Callable[[list[str]], None] = lambda _devices: None,
+) -> bool:
+    """Take over ``client_id``'s session (``endpoint`` holds its credentials), store what
+    it held, and leave it without subscriptions (see the module's docstring).
+
+    Done once the session has been quiet for ``quiet_s`` with everything stored; ``False``
+    when it did not finish (the connection was refused or taken back by its owner, or
+    ``timeout_s`` passed): what is left stays in the session.
+    """
+    bridge = MqttBridge(
+        endpoint,
+        db,
+        metrics,
+        client_id=client_id,
+        session_expiry_s=session_expiry_s,
+        on_final_ack=on_final_ack,
+        on_online=on_online,
+        drain=True,
+    )
+    try:
+        bridge.start()
+    except BrokerError as e:
+        log.error("could not take over the MQTT session %s to empty it: %s", client_id, e)
+        return False
+    deadline = time.monotonic() + timeout_s
+    try:
+        while bridge.quiet_s() < quiet_s or bridge.pending():
+            if bridge.link() is None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return bridge.link() is not None
+    finally:
+        bridge.stop()
 
 
 def _blames_the_database(error: Exception) -> bool:

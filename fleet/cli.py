@@ -52,10 +52,58 @@ def serve(
     mqtt_url: Annotated[
         str | None, typer.Option(help="mqtt(s)://user:pass@host:port of an external broker.")
     ] = None,
+    mqtt_credential_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --mqtt-url mqtt(s)://host:port: the broker passwords the replicas "
+            "share (`fleet broker` writes it)."
+        ),
+    ] = None,
+    replica_id: Annotated[
+        str,
+        typer.Option(
+            help="This replica's name, unique among the servers sharing the database "
+            "(its MQTT account and client id: edgefleet-fleet-REPLICA)."
+        ),
+    ] = "main",
+    rollout_lease: Annotated[
+        float,
+        typer.Option(help="Seconds another replica waits to take over rollouts from a dead one."),
+    ] = 10.0,
+    broker_auth_secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file with the secret an external broker sends to /api/v1/broker/* "
+            "(HTTP authentication and authorization)."
+        ),
+    ] = None,
     mqtt_tls: Annotated[
         bool, typer.Option(help="Embedded broker: mTLS with device certificates.")
     ] = False,
-    mqtt_port: Annotated[int | None, typer.Option(help="Embedded broker's port.")] = None,
+    mqtt_port: Annotated[
+        int | None,
+        typer.Option(help="Embedded broker's port (default: chosen once, kept in DATA_DIR)."),
+    ] = None,
+    mqtt_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Embedded broker's listen address (default: --host). Beyond "
+            "loopback it needs --mqtt-tls or --mqtt-allow-plaintext."
+        ),
+    ] = None,
+    mqtt_allow_plaintext: Annotated[
+        bool, typer.Option(help="Let the embedded broker listen beyond loopback without TLS.")
+    ] = False,
+    mqtt_public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="mqtt(s)://HOST:PORT devices are told (default: --public-url's "
+            "host with the broker's port)."
+        ),
+    ] = None,
+    mqtt_restart_delay: Annotated[
+        float, typer.Option(help="Seconds before restarting a broker that died (doubling).")
+    ] = 0.5,
     public_url: Annotated[
         str | None, typer.Option(help="URL devices reach this server at.")
     ] = None,
@@ -70,32 +118,123 @@ def serve(
         bool, typer.Option(help="Serve /metrics without a token (default: any API token).")
     ] = False,
 ) -> None:
-    """Run the fleet server (embedded defaults: a SQLite file and a local mosquitto)."""
+    """Run the fleet server (embedded defaults: a SQLite file and a local mosquitto).
+
+    Once up it prints where it listens (HTTP, MQTT) and the addresses devices are told."""
     import logging
 
     import uvicorn
+    from pydantic import ValidationError
 
     from .app import create_app
     from .config import FleetSettings
+    from .server import FleetServer
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = FleetSettings(
-        data_dir=data_dir,
-        host=host,
-        port=port,
-        database_url=database_url,
-        mqtt_url=mqtt_url,
-        mqtt_tls=mqtt_tls,
-        mqtt_port=mqtt_port,
-        public_url=public_url,
-        rollout_tick_s=rollout_tick,
-        max_bundle_bytes=max_bundle_bytes,
-        max_inference_bytes=max_inference_bytes,
-        metrics_public=metrics_public,
+    try:
+        settings = FleetSettings(
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            database_url=database_url,
+            mqtt_url=mqtt_url,
+            mqtt_credential_file=mqtt_credential_file,
+            replica_id=replica_id,
+            rollout_lease_s=rollout_lease,
+            broker_auth_secret_file=broker_auth_secret_file,
+            mqtt_tls=mqtt_tls,
+            mqtt_port=mqtt_port,
+            mqtt_host=mqtt_host,
+            mqtt_allow_plaintext=mqtt_allow_plaintext,
+            mqtt_public_url=mqtt_public_url,
+            mqtt_restart_delay_s=mqtt_restart_delay,
+            public_url=public_url,
+            rollout_tick_s=rollout_tick,
+            max_bundle_bytes=max_bundle_bytes,
+            max_inference_bytes=max_inference_bytes,
+            metrics_public=metrics_public,
+        )
+    except ValidationError as e:
+        fail("; ".join(_setting_error(error) for error in e.errors()))
+
+    def announce(server: FleetServer) -> None:
+        for line in server.addresses():
+            typer.echo(line)
+
+    app = create_app(settings, on_started=announce)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@app.command("broker")
+def broker(
+    database_url: Annotated[
+        str, typer.Option(help="postgresql://... : the database the replicas share.")
+    ],
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Where the broker keeps its files and credential.")
+    ] = Path("fleet-broker"),
+    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="Listen port (default: chosen once, kept in DATA_DIR).")
+    ] = None,
+    allow_plaintext: Annotated[
+        bool, typer.Option(help="Listen beyond loopback without TLS (a network you trust).")
+    ] = False,
+    restart_delay: Annotated[
+        float, typer.Option(help="Seconds before restarting a broker that died (doubling).")
+    ] = 0.5,
+) -> None:
+    """Run one supervised mosquitto for several `fleet serve` replicas (docs/scale.md).
+
+    Its accounts come from the shared database; on its first start it writes
+    DATA_DIR/broker-credential.json (0600), which every replica is given with
+    --mqtt-url mqtt://HOST:PORT --mqtt-credential-file FILE."""
+    import logging
+    import signal
+    import threading
+
+    from .broker.endpoint import is_loopback
+    from .errors import BrokerError
+    from .standalone import StandaloneBroker
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    if not is_loopback(host) and not allow_plaintext:
+        fail(
+            f"the broker would listen on {host}, beyond loopback, without TLS: device "
+            "passwords and every message would cross the network in clear. Put it on a "
+            "network you trust and pass --allow-plaintext, or keep --host 127.0.0.1"
+        )
+    service = StandaloneBroker(
+        data_dir, database_url, host=host, port=port, restart_delay_s=restart_delay
+    )
+    try:
+        endpoint = service.start()
+    except (BrokerError, ValueError) as e:
+        fail(e)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    typer.echo(
+        f"MQTT listens on mqtt://{host}:{endpoint.port}; start each replica with --mqtt-url "
+        f"mqtt://{endpoint.host}:{endpoint.port} --mqtt-credential-file "
+        f"{service.credential_path} --replica-id NAME"
+    )
+    stopping.wait()
+    service.stop()
+
+
+def _setting_error(error: Any) -> str:
+    """One pydantic error as an option and its message (``Value error, `` dropped)."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    fields = [str(part) for part in error.get("loc", ())]
+    if not fields:
+        return message
+    option = "--" + fields[0].removesuffix("_s").replace("_", "-")
+    return f"{option}: {message}"
 
 
 @app.command("admin-token")

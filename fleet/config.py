@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ota.keys import PASSPHRASE_ENV
 
-__all__ = ["FleetSettings"]
+from .broker.endpoint import MqttEndpoint, is_loopback, public_endpoint
+
+__all__ = ["DEFAULT_REPLICA_ID", "FleetSettings"]
+
+DEFAULT_REPLICA_ID = "main"
 
 
 class FleetSettings(BaseModel):
@@ -24,10 +28,50 @@ class FleetSettings(BaseModel):
     """SQLAlchemy URL; default ``sqlite:///DATA_DIR/fleet.db``. PostgreSQL: ``postgresql://``."""
     mqtt_url: str | None = None
     """An external broker (``mqtt://`` or ``mqtts://``); default: launch mosquitto here."""
+    mqtt_credential_file: Path | None = None
+    """With ``mqtt_url`` (no user in it): the broker passwords every replica shares
+    (``edgefleet fleet broker`` writes the file): this replica logs in as
+    ``edgefleet-fleet-REPLICA``, and with a standalone mosquitto adds and removes devices
+    through its dynamic-security plugin."""
     mqtt_tls: bool = False
     """Embedded broker only: mTLS with device certificates instead of passwords."""
-    mqtt_port: int | None = None
-    """Embedded broker's port; default: a free loopback port."""
+    mqtt_port: int | None = Field(default=None, ge=1, le=65535)
+    """Embedded broker's port; default: the one the first start chose (a free one), kept in
+    ``DATA_DIR/mosquitto/port``."""
+    mqtt_host: str | None = None
+    """Embedded broker's listen address; default: ``host``. Not loopback: TLS
+    (``mqtt_tls``) unless ``mqtt_allow_plaintext``."""
+    mqtt_allow_plaintext: bool = False
+    """Let the embedded broker listen beyond loopback without TLS (passwords in clear)."""
+    mqtt_public_url: str | None = None
+    """``mqtt(s)://HOST:PORT`` devices are told; default: ``public_url``'s host with the
+    broker's port and scheme."""
+    mqtt_restart_delay_s: float = Field(default=0.5, gt=0, le=30)
+    """Before the first restart of an embedded broker that died; doubled while it keeps
+    dying, up to 30 s."""
+    replica_id: str = Field(
+        default=DEFAULT_REPLICA_ID, pattern=r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
+    )
+    """This replica's name, unique among the servers sharing a database: its MQTT client
+    id (and, with the embedded broker or ``mqtt_credential_file``, its broker account) is
+    ``edgefleet-fleet-REPLICA``, so the session the broker keeps for it is its own; its
+    rollout engine signs the audit log ``fleet:REPLICA``."""
+    rollout_lease_s: float = Field(default=10.0, ge=1, le=600)
+    """How long the rollout lease lasts unrenewed: another replica takes over rollouts
+    this long after the one driving them died (it renews every quarter of it)."""
+    broker_auth_secret_file: Path | None = None
+    """A file holding the secret an external broker sends (header
+    ``X-Edgefleet-Broker-Secret``) to ask ``/api/v1/broker/authenticate`` and
+    ``/authorize``; unset, those routes let no one in."""
+    mqtt_session_expiry_s: int = Field(default=24 * 3600, ge=1, le=2**32 - 2)
+    """How long the broker keeps the fleet's MQTT session, queueing what devices send,
+    while the fleet is away."""
+    mqtt_settle_s: float = Field(default=2.0, ge=0, le=600)
+    """After each connection to the broker, how long the rollout engine lets what the broker
+    kept come in before it resends unfinished commands and judges waves."""
+    command_ttl_s: float = Field(default=3600.0, gt=0, le=30 * 24 * 3600)
+    """A command's ``expires_at`` is this far ahead of each copy sent; a device ignores one
+    that reaches it later (it sat in a queue)."""
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None
@@ -50,6 +94,62 @@ class FleetSettings(BaseModel):
     """Largest cloud inference request (``/v2/.../infer``), which is read whole."""
     metrics_public: bool = False
     """Serve ``/metrics`` without a token (by default it needs an API token, any role)."""
+
+    @field_validator("replica_id")
+    @classmethod
+    def _not_an_admin_account(cls, replica_id: str) -> str:
+        if replica_id.endswith("-admin"):
+            raise ValueError(
+                f"replica id {replica_id!r} ends in -admin, which names broker admin accounts: "
+                "choose another"
+            )
+        return replica_id
+
+    @field_validator("mqtt_public_url")
+    @classmethod
+    def _device_address(cls, url: str | None) -> str | None:
+        if url is not None:
+            public_endpoint(url)
+        return url
+
+    @model_validator(mode="after")
+    def _no_plaintext_on_the_network(self) -> FleetSettings:
+        if self.mqtt_credential_file is not None:
+            if self.mqtt_url is None:
+                raise ValueError(
+                    "--mqtt-credential-file is for an external broker: give its address "
+                    "with --mqtt-url mqtt(s)://HOST:PORT"
+                )
+            if MqttEndpoint.from_url(self.mqtt_url).username:
+                raise ValueError(
+                    "with --mqtt-credential-file the replica logs in as edgefleet-fleet-"
+                    f"{self.replica_id}: give --mqtt-url without a user"
+                )
+        if self.mqtt_url is not None:  # an external broker: its operator's
+            return self
+        host = self.mqtt_listen_host
+        if not is_loopback(host) and not self.mqtt_tls and not self.mqtt_allow_plaintext:
+            raise ValueError(
+                f"the embedded MQTT broker would listen on {host}, beyond loopback, without "
+                "TLS: device passwords and every message would cross the network in clear. "
+                "Pass --mqtt-tls (devices get certificates), or --mqtt-host 127.0.0.1 to keep "
+                "the broker on this machine, or --mqtt-allow-plaintext on a network you trust"
+            )
+        if self.mqtt_public_url is not None:
+            tls = public_endpoint(self.mqtt_public_url).tls
+            if tls != self.mqtt_tls:
+                wanted = "mqtts:// (the broker takes TLS)" if self.mqtt_tls else "mqtt://"
+                raise ValueError(
+                    f"--mqtt-public-url {self.mqtt_public_url} must be {wanted}: devices "
+                    "connect the way the embedded broker listens"
+                    + ("" if self.mqtt_tls else ", or pass --mqtt-tls")
+                )
+        return self
+
+    @property
+    def mqtt_listen_host(self) -> str:
+        """Where the embedded broker listens."""
+        return self.mqtt_host or self.host
 
     @property
     def db_url(self) -> str:

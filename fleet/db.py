@@ -13,10 +13,13 @@ from sqlmodel import Session, create_engine
 __all__ = ["make_engine", "session_scope"]
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, idle_in_transaction_s: float | None = None, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout.
 
     ``postgresql://`` URLs use psycopg 3 (SQLAlchemy's default driver name is psycopg2).
+    ``idle_in_transaction_s`` (PostgreSQL): the server ends a session whose transaction
+    waits that long for its next statement, so a process paused or stalled mid-transaction
+    (SIGSTOP, a VM frozen) does not hold its row locks over every other replica.
     """
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -24,6 +27,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    if idle_in_transaction_s is not None:
+        timeout_ms = max(1, round(idle_in_transaction_s * 1000))
+        kwargs["connect_args"] = {
+            "options": f"-c idle_in_transaction_session_timeout={timeout_ms}",
+            **kwargs.get("connect_args", {}),
+        }
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **kwargs)
 
 

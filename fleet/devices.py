@@ -29,7 +29,7 @@ from contracts.ids import check_device_id
 from contracts.mqtt import Status
 
 from . import audit
-from .broker import DeviceCredential, MosquittoBroker, hash_password
+from .broker import DeviceAccounts, DeviceCredential, hash_password
 from .ca import FleetCA
 from .errors import BrokerError, CertificateError, ConflictError, EnrollmentError, NotFoundError
 from .models import Device, DeviceState, EnrollmentToken, EnrollmentTokenCreate, utcnow
@@ -44,6 +44,7 @@ __all__ = [
     "enroll",
     "get_device",
     "revoke",
+    "set_all_offline",
 ]
 
 
@@ -97,12 +98,13 @@ def enroll(
     device_id: str,
     csr_pem: str | None,
     ca: FleetCA | None,
-    broker: MosquittoBroker | None,
+    broker: DeviceAccounts | None,
 ) -> Enrollment:
     """Create ``device_id`` from a valid token and commit; ``ca`` given: mTLS.
 
-    ``broker``: the embedded broker, which must accept the device before it is stored
-    (``None``: an external broker, whose accounts are its operator's). ``BrokerError``
+    ``broker``: the broker's accounts (embedded, or a standalone mosquitto's plugin),
+    which must accept the device before it is stored (``None``: an external broker that
+    asks the fleet, or whose accounts are its operator's). ``BrokerError``
     when it does not: nothing is stored and the token keeps its use.
     """
     try:
@@ -243,7 +245,7 @@ def revoke(
     device: Device,
     actor: str,
     ca: FleetCA | None,
-    broker: MosquittoBroker | None,
+    broker: DeviceAccounts | None,
 ) -> None:
     """Revoke and commit, then cut the device off at ``broker``.
 
@@ -331,3 +333,16 @@ def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> 
             online.append(device_id)
         session.add(device)
     return online
+
+
+def set_all_offline(session: Session) -> int:
+    """Mark every device offline, as when the broker that held their connections is gone
+    (its Last Wills with it); each is online again once its new status arrives. How many
+    were online."""
+    result = session.exec(
+        update(Device)
+        .where(col(Device.online).is_(True))
+        .values(online=False)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)

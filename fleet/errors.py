@@ -16,6 +16,7 @@ __all__ = [
     "FleetError",
     "InferenceError",
     "InvalidTransitionError",
+    "LeaseLost",
     "ModelUnavailableError",
     "NotFoundError",
     "RequestError",
@@ -68,3 +69,8 @@ class BrokerError(FleetError, RuntimeError):
 
 class CertificateError(FleetError):
     """The fleet's certificate authority could not be created, loaded or used."""
+
+
+class LeaseLost(FleetError, RuntimeError):
+    """The rollout engine's replica no longer holds the term it began a step in: the
+    step's transaction is rolled back (``fleet.rollouts.lease``)."""

@@ -230,10 +230,12 @@ def inference_router(
     *,
     dependencies: Sequence[Any] = (),
     guard_responses: dict[int | str, dict[str, Any]] | None = None,
+    not_ready: Callable[[], str | None] = lambda: None,
 ) -> APIRouter:
     """The v2 routes. ``resolve`` names the version served for a model name (``None``: not
     served); ``dependencies`` guard the model routes, the health routes stay open, and
-    ``guard_responses`` documents what the guard answers."""
+    ``guard_responses`` documents what the guard answers. ``not_ready`` says why the
+    server is not ready (readiness answers 503 with it), or ``None``."""
     router = APIRouter(tags=["inference"])
 
     def served(name: str, version: str | None) -> CloudModel:
@@ -256,9 +258,16 @@ def inference_router(
     def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/v2/health/ready")
-    def ready() -> dict[str, bool]:
-        return {"ready": True}
+    @router.get(
+        "/v2/health/ready",
+        response_model=dict[str, bool],
+        responses={503: {"model": ErrorResponse, "description": "not ready: the reason"}},
+    )
+    def ready() -> JSONResponse:
+        reason = not_ready()
+        if reason is not None:
+            return JSONResponse({"error": reason}, status_code=503)
+        return JSONResponse({"ready": True})
 
     def metadata(name: str, version: str | None) -> JSONResponse:
         return _answer(lambda: models.metadata(served(name, version)))

@@ -68,6 +68,27 @@ class FleetMetrics:
         self.rollouts_active = Gauge(
             "edgefleet_rollouts_active", "Rollouts not yet finished.", registry=self.registry
         )
+        self.broker_up = Gauge(
+            "edgefleet_broker_up",
+            "1 while the embedded MQTT broker runs and answers, 0 while it is down and being "
+            "restarted (always 0 with an external broker, which is not watched).",
+            registry=self.registry,
+        )
+        self.broker_restarts = Counter(
+            "edgefleet_broker_restarts",
+            "Times the embedded MQTT broker died and was brought back.",
+            registry=self.registry,
+        )
+        self.rollout_leader = Gauge(
+            "edgefleet_rollout_leader",
+            "1 while this replica holds the rollout lease and drives rollouts, else 0.",
+            registry=self.registry,
+        )
+        self.sessions_drained = Counter(
+            "edgefleet_mqtt_sessions_drained",
+            "Dead replicas' MQTT sessions this replica took over and emptied.",
+            registry=self.registry,
+        )
         self.timestamp_refresh_failures = Gauge(
             "edgefleet_timestamp_refresh_failures",
             "Failed attempts to re-sign the TUF timestamp since start.",

@@ -47,6 +47,7 @@ __all__ = [
     "DeviceState",
     "EnrollmentToken",
     "EnrollmentTokenCreate",
+    "FleetReplica",
     "Gate",
     "GateCheck",
     "GateMetric",
@@ -62,6 +63,7 @@ __all__ = [
     "RolloutCreate",
     "RolloutDevice",
     "RolloutDeviceState",
+    "RolloutLease",
     "RolloutMode",
     "RolloutPublic",
     "RolloutState",
@@ -262,6 +264,8 @@ class ApiTokenPublic(ApiTokenCreate):
 
 
 class AuditEntry(SQLModel, table=True):
+    __table_args__ = (Index("ix_auditentry_target_id", "target", "id"),)
+
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = Field(default_factory=utcnow, index=True)
     actor: str
@@ -442,6 +446,9 @@ class RolloutCreate(SQLModel):
     auto_advance: bool = True
     on_failure: Literal["pause", "rollback"] = "pause"
     mode: RolloutMode = RolloutMode.DEPLOY
+    id: str | None = Field(default=None, regex=r"^r-[0-9a-f]{12}$")
+    """The id a preview (``POST /rollouts/preview``) chose, so the rollout takes the very
+    waves it showed; default: a new one."""
 
 
 class Rollout(SQLModel, table=True):
@@ -483,7 +490,10 @@ class RolloutDeviceState(enum.StrEnum):
 class RolloutDevice(SQLModel, table=True):
     """One device's place in one rollout; created for every selected device at the start."""
 
-    __table_args__ = (Index("ix_rolloutdevice_rollout_wave", "rollout_id", "wave"),)
+    __table_args__ = (
+        Index("ix_rolloutdevice_rollout_wave", "rollout_id", "wave"),
+        Index("ix_rolloutdevice_device_id", "device_id"),
+    )
 
     rollout_id: str = Field(foreign_key="rollout.id", primary_key=True)
     device_id: str = Field(foreign_key="device.id", primary_key=True)
@@ -519,6 +529,9 @@ class RolloutPublic(SQLModel):
     updated_at: dt.datetime
     devices: dict[str, dict[str, int]] = {}
     """Per wave (as a string index): device count by RolloutDeviceState."""
+    actions: list[str] = []
+    """What an operator may do now (``pause``, ``resume``, ``advance``, ``abort``,
+    ``rollback``): the events ``fleet.rollouts.transitions.TRANSITIONS`` allows from its state."""
 
 
 class CommandRecord(SQLModel, table=True):
@@ -583,3 +596,33 @@ class Quarantine(SQLModel, table=True):
     payload_sha256: str = Field(max_length=64)
     payload: bytes
     """The payload's first ``fleet.bridge.QUARANTINE_PAYLOAD_BYTES`` (64 KiB)."""
+
+
+# ---------------------------------------------------------------------------- replicas
+
+
+class RolloutLease(SQLModel, table=True):
+    """Which replica drives rollouts (one row, id 1): ``fleet.rollouts.lease``.
+
+    Every term has an ``epoch`` one higher than the last; every transaction the engine
+    commits checks, under a lock of this row, that its term still holds (fencing).
+    """
+
+    id: int = Field(default=1, primary_key=True)
+    holder: str | None = Field(default=None, max_length=32)
+    """The replica id that holds it; ``None`` once released."""
+    epoch: int = Field(default=0, sa_type=BigInteger)
+    expires_at: dt.datetime
+    """On the database's clock; renewed by the holder, taken by another once passed."""
+    acquired_at: dt.datetime
+
+
+class FleetReplica(SQLModel, table=True):
+    """One ``fleet serve`` process as the others see it: alive while ``seen_at`` is fresh."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    started_at: dt.datetime
+    seen_at: dt.datetime
+    """Its last heartbeat, on the database's clock."""
+    drained_at: dt.datetime | None = None
+    """When another replica last took over its MQTT session and stored what it held."""

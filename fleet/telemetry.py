@@ -8,10 +8,12 @@ record counts.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, case, func
+from pydantic import BaseModel
+from sqlalchemy import Integer, Select, case, cast, func
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
@@ -20,7 +22,14 @@ from contracts.mqtt import TelemetryRecord
 
 from .models import HealthStats, TelemetryRecordRow
 
-__all__ = ["COLUMN_OF_FIELD", "health_stats", "ingest"]
+__all__ = [
+    "COLUMN_OF_FIELD",
+    "HealthPoint",
+    "VersionHealth",
+    "health_series",
+    "health_stats",
+    "ingest",
+]
 
 
 def ingest(session: Session, rows: Iterable[tuple[str, TelemetryRecord, dt.datetime]]) -> int:
@@ -104,3 +113,159 @@ def health_stats(
         shadow_compared=int(compared),
         shadow_agreed=int(agreed),
     )
+
+
+class HealthPoint(BaseModel):
+    """One time bucket of one version's telemetry. Latencies are the records' per-interval
+    percentiles averaged with their inferences as weights, as the gate reads p95."""
+
+    start: dt.datetime
+    records: int
+    inferences: int
+    error_rate: float | None
+    fallback_rate: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    shadow_compared: int
+    """Predictions compared while this version ran as a shadow."""
+    agreement: float | None
+
+
+class VersionHealth(BaseModel):
+    version: str
+    bundles: list[str]
+    points: list[HealthPoint]
+    """Only the buckets with records, oldest first."""
+
+
+def health_series(
+    session: Session,
+    *,
+    versions: Mapping[str, str],
+    since: dt.datetime,
+    until: dt.datetime,
+    buckets: int,
+) -> list[VersionHealth]:
+    """``versions`` (bundle name → version) bucketed over ``[since, until)`` on the fleet's
+    clock, in ``buckets`` equal slices, by the database: two grouped queries on the
+    ``(bundle, received_at)`` index, whatever the number of records.
+
+    Shadow agreement is counted for the version that ran as the shadow, from the records of
+    devices serving one of ``versions``.
+    """
+    if not versions or buckets < 1 or until <= since:
+        raise ValueError("health_series needs bundles, at least one bucket and since < until")
+    t = TelemetryRecordRow
+    width_s = (until - since).total_seconds() / buckets
+    dialect = session.get_bind().dialect.name
+    bucket = _bucket(col(t.received_at), since, width_s, dialect).label("bucket")
+    window = (
+        col(t.bundle).in_(list(versions)),
+        col(t.received_at) >= since,
+        col(t.received_at) < until,
+    )
+    figures: list[Any] = [
+        func.count(),
+        func.coalesce(func.sum(t.inferences), 0),
+        func.coalesce(func.sum(t.errors), 0),
+        func.coalesce(func.sum(t.fallbacks), 0),
+        *_weighted(col(t.latency_p50_ms), col(t.inferences)),
+        *_weighted(col(t.latency_p95_ms), col(t.inferences)),
+    ]
+    served = session.execute(
+        sa_select(bucket, col(t.bundle), *figures).where(*window).group_by(bucket, col(t.bundle))
+    ).all()
+    shadowed = session.execute(
+        sa_select(
+            bucket,
+            col(t.shadow_bundle),
+            func.coalesce(func.sum(t.shadow_compared), 0),
+            func.coalesce(func.sum(t.shadow_agreed), 0),
+        )
+        .where(*window, col(t.shadow_bundle).in_(list(versions)))
+        .group_by(bucket, col(t.shadow_bundle))
+    ).all()
+    sums: dict[tuple[str, int], _Sums] = {}
+
+    def at(bundle: str, index: Any) -> _Sums:
+        return sums.setdefault((versions[bundle], min(int(index), buckets - 1)), _Sums())
+
+    for index, bundle, *figures in served:
+        at(bundle, index).add_served(*(float(f or 0) for f in figures))
+    for index, bundle, compared, agreed in shadowed:
+        at(bundle, index).add_shadowed(int(compared), int(agreed))
+    found = []
+    for version in sorted(set(versions.values())):
+        points = [
+            row.point(since + dt.timedelta(seconds=index * width_s))
+            for (v, index), row in sorted(sums.items(), key=lambda item: item[0])
+            if v == version
+        ]
+        bundles = sorted(b for b, v in versions.items() if v == version)
+        found.append(VersionHealth(version=version, bundles=bundles, points=points))
+    return found
+
+
+@dataclass
+class _Sums:
+    """One version's sums in one bucket, over its bundles."""
+
+    records: float = 0
+    inferences: float = 0
+    errors: float = 0
+    fallbacks: float = 0
+    p50: float = 0
+    p50_weight: float = 0
+    p95: float = 0
+    p95_weight: float = 0
+    compared: int = 0
+    agreed: int = 0
+
+    def add_served(self, *figures: float) -> None:
+        """The served query's figures after bucket and bundle, in its order."""
+        records, inferences, errors, fallbacks, p50, p50_weight, p95, p95_weight = figures
+        self.records += records
+        self.inferences += inferences
+        self.errors += errors
+        self.fallbacks += fallbacks
+        self.p50 += p50
+        self.p50_weight += p50_weight
+        self.p95 += p95
+        self.p95_weight += p95_weight
+
+    def add_shadowed(self, compared: int, agreed: int) -> None:
+        self.compared += compared
+        self.agreed += agreed
+
+    def point(self, start: dt.datetime) -> HealthPoint:
+        inferences = self.inferences
+        return HealthPoint(
+            start=start,
+            records=int(self.records),
+            inferences=int(inferences),
+            error_rate=self.errors / inferences if inferences else None,
+            fallback_rate=self.fallbacks / inferences if inferences else None,
+            latency_p50_ms=self.p50 / self.p50_weight if self.p50_weight else None,
+            latency_p95_ms=self.p95 / self.p95_weight if self.p95_weight else None,
+            shadow_compared=self.compared,
+            agreement=self.agreed / self.compared if self.compared else None,
+        )
+
+
+def _weighted(value: Any, weight: Any) -> tuple[Any, Any]:
+    """The sums that make an inference-weighted mean of ``value``: Σ value·w, Σ w where
+    the value is reported."""
+    return func.sum(value * weight), func.sum(case((value.is_not(None), weight), else_=0))
+
+
+def _bucket(column: Any, since: dt.datetime, width_s: float, dialect: str) -> Any:
+    """The 0-based bucket of a time column, computed in SQL (seconds since the epoch:
+    SQLite's ``julianday``, PostgreSQL's ``extract``). SQLite's day fractions carry some
+    50 µs of rounding: its seconds are rounded to the millisecond, so a record on a
+    bucket's boundary is not put in the bucket before."""
+    if dialect == "sqlite":
+        seconds = (func.julianday(column) - 2440587.5) * 86400.0
+        elapsed = func.round(seconds - since.timestamp(), 3)
+        return cast(elapsed / width_s, Integer)  # >= 0: truncation floors
+    seconds = func.extract("epoch", column)
+    return func.floor((seconds - since.timestamp()) / width_s)

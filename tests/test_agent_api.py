@@ -113,6 +113,34 @@ def test_infer_answers_locally_as_onnx_runtime_does(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_reaches_a_tvm_module_built_for_one_sample(
+    api: httpx.Client,
+    service: InferenceService,
+    compiled_digits: Path,
+    onnx_file: Path,
+    images: np.ndarray,
+    tmp_path: Path,
+) -> None:
+    """TVM modules take one sample (their signature says [1, 8, 8, 1]); the API takes any
+    number, which ``predict_batch`` splits, and says so in the metadata."""
+    bundle = make_bundle(compiled_digits, tmp_path, "1.0.0", artifact="tvm:fp32")
+    unpack_bundle(bundle, tmp_path / "slot")
+    model = load_installed(tmp_path / "slot")
+    assert model.runtime.inputs[0].shape == (1, 8, 8, 1)
+    service.set_model(model)
+    metadata = api.get("/v2/models/digits").json()
+    assert metadata["platform"] == "tvm_relax"
+    assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+    response = api.post("/v2/models/digits/infer", json=_request(images))
+    assert response.status_code == 200, response.text
+    [output] = response.json()["outputs"]
+    assert output["shape"] == [4, 10]
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"image": images})[0]
+    got = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_uint8_pixels_are_converted_but_fp64_is_refused(
     api: httpx.Client, service: InferenceService, slot: Path, images: np.ndarray
 ) -> None:

@@ -202,3 +202,82 @@ def test_agent_simulate_enrolls_devices_once_and_they_answer_a_rollout(
     )
     assert again.returncode == 0, again.stderr.decode()
     assert json.loads(again.stdout)["connected"] == 3
+
+
+def test_a_stale_command_is_ignored_a_resent_one_reacked_and_the_status_names_the_last(
+    tmp_path: Path,
+) -> None:
+    """The daemon on a plain broker: a command past its ``expires_at`` gets no ack; a fresh
+    one is answered, and its copy re-acked from the record (a shadow stop: answered by the
+    agent itself); the retained status then names that command and its final state."""
+    import threading
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.config import AgentConfig, ApiConfig, MqttConfig
+    from agent.daemon import AgentDaemon
+    from contracts.mqtt import Ack, Command, CommandKind, Status, decode_payload, device_topic
+    from tests.utils.mqtt import plain_mosquitto
+
+    with plain_mosquitto(tmp_path / "broker") as port:
+        config = AgentConfig(
+            device_id="board-9",
+            data_dir=tmp_path / "data",
+            mqtt=MqttConfig(port=port),
+            api=ApiConfig(enabled=False),
+        )
+        seen: list[tuple[str, bytes]] = []
+        watcher = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="watcher", protocol=mqtt.MQTTv5
+        )
+        watcher.on_message = lambda _c, _u, m: seen.append(
+            (m.topic.rsplit("/", 1)[-1], bytes(m.payload))
+        )
+        watcher.connect("127.0.0.1", port)
+        watcher.subscribe("edgefleet/v1/devices/board-9/+", qos=1)
+        watcher.loop_start()
+        daemon = AgentDaemon(config)
+        daemon.start()
+        runner = threading.Thread(target=daemon.run, daemon=True)
+        runner.start()
+
+        def acks() -> list[Ack]:
+            return [decode_payload(p, Ack) for channel, p in seen if channel == "ack"]
+
+        def statuses() -> list[Status]:
+            return [decode_payload(p, Status) for channel, p in seen if channel == "status"]
+
+        def send(command: Command) -> None:
+            watcher.publish(device_topic("board-9", "cmd"), command.model_dump_json(), qos=1)
+
+        try:
+            wait_for(lambda: any(s.online for s in statuses()), what="the agent online")
+            stop = Command(
+                id="stop-1",
+                kind=CommandKind.SHADOW_STOP,
+                issued_at=time.time() - 60,
+                expires_at=time.time() - 30,
+            )
+            send(stop)
+            wait_for(lambda: daemon.stale_commands == 1, what="the stale command ignored")
+            fresh = stop.model_copy(update={"expires_at": time.time() + 30})
+            send(fresh)
+            send(fresh)  # a resend
+            wait_for(lambda: len(acks()) == 2, what="an ack for each copy of the fresh one")
+            assert [(a.command, a.state.value) for a in acks()] == [("stop-1", "rolled_back")] * 2
+
+            def naming() -> Status | None:
+                last = statuses()[-1]
+                return last if last.last_command else None
+
+            last = wait_for(naming, what="a status naming it")
+            assert (last.last_command, last.last_command_state) == ("stop-1", "rolled_back")
+            assert daemon.stale_commands == 1
+        finally:
+            daemon.request_stop()
+            runner.join(10)
+            daemon.stop()
+            watcher.disconnect()
+            watcher.loop_stop()

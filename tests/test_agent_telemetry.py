@@ -451,15 +451,16 @@ class AgentProcess:
 def test_offline_records_survive_sigkill_and_arrive_exactly_once(
     tmp_path: Path, fleet: RunningFleet
 ) -> None:
-    broker = fleet.server.broker
-    assert broker is not None
+    broker, supervisor = fleet.server.broker, fleet.server.supervisor
+    assert broker is not None and supervisor is not None
     (spec,) = fleet.enroll(1, prefix="offline")
     queue_path = tmp_path / "agent" / "telemetry.db"
     port = fleet.mqtt_port
     total = 10_000
 
-    # The broker is down while the agent queues; the agent dies by SIGKILL.
-    broker.stop()
+    # The broker is down while the agent queues (its supervisor stopped with it, so nothing
+    # restarts it but this test); the agent dies by SIGKILL.
+    supervisor.stop()
     a = AgentProcess(tmp_path / "a.out", queue_path, spec, port, "--enqueue", str(total))
     a.wait_output(f"queued {total}")
     a.kill()

@@ -446,6 +446,29 @@ def test_a_resent_command_is_acked_again_but_never_installed_twice(
     _serves(device.data_dir, V2)
 
 
+def test_the_last_finished_command_is_kept_for_the_status_across_restarts(
+    device: Device, fleet: Fleet
+) -> None:
+    """What the device's retained status names (the fleet reconciles a lost final ack from
+    it), including a command the agent answered itself (shadow)."""
+    assert device.updater.last_outcome is None
+    command = fleet.deploy(V2)
+    device.updater.handle(command)
+    assert device.updater.last_outcome is None  # in its health check: not finished yet
+    for _ in range(WATCH):
+        device.updater.observe(local_error=False)
+    outcome = device.updater.last_outcome
+    assert outcome is not None and (outcome.command, outcome.state) == (command.id, _H)
+    shadow = Ack(command="shadow-1", state=_R, detail="shadow stopped", ts=time.time())
+    device.updater.record(shadow)
+    device.close()
+    device.start()
+    assert device.updater.last_outcome == shadow
+    assert device.updater.acked("shadow-1") == shadow
+    seen = device.updater.acked(command.id)
+    assert seen is not None and seen.state is _H
+
+
 # --- the state machine itself ------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,9 @@ def test_a_tampered_bundle_upload_is_refused_and_nothing_is_published(
     fleet: RunningFleet, bundles: tuple[Path, Path], tmp_path: Path
 ) -> None:
     data = bytearray(bundles[0].read_bytes())
-    data[-2000] ^= 0xFF
+    with tarfile.open(bundles[0]) as archive:  # one byte inside the model file itself
+        model = next(m for m in archive.getmembers() if m.name.endswith(".onnx"))
+    data[model.offset_data + model.size // 2] ^= 0xFF
     fleet.api("POST", "/models", json={"name": "digits", "version": "1.0.0"})
     refused = fleet.call("POST", "/models/digits/versions/1.0.0/bundles", content=bytes(data))
     assert refused.status_code == 400 and "not valid" in refused.json()["detail"]

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from contracts.mqtt import device_topic, shared_subscription
-from fleet import broker as broker_module
 from fleet.broker import DeviceCredential, MosquittoBroker, MqttEndpoint, hash_password
+from fleet.broker import process as broker_module
 from fleet.ca import FleetCA
 from fleet.errors import BrokerError, CertificateError
 from tests.utils.mqtt import (

@@ -135,7 +135,7 @@ def test_a_failing_bundle_halts_in_the_first_wave_and_nobody_else_is_commanded(
         )
         paused = wait_for(lambda: _state(fleet, rollout["id"], "paused"), what="the pause")
         # one failed device of the two already trips it: the second may not have answered
-        assert paused["reason"].startswith("gate failed: wave 0: failure ratio ")
+        assert paused["reason"].startswith("gate failed: wave 1: failure ratio ")
         assert "% > max 0.0% (" in paused["reason"]
         [failure] = _failures(paused)
         assert (failure["metric"], failure["threshold"]) == ("failure_ratio", 0.0)
@@ -338,7 +338,7 @@ def test_a_failing_rollout_is_paused_after_its_failures_and_the_others_go_on(
             for e in fleet.api("GET", "/audit?limit=500")
             if e["action"] == "rollout.pause" and e["target"] == f"rollout:{failing['id']}"
         ]
-        assert [(e["actor"], e["before"]["step_failures"]) for e in pauses] == [("fleet", 3)]
+        assert [(e["actor"], e["before"]["step_failures"]) for e in pauses] == [("fleet:main", 3)]
         assert done["wave"] == 1
         assert fleet.server.rollouts.errors >= 3
 
@@ -604,7 +604,7 @@ def test_each_tick_decides_from_state_counts_and_verdict_alone(
     kept = outcome == "failed" or (state == "soaking" and settings["soaked"] and verdict)
     assert decision.record is (verdict if kept else None)
     if outcome == "failed":
-        assert decision.reason == f"gate failed: wave {wave}: failure_ratio is failed"
+        assert decision.reason == f"gate failed: wave {wave + 1}: failure_ratio is failed"
 
 
 def test_a_rollback_ends_when_every_device_answered_or_the_timeout_passed() -> None:

@@ -26,6 +26,9 @@ OPEN = "open"
 """No token needed."""
 TOKEN = "token"
 """Any valid token: a device's or any role's."""
+BROKER = "broker"
+"""The broker's shared secret header, which no API token replaces (no secret is set here:
+every caller is refused, the broker's side is tests/test_replicas.py)."""
 VIEWER, OPERATOR, ADMIN = "viewer", "operator", "admin"
 
 MINIMUM: dict[str, str] = {
@@ -37,14 +40,15 @@ MINIMUM: dict[str, str] = {
     "HEAD /docs/oauth2-redirect": OPEN,
     "GET /openapi.json": OPEN,
     "HEAD /openapi.json": OPEN,
-    "GET /redoc": OPEN,
-    "HEAD /redoc": OPEN,
+    "GET /static/{path:path}": OPEN,  # the dashboard's files and Swagger UI's
+    "HEAD /static/{path:path}": OPEN,
     "GET /metrics": VIEWER,
     # registry
     "GET /api/v1/models": VIEWER,
     "POST /api/v1/models": OPERATOR,
     "GET /api/v1/models/{name}/versions/{version}": VIEWER,
     "GET /api/v1/models/{name}/stages/{stage}": VIEWER,
+    "GET /api/v1/models/{name}/health": VIEWER,
     "PUT /api/v1/models/{name}/versions/{version}/stage": OPERATOR,
     "POST /api/v1/models/{name}/versions/{version}/bundles": OPERATOR,
     # devices
@@ -54,18 +58,28 @@ MINIMUM: dict[str, str] = {
     "GET /api/v1/devices/{device_id}": VIEWER,
     "PUT /api/v1/devices/{device_id}/tags": OPERATOR,
     "GET /api/v1/devices/{device_id}/telemetry": VIEWER,
+    "GET /api/v1/devices/{device_id}/history": VIEWER,
+    "GET /api/v1/device-summary": VIEWER,
     "POST /api/v1/devices/{device_id}/revoke": ADMIN,
     # rollouts
     "GET /api/v1/rollouts": VIEWER,
     "POST /api/v1/rollouts": OPERATOR,
     "GET /api/v1/rollouts/{rollout_id}": VIEWER,
     "GET /api/v1/rollouts/{rollout_id}/devices": VIEWER,
+    "GET /api/v1/rollouts/{rollout_id}/progress": VIEWER,
+    "GET /api/v1/rollouts/{rollout_id}/history": VIEWER,
+    "POST /api/v1/rollouts/preview": OPERATOR,
     "POST /api/v1/rollouts/{rollout_id}/{action}": OPERATOR,
     # admin
     "GET /api/v1/tokens": ADMIN,
     "POST /api/v1/tokens": ADMIN,
     "DELETE /api/v1/tokens/{token_id}": ADMIN,
     "GET /api/v1/audit": ADMIN,
+    "GET /api/v1/whoami": VIEWER,
+    # replicas, and an external broker's authentication and authorization hooks
+    "GET /api/v1/replicas": VIEWER,
+    "POST /api/v1/broker/authenticate": BROKER,
+    "POST /api/v1/broker/authorize": BROKER,
     # OTA: metadata is signed and public, bundles need a token
     "GET /ota/metadata/{name}": OPEN,
     "HEAD /ota/metadata/{name}": OPEN,
@@ -116,7 +130,7 @@ def expected(minimum: str, principal: str) -> int | None:
     """401 or 403 when ``principal`` must be refused, ``None`` when it may pass."""
     if minimum == OPEN:
         return None
-    if principal in ("none", "wrong", "revoked"):
+    if minimum == BROKER or principal in ("none", "wrong", "revoked"):
         return 401
     if minimum == TOKEN:
         return None

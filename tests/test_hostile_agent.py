@@ -416,3 +416,37 @@ def test_a_refused_telemetry_batch_stays_queued_and_arrives_once_it_is_allowed(
         wait_for(lambda: set(_received(subscriber)) == wanted, what="the refused records")
         time.sleep(0.5)  # a duplicate would arrive right behind
         assert _received(subscriber) == dict.fromkeys(wanted, 1)
+
+
+def test_a_batch_nobody_subscribed_to_stays_queued_until_the_fleet_is_back(
+    acl_broker: AclBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker restarted from its save holds the fleet's session but not its shared
+    subscription until the fleet subscribes again; what devices send meanwhile is PUBACKed
+    with 0x10 "No matching subscribers": nobody has it, so the agent must keep it."""
+    config = AgentConfig(
+        device_id=DEVICE,
+        data_dir=tmp_path / "data",
+        mqtt=acl_broker.device,
+        api=ApiConfig(enabled=False),
+        telemetry=TelemetryConfig(compress=False),
+    )
+    topic = device_topic(DEVICE, "telemetry")
+    with (
+        caplog.at_level(logging.WARNING, logger="agent.telemetry"),
+        running_daemon(config) as daemon,
+    ):
+        unheard = daemon.queue.put_many(_records(5))
+        daemon.sender.wake()
+        wait_for(
+            lambda: "No matching subscribers" in caplog.text,
+            timeout_s=10,
+            what="a PUBACK saying nobody took the batch",
+        )
+        assert [r.id for r in daemon.queue.peek(10)] == [r.id for r in unheard]
+        with Subscriber(acl_broker.fleet, topic) as subscriber:
+            subscriber.wait_subscribed()
+            daemon.sender.wake()
+            assert daemon.sender.flush(timeout_s=30)
+            wanted = {r.id for r in unheard}
+            wait_for(lambda: set(_received(subscriber)) == wanted, what="the kept records")

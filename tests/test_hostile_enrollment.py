@@ -25,13 +25,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.engine import Connection
-from sqlmodel import Session
 
 from contracts.mqtt import device_topic
 from fleet.broker import MqttEndpoint
 from fleet.db import make_engine
-from fleet.devices import broker_credentials
-from fleet.server import FLEET_MQTT_USER
 from tests.utils.fleet import RunningFleet, device_endpoint, running_fleet, wait_for
 from tests.utils.http import serve_app
 from tests.utils.mqtt import REFUSED, PahoClient, free_port, mqtt_pub
@@ -168,12 +165,13 @@ def test_a_commit_that_fails_after_the_broker_accepted_takes_the_device_out_agai
 def test_enrollment_while_the_broker_is_down_answers_503_and_the_token_still_works(
     tmp_path: Path,
 ) -> None:
-    with running_fleet(tmp_path / "fleet", mqtt_port=free_port()) as fleet:
-        broker = fleet.server.broker
-        assert broker is not None and broker.pid is not None
+    # the fleet restarts its broker by itself: 5 s later, time enough to enroll meanwhile
+    with running_fleet(tmp_path / "fleet", mqtt_port=free_port(), mqtt_restart_delay_s=5) as fleet:
+        broker, supervisor = fleet.server.broker, fleet.server.supervisor
+        assert broker is not None and broker.pid is not None and supervisor is not None
         token = grant(fleet, uses=1)
         os.kill(broker.pid, signal.SIGKILL)
-        wait_for(lambda: broker.pid is None, timeout_s=5, what="mosquitto to die")
+        wait_for(lambda: not supervisor.up, timeout_s=5, what="the fleet to notice")
 
         request = {"token": token, "device_id": "patient"}
         down = fleet.client.post("/api/v1/enroll", json=request)
@@ -184,11 +182,7 @@ def test_enrollment_while_the_broker_is_down_answers_503_and_the_token_still_wor
         assert fleet.call("GET", "/devices/patient").status_code == 404
 
         # the broker is back, from the database
-        broker.stop()
-        password = (fleet.server.settings.data_dir / "mqtt-fleet.password").read_text().strip()
-        with Session(fleet.server.db) as session:
-            devices = broker_credentials(session)
-        broker.start(fleet_username=FLEET_MQTT_USER, fleet_password=password, devices=devices)
+        wait_for(lambda: supervisor.up, timeout_s=30, what="the broker restarted")
         again = fleet.client.post("/api/v1/enroll", json=request)
         assert again.status_code == 201, again.text
         assert accepted(device_endpoint(again.json(), tmp_path), "patient")

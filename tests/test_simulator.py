@@ -412,7 +412,36 @@ def test_a_failing_bundle_acks_failed_and_the_device_keeps_its_bundle(
         # a working bundle still installs afterwards
         again = observer.command("dev-0000", CommandKind.DEPLOY, "digits-host-1.2.0")
         assert observer.wait_acks("dev-0000", again.id, 4)[-1] == AckState.HEALTHY
-        assert [s.bundle for s in observer.statuses("dev-0000")] == [V1, "digits-host-1.2.0"]
+        statuses = wait_until(  # one when it connected, and one after each final ack
+            lambda: s if len(s := observer.statuses("dev-0000")) == 3 else None,
+            what="the status after the second deploy",
+        )
+        assert [(s.bundle, s.last_command, s.last_command_state) for s in statuses] == [
+            (V1, None, None),
+            (V1, command.id, AckState.FAILED),
+            ("digits-host-1.2.0", again.id, AckState.HEALTHY),
+        ]
+
+
+def test_a_stale_command_is_ignored_and_a_fresh_copy_acted_on(
+    broker: Broker, observer: Observer
+) -> None:
+    with simulated(broker, 1) as devices:
+        stale = Command(
+            id="cmd-stale",
+            kind=CommandKind.DEPLOY,
+            bundle=_ref(V2),
+            issued_at=time.time() - 60,
+            expires_at=time.time() - 30,
+        )
+        observer.send("dev-0000", stale.model_dump_json())
+        wait_until(lambda: devices.ignored_commands("dev-0000"), what="the stale command")
+        assert devices.acks_sent("dev-0000") == []
+        assert devices.current_bundle("dev-0000") == V1
+        fresh = stale.model_copy(update={"expires_at": time.time() + 30})
+        observer.send("dev-0000", fresh.model_dump_json())
+        assert observer.wait_acks("dev-0000", fresh.id, 4) == [*INSTALL, AckState.HEALTHY]
+        assert devices.ignored_commands("dev-0000") == [stale]
 
 
 def test_a_rollback_returns_to_the_previous_bundle(broker: Broker, observer: Observer) -> None:
@@ -560,6 +589,11 @@ def test_kill_makes_the_broker_publish_the_last_will(broker: Broker, observer: O
         devices.publish_telemetry()
 
 
+def _latest_by_device(seen: list[Seen]) -> dict[str, Seen]:
+    """Each device's latest message (a device may publish its status more than once)."""
+    return {s.device_id: s for s in seen}
+
+
 def test_devices_reconnect_after_the_broker_restarts(tmp_path: Path) -> None:
     port = free_port()
     with mosquitto(tmp_path / "first", port=port) as first:
@@ -570,11 +604,15 @@ def test_devices_reconnect_after_the_broker_restarts(tmp_path: Path) -> None:
         watching = Observer(second)
         try:
             wait_until(lambda: devices.connected == 20, timeout_s=20, what="20 reconnects")
-            statuses = wait_until(
-                lambda: s if len(s := watching.seen(channel="status")) == 20 else None,
-                what="20 fresh online statuses",
+            latest = wait_until(
+                lambda: (
+                    s
+                    if len(s := _latest_by_device(watching.seen(channel="status"))) == 20
+                    else None
+                ),
+                what="an online status from each of the 20 devices",
             )
-            assert all(decode_payload(s.payload, Status).online for s in statuses)
+            assert all(decode_payload(s.payload, Status).online for s in latest.values())
             command = watching.command("dev-0003", CommandKind.DEPLOY, V2)
             assert watching.wait_acks("dev-0003", command.id, 4)[-1] == AckState.HEALTHY
         finally:

@@ -1,16 +1,18 @@
-"""``/api/v1/tokens`` and ``/api/v1/audit``: API tokens with roles, and the audit log."""
+"""``/api/v1/tokens``, ``/api/v1/whoami`` and ``/api/v1/audit``: API tokens with roles,
+and the audit log."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel
 from sqlmodel import col, select
 
 from .. import tokens
 from ..bounds import MAX_ROW_ID, Name
-from ..models import ApiToken, ApiTokenCreate, ApiTokenPublic, AuditEntry
-from .deps import Admin, SessionDep
+from ..models import ApiToken, ApiTokenCreate, ApiTokenPublic, AuditEntry, Role
+from .deps import Admin, SessionDep, Viewer
 from .responses import errors
 
 router = APIRouter(tags=["admin"], responses=errors(401, 403))
@@ -19,6 +21,18 @@ router = APIRouter(tags=["admin"], responses=errors(401, 403))
 class ApiTokenIssued(ApiTokenPublic):
     token: str
     """Shown once."""
+
+
+class Caller(BaseModel):
+    name: str
+    role: Role
+
+
+@router.get("/whoami")
+def whoami(who: Viewer) -> Caller:
+    """The calling token's name and role: what a client may offer its user."""
+    assert who.role is not None  # a device's token never passes Viewer
+    return Caller(name=who.name, role=who.role)
 
 
 @router.post("/tokens", status_code=201, responses=errors(400))

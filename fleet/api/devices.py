@@ -7,16 +7,24 @@ import json
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
 from contracts.mqtt import TOPIC_PREFIX
 
 from .. import audit, devices
-from ..bounds import MAX_ROW_ID, DeviceId, Name, Tag
+from ..bounds import MAX_ROW_ID, BundleLabel, DeviceId, Name, Tag
 from ..errors import BrokerError
-from ..models import Device, DevicePublic, EnrollmentTokenCreate, TelemetryRecordRow
+from ..inventory import (
+    DeviceFilter,
+    DeviceHistory,
+    DeviceSummary,
+    device_history,
+    device_summary,
+    find_devices,
+)
+from ..models import DevicePublic, DeviceState, EnrollmentTokenCreate, TelemetryRecordRow
 from .deps import Admin, Operator, ServerDep, SessionDep, Viewer
 from .responses import errors
 
@@ -114,7 +122,7 @@ def enroll(request: EnrollRequest, server: ServerDep, session: SessionDep) -> En
             device_id=request.device_id,
             csr_pem=request.csr_pem,
             ca=server.ca,
-            broker=server.broker,
+            broker=server.accounts,
         )
     except BrokerError as e:
         log.error("enrolling %s: the broker did not accept it: %s", request.device_id, e)
@@ -149,25 +157,55 @@ def enroll(request: EnrollRequest, server: ServerDep, session: SessionDep) -> En
     )
 
 
-@router.get("/devices")
+_TOTAL_COUNT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            "X-Total-Count": {
+                "description": "how many devices match the filters, across every page",
+                "schema": {"type": "integer"},
+            }
+        }
+    }
+}
+
+
+@router.get("/devices", responses=_TOTAL_COUNT)
 def list_devices(
     session: SessionDep,
+    response: Response,
     _: Viewer,
     profile: Name | None = None,
-    tag: Tag | None = None,
+    tag: Annotated[list[Tag] | None, Query(max_length=16)] = None,
+    bundle: BundleLabel | None = None,
     online: bool | None = None,
+    agent_state: Name | None = None,
+    state: DeviceState | None = None,
+    q: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
 ) -> list[DevicePublic]:
-    query = select(Device).order_by(col(Device.id))
-    if profile is not None:
-        query = query.where(Device.profile == profile)
-    if online is not None:
-        query = query.where(Device.online == online)
-    rows = session.exec(query).all()
-    if tag is not None:
-        rows = [d for d in rows if tag in d.tags]
-    return [DevicePublic.model_validate(d) for d in rows[offset : offset + limit]]
+    """Devices by id matching every filter: ``tag`` may repeat (all of them), ``bundle`` is
+    the ``NAME-VERSION`` served, ``agent_state`` the updater's last reported state, ``q``
+    a part of the id. ``X-Total-Count`` says how many match in all."""
+    where = DeviceFilter(
+        profile=profile,
+        tags=tag or (),
+        bundle=bundle,
+        online=online,
+        agent_state=agent_state,
+        state=state,
+        id_contains=q,
+    )
+    page, total = find_devices(session, where, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
+    return [DevicePublic.model_validate(d) for d in page]
+
+
+@router.get("/device-summary")
+def summary(session: SessionDep, _: Viewer) -> DeviceSummary:
+    """How many devices there are, online and revoked, and each filter's values with their
+    counts (profiles, bundles served, updater states, tags)."""
+    return device_summary(session)
 
 
 @router.get("/devices/{device_id}")
@@ -214,6 +252,19 @@ def device_telemetry(
     )
 
 
+@router.get("/devices/{device_id}/history")
+def history(
+    device_id: DeviceId,
+    session: SessionDep,
+    _: Viewer,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> DeviceHistory:
+    """The device's latest rollouts (with the reason it failed, if it did), commands and
+    audit entries, newest first, ``limit`` of each."""
+    devices.get_device(session, device_id)  # 404 for an unknown device
+    return device_history(session, device_id, limit=limit)
+
+
 @router.post("/devices/{device_id}/revoke", responses=errors(503))
 def revoke(device_id: str, server: ServerDep, session: SessionDep, who: Admin) -> DevicePublic:
     """Revoke at once: the broker drops its connection and refuses it from now on.
@@ -222,7 +273,7 @@ def revoke(device_id: str, server: ServerDep, session: SessionDep, who: Admin) -
     """
     device = devices.get_device(session, device_id)
     try:
-        devices.revoke(session, device=device, actor=who.name, ca=server.ca, broker=server.broker)
+        devices.revoke(session, device=device, actor=who.name, ca=server.ca, broker=server.accounts)
     except BrokerError as e:
         raise HTTPException(
             503,

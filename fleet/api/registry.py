@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
+from sqlmodel import col, select
 
 from .. import registry
 from ..bounds import Name, Version
-from ..errors import RequestError
-from ..models import BundlePublic, ModelVersionCreate, ModelVersionPublic, Stage
+from ..errors import NotFoundError, RequestError
+from ..models import (
+    Bundle,
+    BundlePublic,
+    ModelVersionCreate,
+    ModelVersionPublic,
+    Rollout,
+    Stage,
+    utcnow,
+)
+from ..rollouts.public import RolloutEvent, rollout_history
+from ..telemetry import VersionHealth, health_series
 from .deps import Operator, ServerDep, SessionDep, Viewer
 from .responses import errors
 
@@ -57,6 +70,63 @@ def get_by_stage(
         registry.public_version(session, v)
         for v in registry.list_versions(session, name=name, stage=stage)
     ]
+
+
+class ModelHealth(BaseModel):
+    """A model's versions' health over a window ending now, and its rollouts' milestones."""
+
+    name: str
+    since: dt.datetime
+    until: dt.datetime
+    bucket_s: float
+    versions: list[VersionHealth]
+    markers: list[RolloutEvent]
+    """The window's changes of rollouts of the model's bundles that start a wave or end
+    the rollout (create, passed, advance, resume, rollback, rolled_back, complete, abort),
+    oldest first, 200 at most."""
+
+
+_MARKED = ("create", "passed", "advance", "resume", "rollback", "rolled_back", "complete", "abort")
+
+
+@router.get("/{name}/health", responses=errors(404))
+def health(
+    name: Name,
+    session: SessionDep,
+    _: Viewer,
+    window_s: Annotated[int, Query(ge=60, le=31 * 24 * 3600)] = 3600,
+    buckets: Annotated[int, Query(ge=1, le=500)] = 60,
+) -> ModelHealth:
+    """Error rate, p50/p95 latency, fallback rate and shadow agreement per version of the
+    model over the last ``window_s`` seconds, in ``buckets`` slices (fleet clock)."""
+    found = registry.list_versions(session, name=name)
+    if not found:
+        raise NotFoundError(f"no model {name!r} in the registry")
+    version_of = {v.id: v.version for v in found}
+    bundles = session.exec(
+        select(Bundle).where(col(Bundle.model_version_id).in_(list(version_of)))
+    ).all()
+    until = utcnow()
+    since = until - dt.timedelta(seconds=window_s)
+    versions = {b.bundle_name: version_of[b.model_version_id] for b in bundles}
+    touched = session.exec(
+        select(Rollout.id).where(
+            col(Rollout.bundle_id).in_([b.id for b in bundles]), col(Rollout.updated_at) >= since
+        )
+    ).all()
+    series = (
+        health_series(session, versions=versions, since=since, until=until, buckets=buckets)
+        if versions
+        else []
+    )
+    return ModelHealth(
+        name=name,
+        since=since,
+        until=until,
+        bucket_s=window_s / buckets,
+        versions=series,
+        markers=rollout_history(session, touched, since=since, actions=_MARKED),
+    )
 
 
 @router.put("/{name}/versions/{version}/stage", responses=errors(400, 404))

@@ -3,7 +3,8 @@
 - :mod:`.transitions`: the states' ``TRANSITIONS`` and :func:`apply_event`, the only
   place a rollout's state changes; what happens after a restart.
 - :mod:`.waves`: :func:`create_rollout`, which devices a rollout takes, in which wave.
-- :mod:`.acks`: :func:`handle_acks`, how devices' answers move their place in a rollout.
+- :mod:`.acks`: :func:`handle_acks` and :func:`reconcile_statuses`, how devices' answers
+  and statuses move their place in a rollout.
 - :mod:`.gate`: the gate, pure: counts and telemetry in, a :class:`GateVerdict` out.
 - :mod:`.decision`: the next step of a rollout, pure: state, counts and verdict in.
 - :mod:`.engine`: :class:`RolloutEngine`, the I/O: queries, commands, one step per tick.
@@ -13,9 +14,9 @@
 from __future__ import annotations
 
 from ..models import GateCheck, GateMetric, GateOutcome, GateVerdict
-from .acks import handle_acks
+from .acks import handle_acks, lock_answered, reconcile_statuses
 from .decision import Decision, decide, decide_rollback
-from .engine import CommandSink, RolloutEngine
+from .engine import CommandSink, Link, RolloutEngine
 from .gate import WaveCounts, check_failures, evaluate
 from .public import get_rollout, public_rollout
 from .transitions import TRANSITIONS, Event, apply_event
@@ -30,6 +31,7 @@ __all__ = [
     "GateMetric",
     "GateOutcome",
     "GateVerdict",
+    "Link",
     "RolloutEngine",
     "WaveCounts",
     "apply_event",
@@ -40,5 +42,7 @@ __all__ = [
     "evaluate",
     "get_rollout",
     "handle_acks",
+    "lock_answered",
     "public_rollout",
+    "reconcile_statuses",
 ]

@@ -1,16 +1,24 @@
-"""Devices' acks: how each one moves its command and its place in a rollout."""
+"""Devices' acks and statuses: how each moves a command and the device's place in a rollout.
+
+An ack can be lost (the fleet's session was gone when the device sent it), so a member is
+also finished from its device's status: the last command the device finished and how, or,
+from a device that does not say, the bundle it serves with its updater idle
+(:func:`reconcile_statuses`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Sequence
 
+from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
-from contracts.mqtt import Ack, AckState, CommandKind
+from contracts.mqtt import UPDATER_IDLE, Ack, AckState, Command, CommandKind, Status
 
 from ..models import CommandRecord, RolloutDevice, RolloutDeviceState, utcnow
 
-__all__ = ["handle_acks"]
+__all__ = ["handle_acks", "lock_answered", "reconcile_statuses"]
 
 
 _ACK_TO_STATE = {
@@ -23,6 +31,32 @@ _ACK_TO_STATE = {
 }
 """A deploy command's acks. ``rolled_back`` here means the device's own health check
 failed and it went back by itself: for the rollout, a failure."""
+_UNFINISHED = (
+    RolloutDeviceState.COMMANDED,
+    RolloutDeviceState.IN_PROGRESS,
+    RolloutDeviceState.ROLLING_BACK,
+)
+_SERVING_MEANS = {CommandKind.DEPLOY: AckState.HEALTHY, CommandKind.ROLLBACK: AckState.ROLLED_BACK}
+"""What a device idle and serving a command's bundle says of that command."""
+
+
+def lock_answered(
+    session: Session, *, device_ids: Collection[str], command_ids: Collection[str]
+) -> None:
+    """Lock (PostgreSQL), in one statement and in id order, every command that these acks
+    name or that these devices' statuses may finish. Replicas split a device's answers
+    between them; taking the locks in one order, first, keeps two replicas' batches from
+    deadlocking on each other's rows in :func:`reconcile_statuses` and :func:`handle_acks`."""
+    unfinished = select(RolloutDevice.command_id).where(
+        col(RolloutDevice.device_id).in_(device_ids),
+        col(RolloutDevice.state).in_(_UNFINISHED),
+    )
+    session.exec(
+        select(CommandRecord.id)
+        .where(or_(col(CommandRecord.id).in_(command_ids), col(CommandRecord.id).in_(unfinished)))
+        .order_by(col(CommandRecord.id))
+        .with_for_update()
+    ).all()
 
 
 def handle_acks(session: Session, acks: Sequence[tuple[str, Ack]]) -> int:
@@ -30,15 +64,29 @@ def handle_acks(session: Session, acks: Sequence[tuple[str, Ack]]) -> int:
     final answers to commands the fleet knows (those can move a rollout on).
 
     Two queries for the whole batch, however many acks: at 10,000 devices a wave's acks
-    arrive by the thousand.
+    arrive by the thousand. Both lock their rows (PostgreSQL): replicas split a device's
+    acks between them, and a final ack must not be overwritten by an earlier progress ack
+    another replica read before it landed (:func:`lock_answered` takes the locks first,
+    in one order).
     """
     ids = {ack.command for _, ack in acks}
     commands = {
-        c.id: c for c in session.exec(select(CommandRecord).where(col(CommandRecord.id).in_(ids)))
+        c.id: c
+        for c in session.exec(
+            select(CommandRecord)
+            .where(col(CommandRecord.id).in_(ids))
+            .order_by(col(CommandRecord.id))
+            .with_for_update()
+        )
     }
     members = {
         m.command_id: m
-        for m in session.exec(select(RolloutDevice).where(col(RolloutDevice.command_id).in_(ids)))
+        for m in session.exec(
+            select(RolloutDevice)
+            .where(col(RolloutDevice.command_id).in_(ids))
+            .order_by(col(RolloutDevice.rollout_id), col(RolloutDevice.device_id))
+            .with_for_update()
+        )
     }
     final = 0
     now = utcnow()
@@ -57,6 +105,65 @@ def handle_acks(session: Session, acks: Sequence[tuple[str, Ack]]) -> int:
         member.updated_at = now
         session.add(member)
     return final
+
+
+def reconcile_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> int:
+    """Finish the unfinished rollout members of devices whose status shows their command
+    done, as the lost final ack would have; returns how many it finished.
+
+    A status finishes its device's member when it names the member's command as the last
+    one finished (with that command's final ack state), or when the command is a deploy
+    or a rollback, the device's updater is idle and it serves the command's bundle. Give
+    only active devices' online statuses; the last of each device counts.
+    """
+    latest = {device_id: status for device_id, status in statuses}
+    rows = session.exec(
+        select(RolloutDevice, CommandRecord)
+        .join(CommandRecord, col(CommandRecord.id) == RolloutDevice.command_id)
+        .where(
+            col(RolloutDevice.device_id).in_(latest),
+            col(RolloutDevice.state).in_(_UNFINISHED),
+        )
+        .order_by(col(CommandRecord.id))
+        .with_for_update()
+    ).all()
+    finished = 0
+    now = utcnow()
+    for member, command in rows:
+        if command.device_id != member.device_id:
+            continue
+        ack = _ack_from_status(command, latest[member.device_id])
+        if ack is None:
+            continue
+        command.last_ack = ack.state.value
+        command.updated_at = member.updated_at = now
+        _apply_ack(member, CommandKind(command.kind), ack)
+        finished += member.state not in _UNFINISHED
+        session.add(command)
+        session.add(member)
+    return finished
+
+
+def _ack_from_status(command: CommandRecord, status: Status) -> Ack | None:
+    """The final ack ``status`` vouches for, or ``None`` if it shows ``command`` unfinished."""
+    if status.last_command == command.id and status.last_command_state is not None:
+        state = status.last_command_state
+        detail = f"from the device's status: it finished this command {state}"
+    else:
+        sent = Command.model_validate(command.payload)
+        serving = _SERVING_MEANS.get(sent.kind)
+        bundle = sent.bundle and f"{sent.bundle.name}-{sent.bundle.version}"
+        if serving is None or status.state != UPDATER_IDLE or status.bundle != bundle:
+            return None
+        state = serving
+        detail = f"from the device's status: it serves {bundle} and has no update in progress"
+    return Ack(
+        command=command.id,
+        state=state,
+        detail=detail,
+        bundle_version=status.bundle,
+        ts=status.ts or time.time(),
+    )
 
 
 def _apply_ack(member: RolloutDevice, kind: CommandKind, ack: Ack) -> None:

@@ -44,25 +44,26 @@ def decide(
     if state not in (RolloutState.DEPLOYING, RolloutState.SOAKING):
         raise ValueError(f"the engine moves deploying and soaking rollouts on, not {state}")
     wave = counts.wave
+    shown = wave + 1  # reasons are read by people, who count waves from 1
     if wave >= waves:
         return Decision((Event.COMPLETE,), "no waves left")
-    if not counts.members:  # a cohort nobody carries, 1 % of a few devices
-        return _passed(state, wave, waves, auto_advance, f"wave {wave} has no devices; skipped")
+    if not counts.members:  # 1 % of a few devices, a cohort taken by earlier waves
+        return _passed(state, wave, waves, auto_advance, f"wave {shown} has no devices; skipped")
     if verdict is None:
         raise ValueError(f"wave {wave} has {counts.members} members but no verdict")
     if verdict.outcome is GateOutcome.FAILED:
         event = Event.ROLLBACK if rollback_on_failure else Event.PAUSE
-        return Decision((event,), f"gate failed: wave {wave}: {verdict.summary}", verdict)
+        return Decision((event,), f"gate failed: wave {shown}: {verdict.summary}", verdict)
     if state is RolloutState.DEPLOYING:
         if counts.answered < counts.members:
             return Decision()
-        reason = f"wave {wave}: {counts.answered} devices answered; soaking"
-        return Decision((Event.INSTALLED,), reason)
+        answered = f"{counts.answered} device{'' if counts.answered == 1 else 's'} answered"
+        return Decision((Event.INSTALLED,), f"wave {shown}: {answered}; soaking")
     if not soaked:
         return Decision()
     if verdict.outcome is GateOutcome.WAITING:
         return Decision(record=verdict)
-    decision = _passed(state, wave, waves, auto_advance, f"wave {wave} passed its gate")
+    decision = _passed(state, wave, waves, auto_advance, f"wave {shown} passed its gate")
     return Decision(decision.events, decision.reason, verdict)
 
 

@@ -10,7 +10,22 @@ deployment that keeps crashing. A ROLLING_BACK rollout is never paused (it is th
 out): it keeps trying, its count growing.
 
 Commands carry ids derived from the rollout, the kind and the device, so a resend after a
-crash is recognised by the device rather than acted on twice.
+crash is recognised by the device rather than acted on twice, and an ``expires_at``
+:attr:`command_ttl_s` ahead (fresh on every copy sent), after which a device ignores one
+that sat in a queue.
+
+The engine trusts no single message to arrive: it only works while the fleet is connected
+to the broker (:class:`Link`), and after each (re)connection it first lets ``settle_s``
+pass, for what the broker kept for the fleet's session (and the devices' retained
+statuses) to be stored and reconciled (:func:`.acks.reconcile_statuses`); then it sends
+again every command of a rollout in progress that has no final answer
+(:meth:`RolloutEngine.resend_unfinished`), and judges waves again. A device counts as
+silent only over time the fleet was listening: an outage of the fleet never fails a wave.
+
+With several replicas on one database, each runs an engine and only the holder of the
+rollout lease ticks (:mod:`.lease`); a new term counts as a new connection (it settles,
+resends, and counts silence from its start), and every transaction a tick commits is
+fenced: it lands only while the term it began in holds.
 """
 
 from __future__ import annotations
@@ -20,9 +35,12 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
-from sqlalchemy import func, update
+from sqlalchemy import and_, func, or_, update
+from sqlalchemy import event as orm_events
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -30,7 +48,7 @@ from sqlmodel import Session, col, select
 from contracts.mqtt import BundleRef, Command, CommandKind
 
 from ..db import session_scope
-from ..errors import NotFoundError
+from ..errors import LeaseLost, NotFoundError
 from ..models import (
     Bundle,
     CommandRecord,
@@ -47,26 +65,45 @@ from ..models import (
 from ..telemetry import health_stats
 from .decision import Decision, decide, decide_rollback
 from .gate import WaveCounts, check_failures, evaluate
+from .lease import LeaseKeeper, Term
 from .transitions import TRANSITIONS, Event, apply_event
 
-__all__ = ["CommandSink", "RolloutEngine"]
+__all__ = ["CommandSink", "Link", "RolloutEngine"]
 
 log = logging.getLogger(__name__)
 
 CommandSink = Callable[[str, Command], None]
 """Sends one command to one device (the MQTT bridge's ``send``)."""
 
+
+@dataclass(frozen=True)
+class Link:
+    """The fleet's connection to the broker, while it is up."""
+
+    number: int
+    """One more at every (re)connection."""
+    since: dt.datetime
+    """When it was made, on the fleet's clock."""
+
+
 S = RolloutState
 _MOVED = (S.DEPLOYING, S.SOAKING, S.ROLLING_BACK)
 """The states the engine moves on by itself; the others wait for an operator, or ended."""
 _MAX_ERROR_CHARS = 500
+_UNLEASED = Term(epoch=0, began=dt.datetime.min.replace(tzinfo=dt.UTC))
+"""The term of an engine without a lease: always, unfenced."""
 
 
 class RolloutEngine:
     """Moves every active rollout on, once per tick, from what the database holds.
 
     ``metadata_url`` and ``targets_url`` are the TUF base URLs put into deploy commands.
-    Run it in one replica only (it is the single writer of rollout state).
+    ``link`` says whether, and since when, the fleet is connected to the broker (the
+    bridge's :meth:`~fleet.bridge.MqttBridge.link`); ``settle_s`` is how long after each
+    connection the engine waits before it resends and judges (see the module's docstring).
+    ``lease``: the replicas' rollout lease; the engine ticks only in this replica's terms,
+    fenced (``None``: one engine alone on its database, unfenced). ``actor`` signs its
+    transitions in the audit log.
     """
 
     def __init__(
@@ -74,16 +111,27 @@ class RolloutEngine:
         db: Engine,
         send: CommandSink,
         *,
+        link: Callable[[], Link | None],
         metadata_url: str,
         targets_url: str,
         tick_s: float = 1.0,
         health_window_s: float = 3600.0,
         max_step_failures: int = 5,
+        settle_s: float = 2.0,
+        command_ttl_s: float = 3600.0,
+        lease: LeaseKeeper | None = None,
+        actor: str = "fleet",
     ) -> None:
         if max_step_failures < 1:
             raise ValueError(f"max_step_failures must be at least 1, got {max_step_failures}")
         self._db = db
         self._send = send
+        self._link = link
+        self._settle_s = settle_s
+        self.command_ttl_s = command_ttl_s
+        self._lease = lease
+        self._actor = actor
+        self._resynced: tuple[int, int] | None = None
         self._metadata_url = metadata_url
         self._targets_url = targets_url
         self._tick_s = tick_s
@@ -121,7 +169,24 @@ class RolloutEngine:
 
     def tick(self) -> None:
         """One step for every rollout the engine moves on, oldest first, each in its own
-        transaction: one that fails is counted and the others still take their step."""
+        transaction: one that fails is counted and the others still take their step.
+
+        Nothing while the fleet is not connected to the broker or this replica does not
+        hold the lease, nor for ``settle_s`` after either began; the first tick after
+        that resends every unfinished command. A step that finds the term over (fenced)
+        ends the tick with nothing of it applied."""
+        link = self._link()
+        term = self._lease.term() if self._lease is not None else _UNLEASED
+        if link is None or term is None:
+            return
+        since = _latest(link.since, term.began)
+        if _seconds_since(since, utcnow()) < self._settle_s:
+            return
+        if (link.number, term.epoch) != self._resynced:
+            resent = self.resend_unfinished()
+            self._resynced = (link.number, term.epoch)
+            if resent:
+                log.info("resent %d unfinished commands after connecting to the broker", resent)
         with session_scope(self._db) as session:
             moving = session.exec(
                 select(Rollout.id)
@@ -130,28 +195,44 @@ class RolloutEngine:
             ).all()
         for rollout_id in moving:
             try:
-                self._step_one(rollout_id)
+                self._step_one(rollout_id, since, term)
+            except LeaseLost as lost:
+                log.warning("rollout %s: its step was not applied: %s", rollout_id, lost)
+                return
             except Exception as error:
                 self.errors += 1
                 log.exception("rollout %s: its step failed", rollout_id)
-                self._count_failure(rollout_id, error)
+                self._count_failure(rollout_id, error, term)
         self.ticks += 1
 
-    def _step_one(self, rollout_id: str) -> None:
+    @contextmanager
+    def _fenced(self, term: Term) -> Iterator[Session]:
+        """A transaction that commits (each time it commits) only while ``term`` holds."""
         with session_scope(self._db) as session:
-            rollout = session.get(Rollout, rollout_id)
+            lease = self._lease
+            if lease is not None:
+
+                def fence(fenced: Session) -> None:
+                    lease.fence(fenced, term.epoch)
+
+                orm_events.listen(session, "before_commit", fence)
+            yield session
+
+    def _step_one(self, rollout_id: str, listening_since: dt.datetime, term: Term) -> None:
+        with self._fenced(term) as session:
+            rollout = session.get(Rollout, rollout_id, with_for_update=True)
             if rollout is None or rollout.state not in _MOVED:
                 return
-            self._step(session, rollout, utcnow())
+            self._step(session, rollout, utcnow(), listening_since)
             if rollout.step_failures:
                 rollout.step_failures = 0
                 session.add(rollout)
 
-    def _count_failure(self, rollout_id: str, error: Exception) -> None:
+    def _count_failure(self, rollout_id: str, error: Exception, term: Term) -> None:
         """One more failed step, persisted; at ``max_step_failures`` in a row the rollout
         is paused with the error as its reason, where its state can be paused."""
         try:
-            with session_scope(self._db) as session:
+            with self._fenced(term) as session:
                 rollout = session.get(Rollout, rollout_id)
                 if rollout is None or rollout.state not in _MOVED:
                     return
@@ -174,28 +255,37 @@ class RolloutEngine:
                     session,
                     rollout,
                     Event.PAUSE,
-                    actor="fleet",
+                    actor=self._actor,
                     reason=f"paused after {failures} failed steps in a row: {message}",
                 )
         except Exception:
             log.exception("rollout %s: could not record its failed step", rollout_id)
 
-    def _step(self, session: Session, rollout: Rollout, now: dt.datetime) -> None:
+    def _step(
+        self, session: Session, rollout: Rollout, now: dt.datetime, listening_since: dt.datetime
+    ) -> None:
+        """``listening_since``: when the fleet's connection to the broker began; devices
+        count as silent from then at the earliest."""
         gate = Gate.model_validate(rollout.gate)
         if rollout.state is S.ROLLING_BACK:
-            decision = self._roll_back(session, rollout, gate, now)
+            decision = self._roll_back(session, rollout, gate, now, listening_since)
         else:
-            decision = self._advance(session, rollout, gate, now)
+            decision = self._advance(session, rollout, gate, now, listening_since)
         if decision.record is not None:
             rollout.last_gate = decision.record.model_dump(mode="json")
             session.add(rollout)
             if decision.record.outcome is GateOutcome.FAILED:
                 log.warning("rollout %s: %s", rollout.id, decision.reason)
         for event in decision.events:
-            apply_event(session, rollout, event, actor="fleet", reason=decision.reason)
+            apply_event(session, rollout, event, actor=self._actor, reason=decision.reason)
 
     def _advance(
-        self, session: Session, rollout: Rollout, gate: Gate, now: dt.datetime
+        self,
+        session: Session,
+        rollout: Rollout,
+        gate: Gate,
+        now: dt.datetime,
+        listening_since: dt.datetime,
     ) -> Decision:
         """A DEPLOYING or SOAKING rollout: command the wave, judge it, decide."""
         in_waves = rollout.wave < len(rollout.waves)
@@ -205,7 +295,9 @@ class RolloutEngine:
                 self._command(
                     session, rollout, self._pending(session, rollout), _deploy_kind(rollout)
                 )
-            if _seconds_since(rollout.wave_started_at, now) >= gate.deploy_timeout_s:
+            self._resend_after_resume(session, rollout)
+            silent_since = _latest(rollout.wave_started_at, listening_since)
+            if _seconds_since(silent_since, now) >= gate.deploy_timeout_s:
                 self._time_out_silent(session, rollout, gate.deploy_timeout_s, now)
             states = self._wave_states(session, rollout)
         counts = WaveCounts.of(rollout.wave, states)
@@ -239,7 +331,12 @@ class RolloutEngine:
         return _seconds_since(rollout.soak_started_at, now)
 
     def _roll_back(
-        self, session: Session, rollout: Rollout, gate: Gate, now: dt.datetime
+        self,
+        session: Session,
+        rollout: Rollout,
+        gate: Gate,
+        now: dt.datetime,
+        listening_since: dt.datetime,
     ) -> Decision:
         """Tell every device that took the bundle to go back; done when all have answered."""
         took = session.exec(
@@ -280,7 +377,7 @@ class RolloutEngine:
         ).one()
         return decide_rollback(
             waiting=waiting,
-            waited_s=_seconds_since(rollout.updated_at, now),
+            waited_s=_seconds_since(_latest(rollout.updated_at, listening_since), now),
             timeout_s=gate.deploy_timeout_s,
         )
 
@@ -318,6 +415,38 @@ class RolloutEngine:
         )
         return new, baseline
 
+    def _resend_after_resume(self, session: Session, rollout: Rollout) -> None:
+        """Send again, once, the unfinished commands of the wave's members commanded before
+        its current deploying phase began: while it was paused, they were not resent."""
+        rows = session.exec(
+            select(RolloutDevice, CommandRecord)
+            .join(CommandRecord, col(CommandRecord.id) == RolloutDevice.command_id)
+            .where(
+                RolloutDevice.rollout_id == rollout.id,
+                RolloutDevice.wave == rollout.wave,
+                col(RolloutDevice.state).in_(
+                    [RolloutDeviceState.COMMANDED, RolloutDeviceState.IN_PROGRESS]
+                ),
+                col(RolloutDevice.commanded_at) < rollout.wave_started_at,
+            )
+        ).all()
+        if not rows:
+            return
+        now = utcnow()
+        for member, _ in rows:
+            member.commanded_at = now
+            session.add(member)
+        records = [record for _, record in rows]
+        session.commit()  # marked first: a crash now means the next connection's resend
+        for record in records:
+            self._resend(record)
+
+    def _resend(self, record: CommandRecord) -> None:
+        """Send a stored command again, with a fresh ``expires_at``."""
+        command = Command.model_validate(record.payload)
+        expires_at = time.time() + self.command_ttl_s
+        self._send(record.device_id, command.model_copy(update={"expires_at": expires_at}))
+
     @staticmethod
     def _pending(session: Session, rollout: Rollout) -> list[RolloutDevice]:
         """The current wave's devices not yet commanded."""
@@ -351,14 +480,16 @@ class RolloutEngine:
         *,
         bundle: Bundle | None = None,
     ) -> None:
-        """Send ``kind`` to members not yet given it; persisted first, resent if unacked."""
+        """Send ``kind`` to members not yet given it; persisted first, resent until the
+        device gives a final answer."""
         pending = [m for m in members if m.state == RolloutDeviceState.PENDING]
         if not pending:
             return
         bundle = bundle or _bundle(session, rollout)
         now = utcnow()
         targets = [m.device_id for m in pending]  # read now: the commit expires the rows
-        commands = [self._build(rollout, device, kind, bundle) for device in targets]
+        issued = time.time()
+        commands = [self._build(rollout, device, kind, bundle, issued) for device in targets]
         ids = [c.id for c in commands]
         sent_before = set(  # only after an operator undid and redid a step: rare
             session.exec(select(CommandRecord.id).where(col(CommandRecord.id).in_(ids)))
@@ -383,21 +514,35 @@ class RolloutEngine:
         for device, command in zip(targets, commands, strict=True):
             self._send(device, command)
 
-    def resend_unacknowledged(self, device_ids: Sequence[str] | None = None) -> int:
-        """Send again the commands no device has acked yet: those lost in a fleet crash,
-        or published while their device was offline (its session starts clean).
+    def resend_unfinished(self, device_ids: Sequence[str] | None = None) -> int:
+        """Send again every command of a rollout in progress whose device has given no
+        final answer (acked nothing, or only progress): lost in a fleet crash, published
+        while the device was offline (its session starts clean), or answered by an ack
+        that was lost. Each copy carries a fresh ``expires_at``.
 
-        Called at start for every device and whenever devices come online; devices
-        recognise a command id they already handled, so a resend is never installed twice.
+        The engine calls it after each connection to the broker has settled; the server
+        whenever devices come online (after their statuses were reconciled). A finished,
+        aborted or paused rollout's commands are never resent (a resumed one's are, once,
+        as its wave resumes); a rolling-back one's deploys neither, only its rollbacks.
+        Devices re-ack a command id they have seen, so a resend is never installed twice.
         """
         query = (
             select(CommandRecord)
             .join(RolloutDevice, col(RolloutDevice.command_id) == CommandRecord.id)
+            .join(Rollout, col(Rollout.id) == RolloutDevice.rollout_id)
             .where(
-                col(CommandRecord.last_ack).is_(None),
-                col(RolloutDevice.state).in_(
-                    [RolloutDeviceState.COMMANDED, RolloutDeviceState.ROLLING_BACK]
-                ),
+                or_(
+                    and_(
+                        col(Rollout.state).in_([S.DEPLOYING, S.SOAKING]),
+                        col(RolloutDevice.state).in_(
+                            [RolloutDeviceState.COMMANDED, RolloutDeviceState.IN_PROGRESS]
+                        ),
+                    ),
+                    and_(
+                        col(Rollout.state) == S.ROLLING_BACK,
+                        col(RolloutDevice.state) == RolloutDeviceState.ROLLING_BACK,
+                    ),
+                )
             )
         )
         if device_ids is not None:
@@ -405,11 +550,11 @@ class RolloutEngine:
         with session_scope(self._db) as session:
             waiting = session.exec(query).all()
             for record in waiting:
-                self._send(record.device_id, Command.model_validate(record.payload))
+                self._resend(record)
         return len(waiting)
 
     def _build(
-        self, rollout: Rollout, device_id: str, kind: CommandKind, bundle: Bundle
+        self, rollout: Rollout, device_id: str, kind: CommandKind, bundle: Bundle, issued: float
     ) -> Command:
         return Command(
             id=f"{rollout.id}:{kind.value}:{device_id}",
@@ -425,7 +570,8 @@ class RolloutEngine:
             ),
             metadata_url=self._metadata_url,
             targets_url=self._targets_url,
-            issued_at=time.time(),
+            issued_at=issued,
+            expires_at=issued + self.command_ttl_s,
         )
 
     @staticmethod
@@ -463,7 +609,13 @@ def _deploy_kind(rollout: Rollout) -> CommandKind:
     return CommandKind.SHADOW if rollout.mode == RolloutMode.SHADOW else CommandKind.DEPLOY
 
 
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)  # SQLite: naive UTC
+
+
+def _latest(*moments: dt.datetime) -> dt.datetime:
+    return max(map(_aware, moments))
+
+
 def _seconds_since(since: dt.datetime, now: dt.datetime) -> float:
-    if since.tzinfo is None:  # SQLite hands back naive UTC
-        since = since.replace(tzinfo=dt.UTC)
-    return (now - since).total_seconds()
+    return (now - _aware(since)).total_seconds()

@@ -44,7 +44,7 @@ from .. import audit
 from ..errors import InvalidTransitionError
 from ..models import Rollout, RolloutState, utcnow
 
-__all__ = ["TRANSITIONS", "Event", "apply_event"]
+__all__ = ["OPERATOR_EVENTS", "TRANSITIONS", "Event", "apply_event", "operator_actions"]
 
 
 class Event(enum.StrEnum):
@@ -83,6 +83,15 @@ TRANSITIONS: Final[Mapping[tuple[RolloutState, Event], RolloutState]] = {
 }
 """Every allowed (state, event) → next state. Terminal states have no way out except
 rolling back a completed rollout. ROLLING_BACK cannot be paused: it is the way out."""
+
+OPERATOR_EVENTS: Final = (Event.PAUSE, Event.RESUME, Event.ADVANCE, Event.ABORT, Event.ROLLBACK)
+"""The events an operator sends (``POST /rollouts/ID/ACTION``); the others are the engine's."""
+
+
+def operator_actions(state: RolloutState) -> list[Event]:
+    """The operator events ``TRANSITIONS`` allows from ``state``: what a dashboard offers."""
+    return [event for event in OPERATOR_EVENTS if (state, event) in TRANSITIONS]
+
 
 _NEXT_WAVE = {Event.PASSED, Event.ADVANCE}
 

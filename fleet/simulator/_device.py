@@ -47,6 +47,8 @@ class Device:
         "cmd_topic",
         "commands",
         "error",
+        "finished",
+        "ignored",
         "last_ack",
         "phase",
         "previous",
@@ -80,6 +82,10 @@ class Device:
         self.commands: list[Command] = []
         self.acks: list[Ack] = []
         self.last_ack: dict[str, Ack] = {}
+        self.finished: Ack | None = None
+        """The final ack of the command finished last: its status names it."""
+        self.ignored: list[Command] = []
+        """Commands that arrived past their ``expires_at``."""
 
 
 def seeded_digest(seed: int, device_id: str, purpose: str, size: int) -> bytes:

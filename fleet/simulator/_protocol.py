@@ -1,12 +1,14 @@
 """What a simulated device does with a command, and what it reports.
 
-A command is acted on once per id: a resend is answered with the ack it last got. DEPLOY
-and SHADOW ack ``downloading``, ``verified``, ``installed`` (spread over
+A command is acted on once per id: a resend is answered with the ack it last got. One
+that arrives past its ``expires_at`` is stale: ignored (no ack), only recorded as such.
+DEPLOY and SHADOW ack ``downloading``, ``verified``, ``installed`` (spread over
 :attr:`Behaviour.install_delay_s`), then ``healthy``, or ``failed`` for a bundle in
 :attr:`Behaviour.failing_bundles`; ROLLBACK serves the bundle it names, or the one served
-before; SHADOW_STOP ends the shadow. A device publishes its retained ``status`` when it is
-subscribed and whenever the bundle it serves changes, and one telemetry record per report
-with the error rate, latency and shadow agreement :class:`Behaviour` sets per bundle.
+before; SHADOW_STOP ends the shadow. A device publishes its retained ``status`` (serving
+bundle, the last command it finished and how) when it is subscribed and after each final
+ack, and one telemetry record per report with the error rate, latency and shadow agreement
+:class:`Behaviour` sets per bundle.
 
 Everything here runs on the simulator's loop thread, which owns the paho clients; the
 fields callers read from other threads are written under the simulator's lock.
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable
 import paho.mqtt.client as mqtt
 
 from contracts.mqtt import (
+    UPDATER_IDLE,
     Ack,
     AckState,
     BundleRef,
@@ -41,7 +44,7 @@ from contracts.mqtt import (
 from ._device import GONE, Device, Phase, seeded_digest, seeded_fraction
 from .specs import DEFAULT_LATENCY_MS, Behaviour
 
-__all__ = ["DeviceProtocol"]
+__all__ = ["DeviceProtocol", "record_id"]
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +84,17 @@ class DeviceProtocol:
             with self._lock:
                 self.malformed += 1
             return
+        stale = command.expired(time.time())
         with self._lock:
             device.commands.append(command)
+            if stale:
+                device.ignored.append(command)
             seen = device.last_ack.get(command.id)
+        if stale:
+            log.info(
+                "simulated device %s: ignoring stale command %s", device.spec.device_id, command.id
+            )
+            return
         if seen is not None:  # a resend: say where it stands, do nothing again
             self._send_ack(device, seen.model_copy(update={"ts": time.time()}))
             return
@@ -134,7 +145,6 @@ class DeviceProtocol:
         with self._lock:
             device.previous = (device.bundle, device.version_number)
             device.bundle, device.version_number = name, ref.version_number
-        self.publish_status(device)
         self._ack(device, command, AckState.HEALTHY, name)
 
     def _rollback(self, device: Device, command: Command) -> None:
@@ -145,12 +155,9 @@ class DeviceProtocol:
             self._ack(device, command, AckState.FAILED, None, "no earlier bundle to go back to")
             return
         with self._lock:
-            changed = target != (device.bundle, device.version_number)
-            if changed:
+            if target != (device.bundle, device.version_number):
                 device.previous = (device.bundle, device.version_number)
                 device.bundle, device.version_number = target
-        if changed:
-            self.publish_status(device)
         self._ack(device, command, AckState.ROLLED_BACK, target[0])
 
     def _ack(
@@ -161,12 +168,17 @@ class DeviceProtocol:
         bundle: str | None,
         detail: str = "",
     ) -> None:
+        """Record and send an ack; a final one is followed by the status that names it."""
         ack = Ack(
             command=command.id, state=state, detail=detail, bundle_version=bundle, ts=time.time()
         )
         with self._lock:
             device.last_ack[command.id] = ack
+            if state.final:
+                device.finished = ack
         self._send_ack(device, ack)
+        if state.final:
+            self.publish_status(device)
 
     def _send_ack(self, device: Device, ack: Ack) -> None:
         assert device.client is not None
@@ -177,13 +189,16 @@ class DeviceProtocol:
 
     def publish_status(self, device: Device) -> None:
         assert device.client is not None
+        finished = device.finished
         status = Status(
             online=True,
             agent_version=self.agent_version,
             bundle=device.bundle,
             bundle_version_number=device.version_number,
-            state="idle",
+            state=UPDATER_IDLE,
             ts=time.time(),
+            last_command=finished.command if finished else None,
+            last_command_state=finished.state if finished else None,
         )
         topic = device_topic(device.spec.device_id, "status")
         device.client.publish(topic, status.model_dump_json(exclude_none=True), qos=1, retain=True)
@@ -214,7 +229,7 @@ class DeviceProtocol:
         device.reports += 1
         inferences, bundle, shadow = b.inferences_per_report, device.bundle, device.shadow
         record = TelemetryRecord(
-            id=str(_record_id(self.seed, device.spec.device_id, device.reports)),
+            id=record_id(self.seed, device.spec.device_id, device.reports),
             ts=time.time(),
             bundle=bundle,
             inferences=inferences,
@@ -233,6 +248,6 @@ def _bundle_name(ref: BundleRef) -> str:
     return f"{ref.name}-{ref.version}"
 
 
-def _record_id(seed: int, device_id: str, n: int) -> uuid.UUID:
+def record_id(seed: int, device_id: str, n: int) -> str:
     """The ``n``-th report's id: a version-4 UUID, the same on every run with this seed."""
-    return uuid.UUID(bytes=seeded_digest(seed, device_id, f"record/{n}", 16), version=4)
+    return str(uuid.UUID(bytes=seeded_digest(seed, device_id, f"record/{n}", 16), version=4))

@@ -42,7 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from contracts.mqtt import Ack, Command, Status, device_topic
 
 from ._device import GONE, Device, Phase, seeded_fraction
-from ._protocol import DeviceProtocol
+from ._protocol import DeviceProtocol, record_id
 from .specs import Behaviour, SimulatedDeviceSpec
 
 __all__ = ["FleetSimulator"]
@@ -202,6 +202,18 @@ class FleetSimulator:
         device = self._device(device_id)
         with self._lock:
             return list(device.commands)
+
+    def ignored_commands(self, device_id: str) -> list[Command]:
+        """The commands the device ignored because they arrived past their ``expires_at``."""
+        device = self._device(device_id)
+        with self._lock:
+            return list(device.ignored)
+
+    def telemetry_sent(self, device_id: str) -> list[str]:
+        """The ids of the telemetry records the device published, in order."""
+        device = self._device(device_id)
+        reports = self._call(lambda: device.reports)
+        return [record_id(self.seed, device_id, n) for n in range(1, reports + 1)]
 
     def acks_sent(self, device_id: str) -> list[Ack]:
         """Every ack the device published, re-acks of resent commands included, in order."""

@@ -120,7 +120,9 @@ class RunningFleet:
 
 
 def fleet_settings(data_dir: Path, **overrides: Any) -> FleetSettings:
-    return FleetSettings(data_dir=data_dir, rollout_tick_s=0.1, **overrides)
+    return FleetSettings(
+        data_dir=data_dir, **{"rollout_tick_s": 0.1, "mqtt_settle_s": 0.0, **overrides}
+    )
 
 
 @contextmanager

@@ -7,11 +7,15 @@ certificate and key). All speak MQTT 5, so a refusal comes back with its reason.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +37,40 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@contextmanager
+def plain_mosquitto(directory: Path) -> Iterator[int]:
+    """A plain mosquitto on a loopback port, its port: anonymous clients, no ACL, sessions
+    in memory; used as an external broker that outlives the fleet processes of a test."""
+    directory.mkdir(parents=True)
+    port = free_port()
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence false",
+        "max_queued_messages 100000",
+        f"log_dest file {directory / 'mosquitto.log'}",
+        *(["user root"] if os.getuid() == 0 else []),  # else it drops to a user who cannot log
+    ]
+    config = directory / "mosquitto.conf"
+    config.write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or broker.poll() is not None:
+                raise RuntimeError(f"mosquitto did not listen on {port}; see {directory}")
+            time.sleep(0.02)
+        yield port
+    finally:
+        broker.terminate()
+        broker.wait(10)
 
 
 def client_args(endpoint: MqttEndpoint) -> list[str]:

@@ -1,4 +1,5 @@
-"""A TCP proxy that can cut a connection after N bytes from the server: a real broken link."""
+"""TCP proxies for real broken links: cut after N bytes from the server, or switched by
+the test (stalled, cut)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,98 @@ class CuttingProxy:
         self._listener.close()
 
     def __enter__(self) -> CuttingProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LinkProxy:
+    """Forwards ``127.0.0.1:PORT`` to ``target_port``, with a switch on the link.
+
+    :meth:`hold` keeps what clients send (the server gets nothing; the client's writes
+    succeed: a link that has stalled) until :meth:`release` delivers it, in order.
+    :meth:`cut` closes every connection and refuses new ones until :meth:`heal`.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._held: list[tuple[socket.socket, bytes]] | None = None
+        self._cut = False
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = []
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held or [], None
+            for upstream, data in held:
+                with contextlib.suppress(OSError):
+                    upstream.sendall(data)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def heal(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                refused = self._cut
+            if refused:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open |= {client, upstream}
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    if upward and self._held is not None:
+                        self._held.append((dst, data))
+                    else:
+                        dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self._open -= {src, dst}
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def __enter__(self) -> LinkProxy:
         return self
 
     def __exit__(
