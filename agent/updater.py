@@ -499,7 +499,20 @@ class Updater:
             return None
         if state is State.ROLLING_BACK and command.kind is CommandKind.ROLLBACK:
             return None
-        return self._make_ack(command, ack_state, self._record.detail)
+        detail = self._health_plan() if state is State.HEALTH_CHECK else self._record.detail
+        return self._make_ack(command, ack_state, detail)
+
+    def _health_plan(self) -> str:
+        """What the health check waits for, so the fleet can say why a device is installed
+        but not yet healthy."""
+        health = self._health
+        if health.watch_inferences == 0:
+            return "health check: golden vectors"
+        return (
+            f"health check: golden vectors, then the first {health.watch_inferences} "
+            f"inferences (at most {health.max_error_rate:.0%} failing) or "
+            f"{health.watch_timeout_s:g} s, whichever comes first"
+        )
 
     def _conclude(self, verdict: tuple[Event, str] | None) -> None:
         if verdict is not None:

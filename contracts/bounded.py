@@ -121,6 +121,7 @@ JSON_DOCUMENT = AfterValidator(check_json_document)
 """Put in ``Annotated[dict[str, Any], JSON_DOCUMENT]``: a bounded free-form document."""
 
 ShortText = Annotated[str, Field(max_length=256), NO_CONTROL]
-Detail = Annotated[str, Field(max_length=2000), NO_CONTROL]
+DETAIL_MAX_CHARS = 2000
+Detail = Annotated[str, Field(max_length=DETAIL_MAX_CHARS), NO_CONTROL]
 """Why something happened, as a person reads it (an ack's detail, an operator's reason)."""
 Url = Annotated[str, Field(max_length=2048), NO_CONTROL]

@@ -246,6 +246,8 @@ def test_a_deploy_acks_each_state_and_the_new_model_serves(device: Device, fleet
     command = fleet.deploy(V2)
     device.updater.handle(command)
     assert device.acked(command) == [_D, _V, _I]
+    # the fleet is told what the health check waits for
+    assert f"the first {WATCH} inferences (at most 20% failing)" in device.detail(command, _I)
     assert device.updater.state is State.HEALTH_CHECK
     assert device.activated == [_label(V1), _label(V2)]  # serving while it is watched
     for _ in range(WATCH):

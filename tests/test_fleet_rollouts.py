@@ -18,6 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from contracts.mqtt import Ack, AckState, CommandKind
+from fleet.models import RolloutDevice, RolloutDeviceState
+from fleet.rollouts.acks import _apply_ack
 from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
 from ota.archive import read_manifest
 from tests.utils.fleet import (
@@ -643,3 +646,35 @@ def test_the_fleet_runs_a_rollout_and_ingests_telemetry_on_postgresql(
                 what="10 records in PostgreSQL",
             )
         assert fleet.server.db.dialect.name == "postgresql"
+
+
+def _ack(state: AckState, detail: str = "") -> Ack:
+    return Ack(command="c-1", state=state, detail=detail, ts=1.0)
+
+
+@pytest.mark.parametrize(
+    ("before", "kind", "ack", "after"),
+    [
+        # a deploy's acks replace the detail
+        (("in_progress", "verifying"), "deploy", ("failed", "golden vectors: 0%"),
+         ("failed", "golden vectors: 0%")),
+        # a rollback after a failure keeps the device's reason, then says what it did
+        (("failed", "golden vectors: 0%"), "rollback", ("rolled_back", "already serving v1"),
+         ("rolled_back", "golden vectors: 0%; then rolled_back: already serving v1")),
+        # ...also when the rollback's answer arrives twice
+        (("rolled_back", "golden vectors: 0%; then rolled_back: already serving v1"),
+         "rollback", ("rolled_back", ""), ("rolled_back", "golden vectors: 0%; then rolled_back")),
+        # a healthy device rolled back has no failure to keep
+        (("healthy", "4 golden vectors within tolerance"), "rollback", ("rolled_back", "back"),
+         ("rolled_back", "back")),
+    ],
+)  # fmt: skip
+def test_a_rollback_adds_to_the_reason_a_device_failed_and_never_replaces_it(
+    before: tuple[str, str], kind: str, ack: tuple[str, str], after: tuple[str, str]
+) -> None:
+    member = RolloutDevice(
+        rollout_id="r", device_id="d", wave=0, rank="0",
+        state=RolloutDeviceState(before[0]), detail=before[1],
+    )  # fmt: skip
+    _apply_ack(member, CommandKind(kind), _ack(AckState(ack[0]), ack[1]))
+    assert (member.state.value, member.detail) == after

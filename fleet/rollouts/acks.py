@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
+from contracts.bounded import DETAIL_MAX_CHARS
 from contracts.mqtt import UPDATER_IDLE, Ack, AckState, Command, CommandKind, Status
 
 from ..models import CommandRecord, RolloutDevice, RolloutDeviceState, utcnow
@@ -166,9 +167,15 @@ def _ack_from_status(command: CommandRecord, status: Status) -> Ack | None:
     )
 
 
+_THEN = "; then "
+"""Joins the reason a device failed and what a rollback did after it, in a member's detail."""
+
+
 def _apply_ack(member: RolloutDevice, kind: CommandKind, ack: Ack) -> None:
     """A rollback's (or shadow stop's) outcome ends the member there; a deploy's acks move
     it forward, and once it is healthy or failed only another final ack changes that."""
+    failed_before = member.state == RolloutDeviceState.FAILED or _THEN in member.detail
+    why_it_failed = member.detail.split(_THEN, 1)[0] if failed_before else ""
     if kind in (CommandKind.ROLLBACK, CommandKind.SHADOW_STOP):
         if ack.state in (AckState.ROLLED_BACK, AckState.HEALTHY):
             member.state = RolloutDeviceState.ROLLED_BACK
@@ -180,4 +187,13 @@ def _apply_ack(member: RolloutDevice, kind: CommandKind, ack: Ack) -> None:
     ):
         member.state = _ACK_TO_STATE[ack.state]
     member.last_ack = ack.state.value
-    member.detail = ack.detail
+    member.detail = _kept_detail(why_it_failed, kind, ack)
+
+
+def _kept_detail(why_it_failed: str, kind: CommandKind, ack: Ack) -> str:
+    """The member's reason after ``ack``: a rollback's answer is added to the reason a
+    device gave for failing, never put in its place."""
+    if kind not in (CommandKind.ROLLBACK, CommandKind.SHADOW_STOP) or not why_it_failed:
+        return ack.detail
+    after = f"{ack.state.value}: {ack.detail}" if ack.detail else ack.state.value
+    return f"{why_it_failed}{_THEN}{after}"[:DETAIL_MAX_CHARS]
