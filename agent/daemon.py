@@ -66,6 +66,9 @@ __all__ = ["AGENT_VERSION", "AgentDaemon"]
 
 log = logging.getLogger(__name__)
 
+_StatusKey = tuple[str | None, str | None, AckState | None, str]
+"""What a status says: serving bundle, last command, its final state, the updater's state."""
+
 try:
     AGENT_VERSION = importlib.metadata.version("edgefleet")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
@@ -102,7 +105,7 @@ class AgentDaemon:
         self.client = self._mqtt_client()
         self.sender = TelemetrySender(self.queue, config.device_id, self.client, config.telemetry)
         self._commands: queue.Queue[Command | None] = queue.Queue()
-        self._status_shown: tuple[str | None, str | None, AckState | None] | None = None
+        self._status_shown: _StatusKey | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._api: uvicorn.Server | None = None
@@ -264,12 +267,13 @@ class AgentDaemon:
     ) -> None:
         self.sender.published(mid, reason)
 
-    def _status_key(self) -> tuple[str | None, str | None, AckState | None]:
+    def _status_key(self) -> _StatusKey:
         serving, outcome = self.updater.serving, self.updater.last_outcome
         return (
             f"{serving.name}-{serving.version}" if serving else None,
             outcome.command if outcome else None,
             outcome.state if outcome else None,
+            str(self.updater.state),
         )
 
     def _publish_status(self, *, online: bool) -> mqtt.MQTTMessageInfo:
@@ -280,7 +284,7 @@ class AgentDaemon:
             agent_version=AGENT_VERSION,
             bundle=key[0],
             bundle_version_number=serving.version_number if serving else None,
-            state=str(self.updater.state),
+            state=key[3],
             ts=time.time(),
             last_command=key[1],
             last_command_state=key[2],
@@ -321,7 +325,10 @@ class AgentDaemon:
             except Exception as e:  # one bad command must not stop the next ones
                 log.exception("command %s failed", command.id)
                 self._answer(_ack(command, AckState.FAILED, f"the agent failed: {e}"))
-            if self.client.is_connected():
+            # only a changed status is sent: the fleet answers each status from an online
+            # device by resending its unfinished commands, so a status per command (a
+            # resent one included) would loop
+            if self.client.is_connected() and self._status_key() != self._status_shown:
                 self._publish_status(online=True)
 
     def _start_shadow(self, command: Command) -> None:
