@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.runtimes import LiteRTRuntime, OnnxRuntime, Runtime, TvmRuntime
-from compiler import litert, quantize, tune, tvm_build
+from compiler import litert, onnx_to_tf, quantize, tune, tvm_build
 from compiler.data import Dataset
 from compiler.importers import import_model
 from compiler.measure import measure_latency
@@ -78,7 +78,7 @@ def row(
         "outputs": outputs,
     }
     if reference is not None:
-        comparison = compare(reference, outputs, None, ANY_GATE)
+        comparison = compare([reference], [outputs], None, ANY_GATE, "classification")
         result["top1_agreement"] = float(np.mean(outputs.argmax(1) == reference.argmax(1)))
         result["cosine"] = comparison.cosine_similarity
     print(f"measured {name}: p50 {latency.p50:.2f} ms {note}", file=sys.stderr, flush=True)
@@ -137,6 +137,29 @@ def main() -> None:
             rows.append(
                 row(
                     f"litert {label}",
+                    LiteRTRuntime(path, **pinned),
+                    path,
+                    data,
+                    reference,
+                    args.runs,
+                )
+            )
+
+        # The same ONNX model a PyTorch user brings, to LiteRT through onnx2tf
+        # (compiler/onnx_to_tf.py): what an ONNX source gets beside ONNX Runtime.
+        try:
+            from_onnx = onnx_to_tf.to_saved_model(source.onnx_path, work / "onnx2tf", source)
+        except onnx_to_tf.ConversionError as e:
+            print(f"litert from ONNX not measured: {e}", file=sys.stderr, flush=True)
+            from_onnx = None
+        for precision, label in (("fp32", "fp32"), ("int8", "int8 (full integer)")):
+            if from_onnx is None:
+                break
+            path = work / f"litert-onnx-{precision}.tflite"
+            litert.convert(from_onnx, path, precision, calibration)  # type: ignore[arg-type]
+            rows.append(
+                row(
+                    f"litert {label} from ONNX",
                     LiteRTRuntime(path, **pinned),
                     path,
                     data,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.artifacts import Device, Precision, RuntimeName, artifact_id
-from contracts.report import Comparison, GoldenVectors, Latency, ValidatedOn
+from contracts.report import AccuracySearch, Comparison, GoldenVectors, Latency, ValidatedOn
 
 __all__ = ["Candidate"]
 
@@ -28,6 +28,9 @@ class Candidate:
     latency_note: str | None = None
     selected: bool = False
     golden: GoldenVectors | None = None
+    accuracy_search: AccuracySearch | None = None
+    plain_int8: Path | None = None
+    """The int8 model before the accuracy search, kept to time what the search cost."""
 
     @property
     def id(self) -> str:

@@ -11,10 +11,12 @@ from rich.table import Table
 
 from contracts.artifacts import LEGACY_FP32, PRECISIONS
 from contracts.cli import JsonOption, fail, print_json, third_party_output_to_stderr
-from contracts.report import REFERENCE_LATENCY
+from contracts.report import REFERENCE_LATENCY, TASKS
 
 if TYPE_CHECKING:
     from contracts.report import CompileReport
+
+    from .pipeline import TaskOption
 
 _stderr = Console(stderr=True)
 
@@ -100,6 +102,13 @@ def compile_command(
     tune_trials: Annotated[
         int, typer.Option(help="MetaSchedule trials; 0 skips tuning.", min=0)
     ] = 0,
+    tune_time: Annotated[
+        str | None,
+        typer.Option(
+            help="Time budget for tuning (20m, 90s, 1h), alone or with --tune-trials: "
+            "whichever runs out first."
+        ),
+    ] = None,
     rpc_tracker: Annotated[
         str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker to measure on boards.")
     ] = None,
@@ -119,6 +128,22 @@ def compile_command(
         ),
     ] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed calls per artifact.", min=1)] = 50,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="What the outputs hold, which decides the gate's metrics: classification, "
+            "embedding, regression, detection, or 'auto' to infer it from the data (the "
+            "report says what it inferred and why)."
+        ),
+    ] = "auto",
+    accuracy_search: Annotated[
+        bool,
+        typer.Option(
+            "--accuracy-search/--no-accuracy-search",
+            help="When static int8 misses the gate, keep its most sensitive operators in "
+            "float until it passes; --no-accuracy-search refuses it instead.",
+        ),
+    ] = True,
     emulation: Annotated[
         str,
         typer.Option(
@@ -147,7 +172,7 @@ def compile_command(
 
     from .errors import CompilerError
     from .pipeline import CompileOptions, compile_model
-    from .tune import RpcTarget
+    from .tune import RpcTarget, parse_duration
 
     if quantize == LEGACY_FP32:
         _stderr.print(
@@ -161,6 +186,8 @@ def compile_command(
         fail(f"--prune-scope must be global or layer, got {prune_scope!r}")
     if select not in (None, "fastest"):
         fail(f"--select accepts only 'fastest', got {select!r}")
+    if task not in ("auto", *TASKS):
+        fail(f"--task must be auto, {', '.join(TASKS)}; got {task!r}")
     if emulation not in ("auto", "on", "off"):
         fail(f"--emulation must be auto, on or off, got {emulation!r}")
     if (rpc_tracker is None) != (not rpc_key):
@@ -191,11 +218,14 @@ def compile_command(
             prune_scope=cast(Literal["global", "layer"], prune_scope),
             keep_float=tuple(keep_float or ()),
             tune_trials=tune_trials,
+            tune_time_s=parse_duration(tune_time) if tune_time is not None else None,
             rpc=RpcTarget.parse(rpc_tracker, rpc_key) if rpc_tracker else None,
             select=cast(Literal["fastest"] | None, select),
             gate=AccuracyGate.model_validate({**hw.accuracy_gate.model_dump(), **overrides}),
             latency_runs=latency_runs,
             emulation=cast(Literal["auto", "on", "off"], emulation),
+            task=cast("TaskOption", task),
+            accuracy_search=accuracy_search,
             **({"cache_dir": cache_dir} if cache_dir else {}),
         )
         progress = _ProgressHook()
@@ -211,6 +241,8 @@ def compile_command(
         return
     console = Console()
     console.print(candidates_table(report))
+    for failure in report.failed:
+        console.print(f"[red]skipped[/] {failure.id} ({failure.step}): {failure.cause}")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"wrote {out / 'report.json'} and {out / 'MODEL_CARD.md'}")

@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "EmulationError",
     "ModelImportError",
+    "OptionError",
     "OutputDirError",
     "StepError",
     "ToolchainError",
@@ -50,6 +51,11 @@ class OutputDirError(CompilerError, ValueError):
 
 class StepError(CompilerError, RuntimeError):
     """A pipeline step could not do its work (quantizer, tuner, converter failed)."""
+
+
+class OptionError(StepError, ValueError):
+    """An option names what the model does not have (``--keep-float NODE``): bad input,
+    which ends the compile rather than skipping one candidate."""
 
 
 class AccuracyGateError(CompilerError):

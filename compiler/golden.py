@@ -18,8 +18,6 @@ from contracts.artifacts import Precision
 from contracts.report import GoldenVectors
 from contracts.tensors import TensorSpec
 
-from .validate import is_classifier
-
 __all__ = ["GOLDEN_COUNT", "golden_inputs", "write_golden"]
 
 GOLDEN_COUNT = 4
@@ -51,9 +49,12 @@ def write_golden(
     inputs: Mapping[str, np.ndarray],
     precision: Precision,
     path: Path,
+    *,
+    top1: bool,
 ) -> GoldenVectors:
     """Save ``inputs`` and the artifact's ``outputs`` for them to ``path``; the record names
-    the file by its name alone (it sits beside the artifact) with the tolerance."""
+    the file by its name alone (it sits beside the artifact) with the tolerance, and
+    ``top1`` when the first output is a classifier's scores."""
     arrays = {f"input:{name}": value for name, value in inputs.items()}
     arrays |= {f"output:{i}": value for i, value in enumerate(outputs)}
     with path.open("wb") as f:
@@ -65,5 +66,5 @@ def write_golden(
         count=len(next(iter(inputs.values()))),
         atol=max(scale * atol_fraction, 1e-6),
         rtol=rtol,
-        top1=is_classifier(outputs[0]),
+        top1=top1,
     )

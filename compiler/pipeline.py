@@ -5,6 +5,10 @@ returns the detail the report shows for it. Timing and progress are hooks around
 steps, never code inside them. Artifacts are built in a staging directory next to the
 output and published only when every step, the accuracy gate included, has passed.
 
+One candidate that cannot be built or run never ends the compile: it is recorded (runtime,
+precision, step, a one-line cause) in the report's ``failed`` and on stderr, removed, and
+the others go on; only when none is left does the compile stop.
+
 Where artifacts run for the gate and the golden vectors: on this machine when the profile's
 target does; else, when this machine can emulate the board (``compiler/emulation``), the
 artifacts themselves on an emulated board with the profile's CPU model; else the artifacts
@@ -20,7 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,25 +35,31 @@ from agent.errors import AgentError
 from agent.runtimes import OnnxRuntime, Runtime, load_runtime, write_signature
 from contracts.artifacts import LEGACY_FP32, PRECISIONS, Precision, RuntimeName, artifact_id
 from contracts.report import (
+    TASKS,
     AccuracyGate,
+    CandidateFailure,
+    Comparison,
     CompileReport,
     CompileSettings,
     Latency,
     SourceInfo,
     StepRecord,
+    TaskChoice,
     ValidatedOn,
 )
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile
 from hw_profiles.host import detect_host, runs_here
 
-from . import emulation, litert, quantize, tune, tvm_build
+from . import emulation, int8_search, litert, onnx_to_tf, quantize, tune, tvm_build
 from .candidates import Candidate
 from .data import Dataset, load_dataset
 from .errors import (
     AccuracyGateError,
     DataError,
     EmulationError,
+    ModelImportError,
+    OptionError,
     StepError,
     UnsupportedTargetError,
 )
@@ -60,16 +70,20 @@ from .output import check_output_dir, publish
 from .prune import PruneScope, magnitude_prune, structured_prune
 from .report import build_report, write_model_card, write_report
 from .tune import RpcTarget
-from .validate import compare
+from .validate import boxes_index, compare, infer_task
 
 __all__ = [
     "DEFAULT_PIPELINE",
     "CompileContext",
     "CompileOptions",
     "StepHook",
+    "TaskOption",
     "compile_model",
     "register_step",
 ]
+
+
+TaskOption = Literal["auto", "classification", "embedding", "regression", "detection"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class CompileOptions:
     prune_scope: PruneScope = "global"
     keep_float: tuple[str, ...] = ()  # ONNX node names int8 quantization leaves in float
     tune_trials: int = 0
+    tune_time_s: float | None = None  # a time budget for tuning, alone or beside trials
     cache_dir: Path = field(default_factory=lambda: default_cache_dir())
     rpc: RpcTarget | None = None
     select: Literal["fastest"] | None = None
@@ -97,8 +112,15 @@ class CompileOptions:
     force: bool = False
     """Replace ``out_dir`` even when it is not an earlier compile output (never the
     current directory, one above it, or one holding the model)."""
+    task: TaskOption = "auto"
+    """What the outputs hold, which decides the gate's metrics; ``auto`` infers it."""
+    accuracy_search: bool = True
+    """A static int8 candidate that misses the gate keeps its most sensitive operators in
+    float until it passes (``compiler/int8_search.py``); off: it is refused."""
 
     def __post_init__(self) -> None:
+        if self.task != "auto" and self.task not in TASKS:
+            raise ValueError(f"task must be auto or one of {', '.join(TASKS)}, got {self.task!r}")
         if self.quantize not in PRECISIONS:
             renamed = " (it is now called 'fp32')" if self.quantize == LEGACY_FP32 else ""
             raise ValueError(
@@ -134,6 +156,8 @@ class CompileContext:
     emulator: _Emulator | None = None
     reference_latency: Latency | None = None
     notes: list[str] = field(default_factory=list)
+    failures: list[CandidateFailure] = field(default_factory=list)
+    task: TaskChoice | None = None
 
     @property
     def profile(self) -> Profile:
@@ -219,6 +243,8 @@ def _import(ctx: CompileContext) -> dict[str, Any]:
             "(pass --calibration FILE.npz)"
         )
     ctx.precisions = _plan_precisions(ctx)
+    if ctx.options.task != "auto":
+        ctx.task = TaskChoice(task=ctx.options.task, declared=True, reason="declared with --task")
     return {
         "kind": source.kind,
         "sha256": source.sha256,
@@ -328,6 +354,38 @@ def _validated_on(ctx: CompileContext, device: str, *, twin: bool = False) -> Va
     )
 
 
+_BAD_INPUT = (DataError, ModelImportError, OptionError)
+"""Errors of the user's input: they end the compile, never skip only one candidate."""
+
+
+def _one_line(error: BaseException) -> str:
+    """The line of ``error`` that says what went wrong (TVM's start with a traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Traceback", "File ", "0:", "1:"))]
+    line = (useful or lines or [type(error).__name__])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _skip(
+    ctx: CompileContext,
+    runtime: RuntimeName,
+    precision: Precision,
+    step: str,
+    error: BaseException,
+    candidate: Candidate | None = None,
+) -> None:
+    """Record a candidate that could not be built or run, say so on stderr, and drop it
+    (with its files) so the others go on."""
+    cid = artifact_id(runtime, precision)
+    failure = CandidateFailure(id=cid, step=step, cause=_one_line(error))
+    ctx.failures.append(failure)
+    print(f"skipped {failure.id}: {step} failed: {failure.cause}", file=sys.stderr, flush=True)
+    if candidate is not None and candidate in ctx.candidates:
+        ctx.candidates.remove(candidate)
+        candidate.artifact.unlink(missing_ok=True)
+        candidate.artifact.with_suffix(".json").unlink(missing_ok=True)
+
+
 def _artifact_path(
     ctx: CompileContext, runtime: RuntimeName, precision: Precision, suffix: str
 ) -> Path:
@@ -342,21 +400,34 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
     runtimes = {r.name: r for r in ctx.profile.runtimes}
     if "litert" in runtimes and ctx.model().is_tensorflow and ctx.options.prune > 0:
         ctx.notes.append("litert converts the TensorFlow model, which is not pruned")
+    litert_source = _litert_source(ctx) if "litert" in runtimes else None
     for precision in ctx.precisions:
         if "onnxruntime" in runtimes:
             path = _artifact_path(ctx, "onnxruntime", precision, ".onnx")
-            detail[artifact_id("onnxruntime", precision)] = quantize.quantize_onnx(
-                ctx.model_path, path, precision, ctx.calibration, ctx.options.keep_float
-            )
-            device = runtimes["onnxruntime"].device
-            ctx.candidates.append(
-                Candidate("onnxruntime", precision, path, path, _validated_on(ctx, device), device)
-            )
-        if "litert" in runtimes and ctx.model().is_tensorflow:
+            try:
+                detail[artifact_id("onnxruntime", precision)] = quantize.quantize_onnx(
+                    ctx.model_path, path, precision, ctx.calibration, ctx.options.keep_float
+                )
+            except _BAD_INPUT:
+                raise
+            except Exception as e:  # one candidate's failure: the others go on
+                _skip(ctx, "onnxruntime", precision, "quantize", e)
+            else:
+                device = runtimes["onnxruntime"].device
+                where = _validated_on(ctx, device)
+                candidate = Candidate("onnxruntime", precision, path, path, where, device)
+                ctx.candidates.append(candidate)
+        if litert_source is not None:
             path = _artifact_path(ctx, "litert", precision, ".tflite")
-            detail[artifact_id("litert", precision)] = litert.convert(
-                ctx.model(), path, precision, ctx.calibration
-            )
+            try:
+                detail[artifact_id("litert", precision)] = litert.convert(
+                    litert_source, path, precision, ctx.calibration
+                )
+            except _BAD_INPUT:
+                raise
+            except Exception as e:  # one candidate's failure: the others go on
+                _skip(ctx, "litert", precision, "quantize", e)
+                continue
             # The converter renames inputs (image -> serving_default_image:0): the sidecar
             # keeps the source's names, which the agent serves whatever the runtime.
             write_signature(
@@ -367,12 +438,25 @@ def _quantize(ctx: CompileContext) -> dict[str, Any]:
             ctx.candidates.append(
                 Candidate("litert", precision, path, path, _validated_on(ctx, "cpu"))
             )
-    if "litert" in runtimes and not ctx.model().is_tensorflow:
-        ctx.notes.append(
-            "litert skipped: LiteRT artifacts are converted from a Keras or SavedModel source, "
-            "and this source is ONNX"
-        )
     return detail
+
+
+def _litert_source(ctx: CompileContext) -> SourceModel | None:
+    """What LiteRT's converter reads: the TensorFlow source, or for an ONNX source the
+    SavedModel onnx2tf makes of it (``compiler/onnx_to_tf.py``); ``None`` when there is
+    none, said in a note or, for a failed conversion, as every LiteRT candidate's failure."""
+    if ctx.model().is_tensorflow:
+        return ctx.model()
+    if not onnx_to_tf.available():
+        ctx.notes.append(f"litert skipped for this ONNX source: {onnx_to_tf.INSTALL_HINT}")
+        return None
+    assert ctx.model_path is not None
+    try:
+        return onnx_to_tf.to_saved_model(ctx.model_path, ctx.work / "onnx2tf", ctx.model())
+    except StepError as e:
+        for precision in ctx.precisions:
+            _skip(ctx, "litert", precision, "convert", e)
+        return None
 
 
 def _runs_here(ctx: CompileContext) -> tuple[bool, str]:
@@ -381,9 +465,12 @@ def _runs_here(ctx: CompileContext) -> tuple[bool, str]:
 
 @register_step("tune")
 def _tune(ctx: CompileContext) -> dict[str, Any]:
-    trials = ctx.options.tune_trials
+    trials, budget_s = ctx.options.tune_trials, ctx.options.tune_time_s
+    if budget_s is not None and trials <= 0:
+        trials = tune.TIME_ONLY_TRIALS
     if trials <= 0 or ctx.profile.runtime("tvm") is None:
-        return {"skipped": "no --tune-trials" if trials <= 0 else "profile has no tvm runtime"}
+        why = "no --tune-trials or --tune-time" if trials <= 0 else "profile has no tvm runtime"
+        return {"skipped": why}
     here, why = _runs_here(ctx)
     if not here and ctx.options.rpc is None:
         raise UnsupportedTargetError(
@@ -398,6 +485,8 @@ def _tune(ctx: CompileContext) -> dict[str, Any]:
         trials=trials,
         cache_root=ctx.options.cache_dir,
         rpc=ctx.options.rpc,
+        time_budget_s=budget_s,
+        echo=lambda line: print(line, file=sys.stderr, flush=True),
     )
     ctx.tuning_database = result.database
     return result.as_detail()
@@ -433,6 +522,9 @@ def _build(ctx: CompileContext) -> dict[str, Any]:
                 f"{artifact_id('tvm', precision)} ({tvm_runtime.device}) not built: {e}"
             )
             continue
+        except Exception as e:  # one candidate's failure: the others go on
+            _skip(ctx, "tvm", precision, "build", e)
+            continue
         where = _validated_on(ctx, device, twin=twin)
         ctx.candidates.append(Candidate("tvm", precision, path, build.runnable, where, device))
         detail[artifact_id("tvm", precision)] = build.as_detail() | {"validated_on": where.summary}
@@ -462,23 +554,34 @@ def _run(
     outputs: dict[str, list[np.ndarray]] = {}
     for candidate in candidates:
         if not candidate.emulated:
-            runtime = _load(candidate)
-            outputs[candidate.id] = runtime.predict_batch(inputs)
-            runtime.close()
+            try:
+                runtime = _load(candidate)
+                try:
+                    outputs[candidate.id] = runtime.predict_batch(inputs)
+                finally:
+                    runtime.close()
+            except Exception as e:  # one candidate's failure: the others go on
+                _skip(ctx, candidate.runtime, candidate.precision, purpose, e, candidate)
     emulated = [c for c in candidates if c.emulated]
-    if emulated:
+    attempt = 0
+    while emulated:  # each failure drops its culprit and runs the rest, in a fresh folder
+        attempt += 1
         assert ctx.emulator is not None
         board = ctx.emulator.board
         artifacts = [emulation.ArtifactToRun(c.id, c.runtime, c.artifact) for c in emulated]
+        work = ctx.work / f"board-{purpose}-{attempt}"
         try:
             outputs |= emulation.run_artifacts(
-                ctx.emulator.userland, board, artifacts, inputs, ctx.work / f"board-{purpose}"
+                ctx.emulator.userland, board, artifacts, inputs, work
             )
+            break
         except emulation.EmulatedRunError as e:
-            raise StepError(
-                f"{e.artifact or 'an artifact'} was built but does not run on {board.summary}: "
-                f"{e.detail}"
-            ) from e
+            culprit = next((c for c in emulated if c.id == e.artifact), None)
+            if culprit is None:
+                raise StepError(f"the artifacts do not run on {board.summary}: {e.detail}") from e
+            cause = StepError(f"built but does not run on {board.summary}: {e.detail}")
+            _skip(ctx, culprit.runtime, culprit.precision, purpose, cause, culprit)
+            emulated.remove(culprit)
     return outputs
 
 
@@ -501,16 +604,29 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
     """Every candidate against the unpruned fp32 original on ONNX Runtime (this machine's)."""
     if ctx.validation is None:
         return {"skipped": "no validation data"}
-    reference = _load_reference(ctx).predict_batch(ctx.validation.inputs)[0]
-    outputs = _run(ctx, ctx.candidates, ctx.validation.inputs, "validate")
-    detail: dict[str, Any] = {}
+    data = ctx.validation
+    reference = _load_reference(ctx).predict_batch(data.inputs)
+    names = [spec.name for spec in ctx.model().outputs]
+    ctx.task = _judged_task(ctx, reference, names, data.labels)
+    outputs = _run(ctx, list(ctx.candidates), data.inputs, "validate")
+    detail: dict[str, Any] = {"task": ctx.task.model_dump(mode="json")}
+
+    def judge(candidate_outputs: list[np.ndarray]) -> Comparison:
+        assert ctx.task is not None
+        return compare(reference, candidate_outputs, data.labels, ctx.gate, ctx.task.task, names)
+
     for candidate in ctx.candidates:
-        candidate.comparison = compare(
-            reference, outputs[candidate.id][0], ctx.validation.labels, ctx.gate
-        )
+        candidate.comparison = judge(outputs[candidate.id])
+        if not candidate.passed and _searchable(ctx, candidate):
+            _search_int8(ctx, candidate, judge)
+        assert candidate.comparison is not None
         detail[candidate.id] = candidate.comparison.model_dump(mode="json") | {
             "validated_on": candidate.validated_on.summary
         }
+        if candidate.accuracy_search is not None:
+            detail[candidate.id]["accuracy_search"] = candidate.accuracy_search.outcome
+    if not ctx.candidates:
+        raise StepError(_none_left(ctx))
     failed = [c for c in ctx.candidates if not c.passed]
     if failed and ctx.options.select is None:
         raise AccuracyGateError(
@@ -525,6 +641,85 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
     return detail
 
 
+def _judged_task(
+    ctx: CompileContext, reference: list[np.ndarray], names: list[str], labels: np.ndarray | None
+) -> TaskChoice:
+    """The declared task, checked against the outputs, or the one they show."""
+    if ctx.task is None:
+        task, reason = infer_task(reference, names, labels)
+        ctx.notes.append(f"judged as {task}: {reason} (declare it with --task)")
+        return TaskChoice(task=task, declared=False, reason=reason)
+    if ctx.task.task == "detection" and boxes_index(reference) is None:
+        raise DataError(
+            "--task detection needs an output of boxes shaped (N, K, 4) beside an output of "
+            f"K scores per sample; the outputs are {[list(o.shape) for o in reference]}"
+        )
+    return ctx.task
+
+
+def _searchable(ctx: CompileContext, candidate: Candidate) -> bool:
+    return (
+        ctx.options.accuracy_search
+        and candidate.runtime == "onnxruntime"
+        and candidate.precision == "int8"
+        and ctx.calibration is not None
+    )
+
+
+def _search_int8(
+    ctx: CompileContext, candidate: Candidate, judge: Callable[[list[np.ndarray]], Comparison]
+) -> None:
+    """Keep the most sensitive operators of a failing static int8 candidate in float until
+    it passes; on a refusal the candidate stays failed and the note says why."""
+    assert ctx.model_path is not None and ctx.calibration is not None
+    assert ctx.validation is not None
+    inputs = ctx.validation.inputs
+
+    def judge_model(path: Path) -> Comparison:
+        runtime = OnnxRuntime(path, threads=os.cpu_count() or 1)
+        try:
+            return judge(runtime.predict_batch(inputs))
+        finally:
+            runtime.close()
+
+    print(
+        f"{candidate.id} misses the gate: searching for operators to keep in float",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = int8_search.search_int8(
+        ctx.model_path,
+        candidate.artifact,
+        ctx.calibration,
+        ctx.validation,
+        judge_model,
+        ctx.options.keep_float,
+        work=ctx.work,
+    )
+    candidate.accuracy_search = result.record
+    if result.model is None or result.comparison is None:
+        ctx.notes.append(f"{candidate.id}: {result.refusal}")
+        if candidate.comparison is not None and result.refusal:
+            failures = [*candidate.comparison.failures, result.refusal]
+            candidate.comparison = candidate.comparison.model_copy(update={"failures": failures})
+        return
+    plain = ctx.work / f"plain-{candidate.artifact.name}"
+    candidate.artifact.replace(plain)
+    result.model.replace(candidate.artifact)
+    candidate.plain_int8 = plain
+    candidate.comparison = result.comparison
+    ctx.notes.append(
+        f"{candidate.id} passed the gate with {len(result.record.kept_in_float)} operators kept "
+        f"in float: {', '.join(result.record.kept_in_float)}"
+        + ("; judged on this machine" if candidate.emulated else "")
+    )
+
+
+def _none_left(ctx: CompileContext) -> str:
+    causes = "; ".join(f"{f.id} ({f.step}): {f.cause}" for f in ctx.failures)
+    return f"no candidate could be built and run, nothing published: {causes or 'none planned'}"
+
+
 @register_step("measure")
 def _measure(ctx: CompileContext) -> dict[str, Any]:
     here, why = _runs_here(ctx)
@@ -534,7 +729,7 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
         reference = _load_reference(ctx)
         ctx.reference_latency = measure_latency(reference, sample, ctx.options.latency_runs)
         reference.close()
-    for candidate in ctx.candidates:
+    for candidate in list(ctx.candidates):
         if not candidate.passed:
             continue
         if candidate.runtime == "tvm" and ctx.options.rpc is not None:
@@ -547,14 +742,30 @@ def _measure(ctx: CompileContext) -> dict[str, Any]:
         elif candidate.device == "gpu":
             candidate.latency_note = "not measured: needs the board's GPU"
         else:
-            runtime = _load(candidate)
-            candidate.latency = measure_latency(runtime, sample, ctx.options.latency_runs)
-            runtime.close()
+            try:
+                candidate.latency = _time(candidate.runnable, candidate, sample, ctx)
+                if candidate.plain_int8 is not None and candidate.accuracy_search is not None:
+                    plain = _time(candidate.plain_int8, candidate, sample, ctx)
+                    candidate.accuracy_search = candidate.accuracy_search.model_copy(
+                        update={"p50_ms_before": plain.p50, "p50_ms_after": candidate.latency.p50}
+                    )
+            except Exception as e:  # one candidate's failure: the others go on
+                _skip(ctx, candidate.runtime, candidate.precision, "measure", e, candidate)
+                continue
         if candidate.latency:
             detail[candidate.id] = candidate.latency.model_dump(mode="json")
     if not here:
         ctx.notes.append(f"latency not measured on this machine: {why}")
     return detail
+
+
+def _time(path: Path, candidate: Candidate, sample: dict[str, Any], ctx: CompileContext) -> Latency:
+    """The latency of ``path`` on ``candidate``'s runtime, on this machine."""
+    runtime = _load(replace(candidate, runnable=path))
+    try:
+        return measure_latency(runtime, sample, ctx.options.latency_runs)
+    finally:
+        runtime.close()
 
 
 def _latency_sample(ctx: CompileContext) -> dict[str, Any]:
@@ -574,6 +785,8 @@ def _select(ctx: CompileContext) -> dict[str, Any]:
     if ctx.options.select is None:
         return {"skipped": "no --select"}
     p50 = {c.id: c.latency.p50 for c in ctx.candidates if c.passed and c.latency is not None}
+    slow = _untuned_and_slow(ctx, p50)
+    p50 = {cid: ms for cid, ms in p50.items() if cid not in slow}
     if not p50:
         raise StepError(
             "--select fastest needs latencies, and none was measured: use a profile this "
@@ -581,7 +794,32 @@ def _select(ctx: CompileContext) -> dict[str, Any]:
         )
     fastest = min(p50, key=p50.__getitem__)
     next(c for c in ctx.candidates if c.id == fastest).selected = True
-    return {"selected": fastest, "p50_ms": p50}
+    return {"selected": fastest, "p50_ms": p50} | ({"not_eligible": slow} if slow else {})
+
+
+UNTUNED_SLOWDOWN_LIMIT = 3.0
+"""An untuned TVM CPU build slower than ONNX Runtime fp32 by more than this is not selected."""
+
+
+def _untuned_and_slow(ctx: CompileContext, p50: dict[str, float]) -> dict[str, str]:
+    """Untuned TVM CPU candidates far behind the ONNX Runtime reference, and why each is."""
+    reference = ctx.reference_latency
+    if reference is None or ctx.tuning_database is not None or reference.p50 <= 0:
+        return {}
+    slow: dict[str, str] = {}
+    for candidate in ctx.candidates:
+        ms = p50.get(candidate.id)
+        if candidate.runtime != "tvm" or candidate.device != "cpu" or ms is None:
+            continue
+        ratio = ms / reference.p50
+        if ratio > UNTUNED_SLOWDOWN_LIMIT:
+            slow[candidate.id] = f"untuned, {ratio:.1f}x slower than onnxruntime:fp32"
+            ctx.notes.append(
+                f"{candidate.id} is untuned and {ratio:.1f}x slower than ONNX Runtime fp32 "
+                f"(more than {UNTUNED_SLOWDOWN_LIMIT:g}x): not selected; tune it with "
+                "--tune-trials"
+            )
+    return slow
 
 
 @register_step("golden")
@@ -593,8 +831,14 @@ def _golden(ctx: CompileContext) -> dict[str, Any]:
     shipped = [c for c in ctx.candidates if c.passed]
     outputs = _run(ctx, shipped, inputs, "golden")
     for candidate in shipped:
+        if candidate.id not in outputs:
+            continue  # it failed to run and was skipped
+        got = outputs[candidate.id]
+        task = ctx.task.task if ctx.task else infer_task(got, [""] * len(got), None)[0]
         path = candidate.artifact.with_name(f"{candidate.artifact.stem}.golden.npz")
-        candidate.golden = write_golden(outputs[candidate.id], inputs, candidate.precision, path)
+        candidate.golden = write_golden(
+            got, inputs, candidate.precision, path, top1=task == "classification"
+        )
         detail[candidate.id] = candidate.golden.model_dump(mode="json") | {
             "validated_on": candidate.validated_on.summary
         }
@@ -638,6 +882,8 @@ def compile_model(
 
 
 def _finish(ctx: CompileContext, steps: list[StepRecord]) -> CompileReport:
+    if not any(c.passed for c in ctx.candidates):
+        raise StepError(_none_left(ctx))
     for candidate in ctx.candidates:
         if not candidate.passed:
             candidate.artifact.unlink(missing_ok=True)
@@ -652,6 +898,8 @@ def _finish(ctx: CompileContext, steps: list[StepRecord]) -> CompileReport:
         gate=ctx.gate,
         notes=ctx.notes,
         settings=_settings(ctx.options),
+        task=ctx.task,
+        failed=ctx.failures,
     )
     shutil.rmtree(ctx.work)
     write_report(report, ctx.staging)

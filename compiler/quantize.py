@@ -14,9 +14,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from contracts.artifacts import Precision
 
 from .data import Dataset
-from .errors import StepError
+from .errors import OptionError, StepError
 
-__all__ = ["quantize_onnx"]
+__all__ = ["prepare_for_quantization", "quantize_onnx"]
 
 
 def _samples(data: Dataset) -> Iterator[dict[str, Any]]:
@@ -30,8 +30,10 @@ def quantize_onnx(
     precision: Precision,
     calibration: Dataset | None,
     keep_float: Sequence[str] = (),
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``src`` at ``precision`` to ``dst``; ``keep_float`` names nodes left in float.
+    """Write ``src`` at ``precision`` to ``dst``; ``keep_float`` names nodes left in float,
+    ``only`` (static int8) the nodes to quantize, every other left in float.
 
     Integer quantization runs on the model after ONNX Runtime's pre-processing (shape
     inference and graph optimization, which folds and fuses nodes so fewer Q/DQ pairs are
@@ -47,30 +49,41 @@ def quantize_onnx(
             raise StepError("static int8 needs calibration data")
         with tempfile.TemporaryDirectory() as tmp:
             prepared = Path(tmp) / "prepared.onnx"
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            prepare_for_quantization(src, prepared)
             _check_node_names(prepared, keep_float)
             if precision == "int8-dynamic":
                 return _dynamic(prepared, dst, keep_float)
             assert calibration is not None
-            return _static(prepared, dst, calibration, keep_float)
+            return _static(prepared, dst, calibration, keep_float, only)
     except StepError:
         raise
     except Exception as e:  # onnxruntime.quantization raises untyped errors
         raise StepError(f"ONNX Runtime could not quantize {src.name} to {precision}: {e}") from e
 
 
+def prepare_for_quantization(src: Path, dst: Path) -> None:
+    """The model integer quantization starts from (its node names are ``keep_float``'s)."""
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
 def _check_node_names(model: Path, names: Sequence[str]) -> None:
     nodes = [node.name for node in onnx.load(str(model)).graph.node]
     unknown = sorted(set(names) - set(nodes))
     if unknown:
-        raise StepError(
+        raise OptionError(
             f"--keep-float names nodes that are not in the model as it is quantized: {unknown}. "
             "ONNX Runtime's pre-processing fuses and renames some nodes (MatMul+Add into Gemm); "
             f"its nodes are: {', '.join(nodes[:40])}{' ...' if len(nodes) > 40 else ''}"
         )
 
 
-def _static(src: Path, dst: Path, data: Dataset, keep_float: Sequence[str]) -> dict[str, Any]:
+def _static(
+    src: Path,
+    dst: Path,
+    data: Dataset,
+    keep_float: Sequence[str],
+    only: Sequence[str] | None = None,
+) -> dict[str, Any]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -96,6 +109,7 @@ def _static(src: Path, dst: Path, data: Dataset, keep_float: Sequence[str]) -> d
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
         nodes_to_exclude=list(keep_float),
+        nodes_to_quantize=list(only) if only is not None else None,
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
     return {

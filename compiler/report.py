@@ -14,12 +14,14 @@ from contracts.report import (
     REPORT_NAME,
     AccuracyGate,
     Artifact,
+    CandidateFailure,
     CandidateResult,
     CompileReport,
     CompileSettings,
     Latency,
     SourceInfo,
     StepRecord,
+    TaskChoice,
 )
 
 from .candidates import Candidate
@@ -76,6 +78,7 @@ def _candidate(candidate: Candidate) -> CandidateResult:
         size_bytes=artifact.stat().st_size if artifact.exists() else None,
         latency_note=candidate.latency_note,
         validated_on=candidate.validated_on,
+        accuracy_search=candidate.accuracy_search,
     )
 
 
@@ -89,6 +92,8 @@ def build_report(
     gate: AccuracyGate,
     notes: list[str],
     settings: CompileSettings,
+    task: TaskChoice | None = None,
+    failed: list[CandidateFailure] | None = None,
 ) -> CompileReport:
     """The report of a compile whose candidates that failed the gate are already removed."""
     shipped = [c for c in candidates if c.passed]
@@ -110,6 +115,8 @@ def build_report(
         notes=list(notes),
         libraries=library_versions(),
         created=dt.datetime.now(dt.UTC).replace(microsecond=0),
+        task=task,
+        failed=list(failed or []),
     )
 
 
@@ -164,8 +171,25 @@ def write_model_card(report: CompileReport, out_dir: Path) -> Path:
         lines.append(
             f"| {c.id} | {c.passed} | {metric} | {value} | {p50} | {c.size_bytes} | {where} |"
         )
+    if report.failed:
+        lines += ["", "## Candidates not built or not run", ""]
+        lines += [f"- `{f.id}` ({f.step}): {f.cause}" for f in report.failed]
+    searched = [c for c in report.candidates if c.accuracy_search]
+    for c in searched:
+        search = c.accuracy_search
+        assert search is not None
+        kept = ", ".join(f"`{name}`" for name in search.kept_in_float) or "none"
+        lines += [
+            "",
+            f"## int8 accuracy search for `{c.id}`: {search.outcome}",
+            "",
+            f"- Kept in float: {kept}; {len(search.steps)} rounds",
+            f"- Size {search.size_bytes_before} -> {search.size_bytes_after} bytes",
+        ]
     gate = json.dumps(report.gate.model_dump(mode="json"), sort_keys=True)
-    lines += ["", "## Accuracy gate", "", f"`{gate}`", ""]
+    task = report.task
+    judged = f"{task.task} ({'declared' if task.declared else task.reason})" if task else "n/a"
+    lines += ["", "## Accuracy gate", "", f"- Judged as: {judged}", f"- Thresholds: `{gate}`", ""]
     if report.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in report.notes], ""]
     lines += ["## Libraries", "", *[f"- {k} {v}" for k, v in report.libraries.items()], ""]

@@ -1,28 +1,35 @@
-"""MetaSchedule tuning with a database that persists per (profile, model, target).
+"""MetaSchedule tuning into one database per (profile, target), shared by every model.
 
-The database lives in ``CACHE/tuning/PROFILE/MODELHASH-TARGETHASH/``. A later compile of
-the same model for the same profile finds it and does not tune again, unless it asks for
-more trials than the database was tuned with. A tune writes into a fresh directory that
-replaces the old one only when it finished, so an interrupted tune leaves nothing half.
+The database lives in ``CACHE/tuning/PROFILE/TARGETHASH/``. MetaSchedule keeps its records
+per workload (an operator's structure and shapes), so a model whose layers were tuned for
+another model on the same profile gets their schedules without new trials: only the tasks
+with no record are tuned. A later compile of the same model does not tune again unless it
+asks for more trials than that model was tuned with (the marker file remembers, per model).
+A tune writes into a copy of the database that replaces it only when it finished, under a
+lock, so an interrupted tune leaves nothing half and two compiles never mix records.
+The budget is trials, or time (``time_budget_s``: tasks are stopped when it is spent), and
+progress (trials done / budget, fastest kernel measured, ETA) goes to ``echo`` as it runs.
 Measurements run on this machine, or on boards through a TVM RPC tracker.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from contracts.durable import fsync_directory, fsync_tree
+from contracts.durable import fsync_directory, fsync_tree, write_atomic
 from contracts.report import Latency
 from contracts.tensors import TensorSpec
 from hw_profiles import Profile
@@ -33,7 +40,34 @@ from .measure import latency_of
 from .targets import tvm_target
 from .tvm_build import import_relax
 
-__all__ = ["RpcTarget", "TuneResult", "database_dir", "rpc_latency", "tune_model"]
+__all__ = [
+    "TIME_ONLY_TRIALS",
+    "RpcTarget",
+    "TuneResult",
+    "database_dir",
+    "parse_duration",
+    "rpc_latency",
+    "tune_model",
+]
+
+TIME_ONLY_TRIALS = 20_000
+"""The trial cap of a tune given only a time budget: the time runs out first."""
+_UNITS_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """``20m``, ``90s``, ``1.5h`` or plain seconds, as seconds (more than 0)."""
+    value = text.strip().lower()
+    unit = _UNITS_S.get(value[-1:])
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"expected a duration like 20m, 90s or 1h, got {text!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"expected a duration more than 0, got {text!r}")
+    return seconds
+
 
 _MARKER = "edgefleet-tuning.json"
 _RECORDS = "database_tuning_record.json"
@@ -57,20 +91,28 @@ class RpcTarget:
 
 @dataclass(frozen=True)
 class TuneResult:
+    """``reused``: nothing was tuned; ``tasks_reused``: tasks whose schedules were already in
+    the shared database (tuned for this or another model); ``trials``: trials measured now."""
+
     database: Path
     trials_requested: int
     records: int
     reused: bool
     measured_on: str
     seconds: float
+    tasks: int = 0
+    tasks_reused: int = 0
+    trials: int = 0
+    time_budget_s: float | None = None
 
     def as_detail(self) -> dict[str, Any]:
         return {**asdict(self), "database": str(self.database), "seconds": round(self.seconds, 3)}
 
 
-def database_dir(cache_root: Path, profile: Profile, model: Path, target_json: str) -> Path:
+def database_dir(cache_root: Path, profile: Profile, target_json: str) -> Path:
+    """The profile's shared database for one target."""
     target_hash = hashlib.sha256(target_json.encode()).hexdigest()[:12]
-    return cache_root / "tuning" / profile.name / f"{sha256_file(model)[:16]}-{target_hash}"
+    return cache_root / "tuning" / profile.name / target_hash
 
 
 def _records(database: Path) -> int:
@@ -81,11 +123,31 @@ def _records(database: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _tuned_with(database: Path) -> int:
+def _marker(database: Path) -> dict[str, Any]:
     try:
-        return int(json.loads((database / _MARKER).read_text())["trials"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        marker = json.loads((database / _MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _tuned_with(database: Path, model_hash: str) -> int:
+    """The trials this model was tuned with into ``database`` (0: never)."""
+    models = _marker(database).get("models")
+    trials = models.get(model_hash) if isinstance(models, dict) else None
+    return trials if isinstance(trials, int) else 0
+
+
+@contextmanager
+def _locked(database: Path) -> Iterator[None]:
+    """One tune at a time per database (other processes wait)."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with (database.parent / f".{database.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # Below this budget an evolutionary search spends its time breeding candidates it never
@@ -148,6 +210,68 @@ def _fused(mod: Any, target: Any) -> Any:
         )(mod)
 
 
+class _Progress:
+    """Counts measured trials, stops every task once the time budget is spent, and says
+    where the tune is (trials done / budget, fastest kernel, ETA) at most every few seconds."""
+
+    def __init__(
+        self, trials: int, time_budget_s: float | None, echo: Callable[[str], None] | None
+    ) -> None:
+        self.trials, self.time_budget_s, self.echo = trials, time_budget_s, echo
+        self.done = 0
+        self.best_ms: float | None = None
+        self.start = time.monotonic()
+        self._said = 0.0
+        self.stopped_early = False
+
+    def measured(self, scheduler: Any, results: list[Any]) -> None:
+        self.done += len(results)
+        for result in results:
+            if getattr(result, "error_msg", None) is None and result.run_secs:
+                ms = 1000.0 * float(np.mean([float(s) for s in result.run_secs]))
+                self.best_ms = ms if self.best_ms is None else min(self.best_ms, ms)
+        elapsed = time.monotonic() - self.start
+        if self.time_budget_s is not None and elapsed >= self.time_budget_s:
+            self.stopped_early = True
+            for task_id in range(len(scheduler.tasks_)):
+                scheduler.terminate_task(task_id)
+        if self.echo is not None and (elapsed - self._said >= 5.0 or self.done >= self.trials):
+            self._said = elapsed
+            self.echo(self.line(elapsed))
+
+    def line(self, elapsed: float) -> str:
+        best = f"{1000 * self.best_ms:.1f} us" if self.best_ms is not None else "n/a"
+        left = self.trials - self.done
+        eta = elapsed / self.done * left if self.done else None
+        if self.time_budget_s is not None:
+            budget_left = max(0.0, self.time_budget_s - elapsed)
+            eta = budget_left if eta is None else min(eta, budget_left)
+        eta_text = f"{eta:.0f} s" if eta is not None else "n/a"
+        return (
+            f"tuning: {self.done}/{self.trials} trials, fastest kernel {best}, "
+            f"{elapsed:.0f} s elapsed, ETA {eta_text}"
+        )
+
+
+def _callbacks(progress: _Progress) -> list[Any]:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Report(ms.measure_callback.PyMeasureCallback):
+        def apply(
+            self,
+            task_scheduler: Any,
+            task_id: int,
+            measure_candidates: Any,
+            builder_results: Any,
+            runner_results: Any,
+        ) -> None:
+            progress.measured(task_scheduler, list(runner_results))
+
+    return [*ms.measure_callback.MeasureCallback.create("default"), Report()]
+
+
 def tune_model(
     onnx_path: Path,
     profile: Profile,
@@ -156,22 +280,68 @@ def tune_model(
     trials: int,
     cache_root: Path,
     rpc: RpcTarget | None = None,
+    time_budget_s: float | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> TuneResult:
-    """Tune ``onnx_path`` for the profile's CPU target, or reuse the cached database."""
+    """Tune the tasks of ``onnx_path`` that the profile's shared database has no schedule
+    for, within ``trials`` (and ``time_budget_s``), or reuse what is there."""
     start = time.perf_counter()
     target = tvm_target(profile, "cpu")
-    database = database_dir(cache_root, profile, onnx_path, str(target))
+    database = database_dir(cache_root, profile, str(target))
+    model_hash = sha256_file(onnx_path)[:16]
     where = f"rpc {rpc.host}:{rpc.port} key {rpc.key}" if rpc else "this machine"
-    if _tuned_with(database) >= trials and _records(database) > 0:
+
+    def result(reused: bool, **counts: Any) -> TuneResult:
         return TuneResult(
-            database, trials, _records(database), True, where, time.perf_counter() - start
+            database,
+            trials,
+            _records(database),
+            reused,
+            where,
+            time.perf_counter() - start,
+            time_budget_s=time_budget_s,
+            **counts,
         )
 
     from tvm.s_tir import meta_schedule as ms
 
     mod = _fused(import_relax(onnx_path, inputs), target)
-    scratch = database.parent / f".{database.name}.tuning-{uuid.uuid4().hex[:8]}"
-    scratch.mkdir(parents=True)
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    with _locked(database):
+        if _tuned_with(database, model_hash) >= trials and _records(database) > 0:
+            return result(True, tasks=len(extracted), tasks_reused=len(extracted))
+        known = ms.database.JSONDatabase(work_dir=str(database)) if database.exists() else None
+        new = [t for t in extracted if known is None or not known.has_workload(t.mod)]
+        if not new:
+            _mark(database, model_hash, trials, str(target))
+            return result(True, tasks=len(extracted), tasks_reused=len(extracted))
+        scratch = database.parent / f".{database.name}.tuning-{uuid.uuid4().hex[:8]}"
+        if database.exists():
+            shutil.copytree(database, scratch)
+        else:
+            scratch.mkdir(parents=True)
+        progress = _Progress(trials, time_budget_s, echo)
+        try:
+            _tune(new, scratch, trials, rpc, progress)
+            _mark(scratch, model_hash, trials, str(target))
+            fsync_tree(scratch)
+            if database.exists():
+                shutil.rmtree(database)
+            scratch.rename(database)
+            fsync_directory(database.parent)
+        except Exception as e:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise StepError(f"MetaSchedule tuning failed for {profile.name}: {e}") from e
+    return result(
+        False, tasks=len(extracted), tasks_reused=len(extracted) - len(new), trials=progress.done
+    )
+
+
+def _tune(
+    extracted: list[Any], work: Path, trials: int, rpc: RpcTarget | None, progress: _Progress
+) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
     runner: Any = "local"
     if rpc is not None:
         runner = ms.runner.RPCRunner(
@@ -183,32 +353,29 @@ def tune_model(
             )
         )
     _drop_stale_tuning_loggers()
-    try:
-        tasks = len(ms.relax_integration.extract_tasks(mod, target))
-        ms.relax_integration.tune_relax(
-            mod,
-            params={},
-            target=target,
-            work_dir=str(scratch),
-            max_trials_global=trials,
-            num_trials_per_iter=_trials_per_round(trials, tasks),
-            runner=runner,
-            builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
-            strategy=_strategy(trials),
-            seed=0,
-        )
-        (scratch / _MARKER).write_text(json.dumps({"trials": trials, "target": str(target)}))
-        fsync_tree(scratch)
-        if database.exists():
-            shutil.rmtree(database)
-        scratch.rename(database)
-        fsync_directory(database.parent)
-    except Exception as e:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise StepError(f"MetaSchedule tuning failed for {profile.name}: {e}") from e
-    return TuneResult(
-        database, trials, _records(database), False, where, time.perf_counter() - start
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted, work_dir=str(work), strategy=_strategy(trials), seed=0
     )
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(work),
+        max_trials_global=trials,
+        num_trials_per_iter=_trials_per_round(trials, len(contexts)),
+        builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
+        runner=runner,
+        database=ms.database.JSONDatabase(work_dir=str(work)),
+        measure_callbacks=_callbacks(progress),
+    )
+
+
+def _mark(database: Path, model_hash: str, trials: int, target: str) -> None:
+    """Remember that this model was tuned with ``trials`` into ``database``."""
+    marker = _marker(database)
+    models = marker.get("models") if isinstance(marker.get("models"), dict) else {}
+    assert isinstance(models, dict)
+    models[model_hash] = max(trials, int(models.get(model_hash, 0)))
+    write_atomic(database / _MARKER, json.dumps({"target": target, "models": models}).encode())
 
 
 def rpc_latency(

@@ -100,7 +100,11 @@ def _to_precision(mod: Any, precision: Precision) -> Any:
     if precision == "fp16":
         from tvm import relax
 
-        return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        try:
+            return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        except Exception as e:  # TVM raises InternalError for graphs the pass cannot type
+            first = next((line for line in str(e).splitlines() if line.strip()), repr(e))
+            raise StepError(f"TVM's mixed-precision pass (ToMixedPrecision) failed: {first}") from e
     return mod
 
 

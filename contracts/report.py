@@ -16,7 +16,14 @@ classifier's ``top1_agreement``) are left out of the JSON too, not written as ``
 
 Versions: schema ``/2`` added :class:`ValidatedOn`, where each candidate ran for the gate
 and its golden vectors (``validated_on``, required from ``/2`` on). :func:`parse_report`
-reads ``/1`` reports too, which have no such key; compiles write ``/2``.
+reads ``/1`` reports too, which have no such key.
+
+Schema ``/3`` added what the gate judged and what could not be judged: the task
+(:class:`TaskChoice`, declared or inferred and why), one :class:`OutputComparison` per
+model output, regression and detection thresholds in the gate, candidates that could not be
+built or run (:class:`CandidateFailure`, in ``failed``) and the int8 accuracy search
+(:class:`AccuracySearch`). Those keys have defaults, so ``/1`` and ``/2`` reports still
+read; compiles write ``/3``.
 """
 
 from __future__ import annotations
@@ -48,24 +55,35 @@ __all__ = [
     "REFERENCE_LATENCY",
     "REPORT_NAME",
     "REPORT_SCHEMA",
+    "TASKS",
     "AccuracyGate",
+    "AccuracySearch",
     "Artifact",
+    "CandidateFailure",
     "CandidateResult",
     "Comparison",
     "CompileReport",
     "CompileSettings",
     "GoldenVectors",
     "Latency",
+    "OutputComparison",
+    "SearchStep",
     "SourceInfo",
     "StepRecord",
+    "Task",
+    "TaskChoice",
     "ValidatedOn",
     "parse_report",
 ]
 
 REPORT_NAME = "report.json"
-REPORT_SCHEMA = "edgefleet.compile-report/2"
-READABLE_SCHEMAS = ("edgefleet.compile-report/1", REPORT_SCHEMA)
-"""What :func:`parse_report` accepts: this release's schema and the one before it."""
+REPORT_SCHEMA: Literal["edgefleet.compile-report/3"] = "edgefleet.compile-report/3"
+READABLE_SCHEMAS = ("edgefleet.compile-report/1", "edgefleet.compile-report/2", REPORT_SCHEMA)
+"""What :func:`parse_report` accepts: this release's schema and the ones before it."""
+_WITH_VALIDATED_ON = ("edgefleet.compile-report/2", REPORT_SCHEMA)
+
+Task = Literal["classification", "embedding", "regression", "detection"]
+TASKS: tuple[Task, ...] = ("classification", "embedding", "regression", "detection")
 MAX_REPORT_BYTES = 16 << 20
 REFERENCE_LATENCY = "reference_onnxruntime"
 """The key of ``latency_ms`` that times the unpruned fp32 original on ONNX Runtime."""
@@ -128,6 +146,16 @@ class AccuracyGate(_Record):
         float | None,
         Field(gt=0.0, description="unset: reported but not gated (scale depends on model)"),
     ] = None
+    max_relative_error: Annotated[
+        float,
+        Field(gt=0.0, description="regression: ||candidate - reference|| / ||reference||"),
+    ] = 0.05
+    min_box_iou: Annotated[
+        float, Field(ge=0.0, le=1.0, description="detection: mean IoU of matching boxes")
+    ] = 0.9
+    max_score_error: Annotated[
+        float, Field(ge=0.0, description="detection: mean absolute difference of scores")
+    ] = 0.05
 
 
 class GoldenVectors(_Record):
@@ -152,18 +180,42 @@ class Latency(_Record):
     where: str = Field(description="'host', or 'rpc key KEY' for a board behind a tracker")
 
 
-class Comparison(_Record):
-    """A candidate's first output against the fp32 reference's, and the gate's verdict.
+Metric = Literal["top1_agreement", "cosine_similarity", "relative_error", "box_iou", "score_error"]
 
-    ``metric`` is the headline (``candidate`` its value, ``reference`` the reference's);
-    classifiers also get top-1 agreement and, with labels, accuracies.
+
+class OutputComparison(_Record):
+    """One model output against the reference's, judged by its task's metrics (schema /3)."""
+
+    _omit_when_empty = frozenset({"failures"})
+
+    name: str
+    role: Literal["scores", "embedding", "values", "boxes", "box_scores"]
+    metrics: dict[Metric | Literal["max_abs_error", "accuracy_drop"], float]
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+
+
+class Comparison(_Record):
+    """A candidate's outputs against the fp32 reference's, and the gate's verdict.
+
+    ``metric`` is the headline of the first output (``candidate`` its value, ``reference``
+    the reference's); classifiers also get top-1 agreement and, with labels, accuracies.
+    From schema ``/3`` on, ``outputs`` judges every output and ``task`` names the task.
     """
 
     _omit_when_empty = frozenset(
-        {"top1_agreement", "reference_accuracy", "accuracy", "accuracy_drop", "failures"}
+        {
+            "top1_agreement",
+            "reference_accuracy",
+            "accuracy",
+            "accuracy_drop",
+            "failures",
+            "task",
+            "outputs",
+        }
     )
 
-    metric: Literal["top1_agreement", "cosine_similarity"]
+    metric: Metric
     reference: float
     candidate: float
     passed: bool
@@ -176,6 +228,51 @@ class Comparison(_Record):
     failures: list[str] = Field(
         default_factory=list, description="what failed the gate, one line per threshold"
     )
+    task: Task | None = None
+    outputs: list[OutputComparison] = Field(default_factory=list)
+
+
+class TaskChoice(_Record):
+    """The task the gate judged the model as: declared with ``--task``, or inferred."""
+
+    task: Task
+    declared: bool
+    reason: str = Field(description="the evidence, e.g. 'rows of output 0 sum to 1'")
+
+
+class CandidateFailure(_Record):
+    """A candidate that could not be built or run: skipped, the others went on (schema /3)."""
+
+    id: str
+    step: str
+    cause: str = Field(description="one line")
+
+
+class SearchStep(_Record):
+    """One round of the int8 accuracy search: what was kept in float and how it did."""
+
+    kept_in_float: list[str]
+    metric: str
+    value: float
+    passed: bool
+
+
+class AccuracySearch(_Record):
+    """How int8 found its way past the gate by keeping the most sensitive operators in
+    float, or why it could not (``outcome`` ``refused``)."""
+
+    _omit_when_empty = frozenset({"p50_ms_before", "p50_ms_after"})
+
+    outcome: Literal["passed", "refused"]
+    kept_in_float: list[str]
+    steps: list[SearchStep]
+    sensitivity: dict[str, float] = Field(
+        description="per quantized operator, its error contribution (SQNR dB lost)"
+    )
+    size_bytes_before: Annotated[int, Field(ge=0)]
+    size_bytes_after: Annotated[int, Field(ge=0)]
+    p50_ms_before: float | None = None
+    p50_ms_after: float | None = None
 
 
 class ValidatedOn(_Record):
@@ -260,7 +357,7 @@ class Artifact(_Record):
 class CandidateResult(_Record):
     """One runtime at one precision that was built and judged, shipped or not."""
 
-    _omit_when_empty = frozenset({"latency_note", "validated_on"})
+    _omit_when_empty = frozenset({"latency_note", "validated_on", "accuracy_search"})
 
     id: str
     passed: bool
@@ -270,6 +367,7 @@ class CandidateResult(_Record):
     size_bytes: Annotated[int, Field(ge=0)] | None
     latency_note: str | None = Field(default=None, description="why latency was not measured")
     validated_on: ValidatedOn | None = Field(default=None, description="schema /2 on")
+    accuracy_search: AccuracySearch | None = Field(default=None, description="schema /3 on")
 
     @field_validator("id")
     @classmethod
@@ -293,10 +391,11 @@ class CompileReport(_Record):
     """Everything one compile did and measured, and which artifacts it shipped."""
 
     model_config = ConfigDict(populate_by_name=True)  # merged with _Record's
+    _omit_when_empty = frozenset({"task"})
 
-    schema_: Literal["edgefleet.compile-report/1", "edgefleet.compile-report/2"] = Field(
-        alias="schema", default="edgefleet.compile-report/2"
-    )
+    schema_: Literal[
+        "edgefleet.compile-report/1", "edgefleet.compile-report/2", "edgefleet.compile-report/3"
+    ] = Field(alias="schema", default=REPORT_SCHEMA)
     profile: str
     source: SourceInfo
     settings: CompileSettings
@@ -312,6 +411,10 @@ class CompileReport(_Record):
     notes: list[str]
     libraries: dict[str, str]
     created: dt.datetime
+    task: TaskChoice | None = Field(default=None, description="schema /3 on")
+    failed: list[CandidateFailure] = Field(
+        default_factory=list, description="candidates skipped: not built or not run (/3 on)"
+    )
 
     @field_validator("created", mode="before")
     @classmethod
@@ -356,18 +459,18 @@ class CompileReport(_Record):
             (f"artifacts.{i}", a) for i, a in enumerate(self.artifacts)
         ]
         records += [(f"candidates.{i}", c) for i, c in enumerate(self.candidates)]
-        if self.schema_ == REPORT_SCHEMA:
+        if self.schema_ in _WITH_VALIDATED_ON:
             missing = [where for where, r in records if r.validated_on is None]
             if missing:
                 raise ValueError(
-                    f"{', '.join(missing)}: validated_on is required in {REPORT_SCHEMA}"
+                    f"{', '.join(missing)}: validated_on is required in {self.schema_}"
                 )
         else:
             early = [where for where, r in records if r.validated_on is not None]
             if early:
                 raise ValueError(
-                    f"{', '.join(early)}: validated_on arrived with {REPORT_SCHEMA}, and this "
-                    f"report says {self.schema_}"
+                    f"{', '.join(early)}: validated_on arrived with {_WITH_VALIDATED_ON[0]}, "
+                    f"and this report says {self.schema_}"
                 )
         return self
 
@@ -411,7 +514,8 @@ def parse_report(data: bytes) -> CompileReport:
             if schema is None
             else (f"schema {schema!r}")
         )
-        readable = " and ".join(repr(s) for s in READABLE_SCHEMAS)
+        readable = ", ".join(repr(s) for s in READABLE_SCHEMAS[:-1])
+        readable += f" and {READABLE_SCHEMAS[-1]!r}"
         raise ReportError(
             f"{REPORT_NAME} has {found}; this release reads schemas {readable}: "
             "compile the model again with this release"

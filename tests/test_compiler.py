@@ -63,7 +63,7 @@ def test_report_follows_the_contract(digits: Path, tmp_path: Path) -> None:
     assert report["settings"]["quantize"] == "int8"
     assert report["profile"] == "host"
     assert len(report["source"]["sha256"]) == 64
-    assert {a["runtime"] for a in report["artifacts"]} == {"onnxruntime", "tvm"}
+    assert {a["runtime"] for a in report["artifacts"]} == {"onnxruntime", "litert", "tvm"}
     for artifact in report["artifacts"]:
         path = tmp_path / "out" / artifact["path"]
         assert path.stat().st_size == artifact["size_bytes"]
@@ -350,7 +350,7 @@ def test_quantize_none_is_a_deprecated_alias_of_fp32(digits: Path, tmp_path: Pat
     assert "--quantize none is deprecated; use --quantize fp32" in " ".join(result.stderr.split())
     report = parse_report((tmp_path / "out" / "report.json").read_bytes())
     assert report.settings.quantize == "fp32"
-    assert {a.id for a in report.artifacts} == {"onnxruntime:fp32", "tvm:fp32"}
+    assert {a.id for a in report.artifacts} == {"onnxruntime:fp32", "litert:fp32", "tvm:fp32"}
     assert {a.precision for a in report.artifacts} == {"fp32"}
     wrong = runner.invoke(app, ["compile", str(digits / "digits.onnx"), "--profile", "host",
                                 "--quantize", "int4"])  # fmt: skip

@@ -19,6 +19,7 @@ from ota.archive import extract_bundle, read_manifest, verify_bundle
 from ota.bundle import bundle_compile_output, version_number_for
 from ota.errors import BundleError, BundleIntegrityError, ManifestError
 from ota.manifest import parse_manifest
+from tests.utils.reports import as_schema_2
 
 
 def _sha256(path: Path) -> str:
@@ -172,7 +173,7 @@ def _typo_in_an_artifact(report: dict[str, Any]) -> None:
 
 
 def _next_schema(report: dict[str, Any]) -> None:
-    report["schema"] = "edgefleet.compile-report/3"
+    report["schema"] = "edgefleet.compile-report/4"
 
 
 def _selected_is_not_shipped(report: dict[str, Any]) -> None:
@@ -190,15 +191,15 @@ def _selected_is_not_shipped(report: dict[str, Any]) -> None:
         ),
         pytest.param(
             _next_schema,
-            "report.json has schema 'edgefleet.compile-report/3'; this release reads schemas "
-            "'edgefleet.compile-report/1' and 'edgefleet.compile-report/2': compile the model "
-            "again with this release",
+            "report.json has schema 'edgefleet.compile-report/4'; this release reads schemas "
+            "'edgefleet.compile-report/1', 'edgefleet.compile-report/2' and "
+            "'edgefleet.compile-report/3': compile the model again with this release",
             id="schema-version",
         ),
         pytest.param(
             _selected_is_not_shipped,
             "selected names 'litert:int8', which is not a shipped artifact; the artifacts are "
-            "['onnxruntime:fp32', 'tvm:fp32']",
+            "['onnxruntime:fp32', 'litert:fp32', 'tvm:fp32']",
             id="selected-missing",
         ),
     ],
@@ -228,20 +229,22 @@ def test_ota_bundle_refuses_a_report_that_breaks_the_contract(
 
 def _as_schema_1(report: dict[str, Any]) -> None:
     """What a compile of the release before ``validated_on`` wrote."""
+    as_schema_2(report)
     report["schema"] = "edgefleet.compile-report/1"
     for record in (*report["artifacts"], *report["candidates"]):
         del record["validated_on"]
 
 
-def test_ota_bundle_reads_reports_of_both_schemas(compiled_digits: Path, tmp_path: Path) -> None:
+def test_ota_bundle_reads_reports_of_every_schema(compiled_digits: Path, tmp_path: Path) -> None:
     directory = tmp_path / "compiled"
     shutil.copytree(compiled_digits, directory)
     current = json.loads((directory / "report.json").read_text())
-    assert current["schema"] == "edgefleet.compile-report/2"
+    assert current["schema"] == "edgefleet.compile-report/3"
     assert current["artifacts"][0]["validated_on"]["kind"] == "build-machine"
-    older = json.loads(json.dumps(current))
-    _as_schema_1(older)
-    for version, report in (("1.0.0", current), ("1.0.1", older)):
+    older, oldest = json.loads(json.dumps(current)), json.loads(json.dumps(current))
+    as_schema_2(older)
+    _as_schema_1(oldest)
+    for version, report in (("1.0.0", current), ("1.0.1", older), ("1.0.2", oldest)):
         (directory / "report.json").write_text(json.dumps(report, indent=2))
         result = subprocess.run(
             [str(Path(sys.executable).parent / "edgefleet"), "ota", "bundle", str(directory),

@@ -11,11 +11,12 @@ import pytest
 
 from contracts.errors import ReportError
 from contracts.report import REPORT_SCHEMA, parse_report
+from tests.utils.reports import as_schema_2
 
 
 @pytest.fixture
 def report(compiled_digits: Path) -> dict[str, Any]:
-    """The report of a real compile (host: onnxruntime:fp32 and tvm:fp32), as JSON types."""
+    """The report of a real compile (host: onnxruntime, litert and tvm fp32), as JSON types."""
     raw: dict[str, Any] = json.loads((compiled_digits / "report.json").read_text())
     return raw
 
@@ -25,16 +26,29 @@ def test_a_real_report_round_trips_byte_for_byte(compiled_digits: Path) -> None:
     parsed = parse_report(data)
     assert parsed.to_json() == data
     assert parsed.schema_ == REPORT_SCHEMA
-    assert [a.id for a in parsed.artifacts] == ["onnxruntime:fp32", "tvm:fp32"]
+    assert [a.id for a in parsed.artifacts] == ["onnxruntime:fp32", "litert:fp32", "tvm:fp32"]
     tvm = parsed.artifact("tvm:fp32")
     assert tvm is not None and tvm.metadata_path == "tvm-fp32.json" and tvm.golden is not None
     assert "metadata_path" not in json.loads(data)["artifacts"][0]  # absent, not null
     assert parsed.gate.min_top1_agreement == 0.97
-    assert parsed.schema_ == "edgefleet.compile-report/2"
+    assert parsed.schema_ == "edgefleet.compile-report/3"
     assert {a.validated_on.kind for a in parsed.artifacts if a.validated_on} == {"build-machine"}
+    assert parsed.task is not None and parsed.task.task == "classification"
+    assert parsed.failed == []
+    accuracy = parsed.candidates[0].accuracy
+    assert accuracy is not None and [o.role for o in accuracy.outputs] == ["scores"]
+
+
+def test_a_schema_2_report_without_tasks_still_reads(report: dict[str, Any]) -> None:
+    as_schema_2(report)
+    parsed = parse_report(json.dumps(report).encode())
+    assert parsed.schema_ == "edgefleet.compile-report/2"
+    assert parsed.task is None and parsed.failed == []
+    assert parsed.gate.min_box_iou == 0.9  # a threshold /2 did not have reads as its default
 
 
 def test_a_schema_1_report_without_validated_on_still_reads(report: dict[str, Any]) -> None:
+    as_schema_2(report)
     report["schema"] = "edgefleet.compile-report/1"
     for record in (*report["artifacts"], *report["candidates"]):
         del record["validated_on"]
@@ -91,6 +105,8 @@ def _duplicate_artifact(report: dict[str, Any]) -> None:
         (_drop("candidates.1.validated_on"), "candidates.1: validated_on is required in"),
         (_set("artifacts.0.validated_on.kind", "board"), "validated_on.kind: Input should be"),
         (_set("schema", "edgefleet.compile-report/1"), "validated_on arrived with"),
+        (_set("failed", [{"id": "tvm:fp16", "step": "build"}]), "failed.0.cause: Field required"),
+        (_set("task", {"task": "segmentation", "declared": True, "reason": "-"}), "task.task"),
     ],
 )
 def test_a_report_that_does_not_hold_is_refused_naming_the_field(
