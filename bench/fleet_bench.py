@@ -1,72 +1,109 @@
-"""Fleet benchmark: 10,000 simulated devices against one fleet server on this machine.
+"""Fleet benchmark: the fleet's ingest against its peers measured in the same run, a burst,
+and a rollout, on this machine.
 
-    python bench/fleet_bench.py [--devices 10000] [--rounds 5] [--waves 1,10,50,100]
-                                [--databases sqlite,postgresql] [--json FILE]
+    python bench/fleet_bench.py [--databases sqlite,postgresql] [--shapes single,batch50]
+        [--messages 60000] [--batches 4000] [--publishers 2] [--repeat 3]
+        [--burst 150000] [--rollout-devices 2000] [--json FILE]
 
-For each database (SQLite file; PostgreSQL when its server binaries are installed: a
-throwaway cluster, the test suite's, with durability off), a fresh fleet server process,
-``edgefleet fleet serve`` on the embedded defaults (migrations, TUF repository, its own
-mosquitto with per-device credentials and ACLs, MQTT bridge, rollout engine, HTTP on a
-loopback port), and ``fleet.simulator.FleetSimulator`` devices in this process (one
-selector thread), speaking the real protocol through the real broker:
+Everything runs on a fresh mosquitto started as the fleet starts it (``MosquittoBroker``:
+the fleet's config, dynamic-security). The bench adds its own accounts through the
+broker's admin path (``MosquittoBroker.control``): ``bench-load-N`` (publish telemetry
+on any device's topic) for the load generator, and a second fleet account for the C
+subscriber. Per payload shape (``single``: one record per message, JSON; ``batch50``: 50
+records per message, zstd, as agents send):
 
-- enroll: ``--devices`` devices enrolled in one database transaction (the service the
-  ``/enroll`` route calls) before the server starts; the server's first start then writes
-  every credential and ACL block into its broker's configuration;
-- connect: every device's TCP + CONNECT + SUBSCRIBE until SUBACK (``FleetSimulator.start``);
-- presence: until the fleet's database shows every device online (retained status);
-- rollout: ``POST /rollouts`` with ``--waves`` and soak 0 until the rollout is completed,
-  every device acked and healthy (the bundles are small synthetic ones: simulated devices
-  do not run models);
-- ingest: each device publishes ``--rounds`` telemetry batches (one zstd record each);
-  time from the first publish until the fleet has stored every record;
-- raw: the fleet server process is killed with SIGKILL, which leaves its mosquitto running
-  with every device still connected, and a plain paho subscriber (the fleet's broker
-  account, QoS 1, counting messages and doing nothing else) takes its place for the same
-  publishes: the broker's delivery rate on this machine, the peer for ingest.
+- **load alone**: ``--publishers`` processes (``bench/fleet_load.py``) publish pre-encoded
+  QoS 1 messages with no subscriber: the rate the broker acknowledges them at, which must
+  stay well above every rate below, or the generator would be what is measured;
+- **broker → mosquitto_sub**: the same publishes delivered to ``mosquitto_sub`` (C, QoS 1,
+  MQTT 5, the fleet's ``$share/fleet/...`` filter): the broker's delivery, the peer for
+  the fleet's messages per second;
+- per database (SQLite file; PostgreSQL when its server binaries are installed, a
+  throwaway cluster as the tests make, durability off): **database bulk insert**, the same
+  rows written by the driver's fastest path (SQLite ``executemany`` of tuples, ``INSERT OR
+  IGNORE``; PostgreSQL ``COPY`` into a staging table, then ``INSERT ... ON CONFLICT DO
+  NOTHING``), 5,000 rows a transaction, the peer for the fleet's records per second; and
+  **fleet**, the fleet's MQTT bridge (``fleet.bridge.MqttBridge``, its own process, its
+  replica account and persistent session) storing the same publishes: timed from the first
+  publish to the last record committed, with the bridge process's CPU time.
 
-Simulator, broker and fleet share this machine's cores, as they would not in production;
-the ratio ingest/raw says how close the fleet comes to what the broker delivers here.
-Nothing here is a test.
+Then a **burst** (``--burst`` one-record messages as fast as the generator goes, SQLite):
+sent, acknowledged by the broker, stored by the fleet, lost (acknowledged and never
+stored), and what the broker logged about dropping; and a **rollout**: ``edgefleet fleet
+serve`` with ``--rollout-devices`` simulated devices (``fleet.simulator``), one wave of
+100 %, soak 0, devices per second from ``POST /rollouts`` to every device healthy.
+
+Each figure is the median of ``--repeat`` runs (the burst and the rollout run once).
+Everything started is stopped on the way out, Ctrl-C included. Nothing here is a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
+import multiprocessing
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+import psutil
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import col, func, select
 
-from contracts.mqtt import TOPIC_PREFIX
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.fleet_load import SHAPES, PublishResult, Shape, device_of, publish, records_of
+from contracts.mqtt import TOPIC_PREFIX, shared_subscription
 from fleet import devices as device_service
+from fleet.broker import MosquittoBroker, MqttEndpoint
+from fleet.broker.access import AccountKind
+from fleet.broker.credential import replica_username
+from fleet.broker.security import service_account_commands
 from fleet.db import make_engine, session_scope
 from fleet.migrate import upgrade
-from fleet.models import Device, EnrollmentTokenCreate, TelemetryRecordRow
-from fleet.server import ADMIN_TOKEN_FILE, FLEET_MQTT_USER
+from fleet.models import Device, EnrollmentTokenCreate
+from fleet.server import ADMIN_TOKEN_FILE
 from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
 from ota.archive import write_bundle
 from ota.manifest import BundleFile, GoldenVectors, Manifest, ModelInfo
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.utils.postgres import postgres_available, postgres_server
+
+_SPAWN = multiprocessing.get_context("spawn")
+_DEVICES_PER_PUBLISHER = 500
+_DATABASE_CHUNK_ROWS = 5000
+_COLUMNS = (
+    "device_id",
+    "record_id",
+    "ts",
+    "received_at",
+    "bundle",
+    "inferences",
+    "errors",
+    "fallbacks",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "shadow_bundle",
+    "shadow_compared",
+    "shadow_agreed",
+    "dropped",
+    "extra",
+)
 
 
 def log(message: str) -> None:
@@ -89,10 +126,428 @@ def wait_until(probe: Callable[[], bool], timeout_s: float, what: str) -> float:
     return time.perf_counter() - start
 
 
+def cpu_s(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+# --- the broker and its accounts ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchBroker:
+    broker: MosquittoBroker
+    fleet: MqttEndpoint
+    """The fleet replica's account (client id ``edgefleet-fleet-bench``)."""
+    load_password: str
+    peer: MqttEndpoint
+    """A second fleet account, for ``mosquitto_sub``."""
+
+
+@contextmanager
+def bench_broker(directory: Path, publishers: int) -> Iterator[BenchBroker]:
+    """A fresh mosquitto on the fleet's config, with the bench's accounts added through
+    its admin path; stopped on the way out."""
+    broker = MosquittoBroker(directory)
+    try:
+        fleet = broker.start(
+            fleet_username=replica_username("bench"),
+            fleet_password=secrets.token_urlsafe(24),
+            devices=[],
+        )
+        load_password, peer_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        peer = replica_username("peer")
+        broker.control(
+            [
+                {
+                    "command": "createRole",
+                    "rolename": "bench-load",
+                    "acls": [
+                        {
+                            "acltype": "publishClientSend",
+                            "topic": f"{TOPIC_PREFIX}/+/telemetry",
+                            "allow": True,
+                        }
+                    ],
+                },
+                *(
+                    {
+                        "command": "createClient",
+                        "username": f"bench-load-{i}",
+                        "password": load_password,
+                        "roles": [{"rolename": "bench-load"}],
+                    }
+                    for i in range(publishers)
+                ),
+                *service_account_commands(peer, AccountKind.FLEET, peer_password),
+            ]
+        )
+        yield BenchBroker(
+            broker,
+            fleet,
+            load_password,
+            MqttEndpoint(fleet.host, fleet.port, username=peer, password=peer_password),
+        )
+    finally:
+        broker.stop()
+
+
+# --- the load ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    sent: int
+    acked: int
+    started: float
+    acked_by: float
+    """``time.monotonic()`` of the last PUBACK."""
+
+    @property
+    def rate(self) -> float:
+        return self.acked / (self.acked_by - self.started)
+
+
+@contextmanager
+def publishers(
+    bench: BenchBroker, shape: str, messages: int, count: int, timeout_s: float = 600
+) -> Iterator[Callable[[], Load]]:
+    """``count`` publisher processes, connected and holding ``messages`` pre-encoded
+    messages between them; the ``with`` body gets a function that starts them and waits
+    for their last PUBACK. Killed on the way out if still running."""
+    results: Any = _SPAWN.Queue()
+    go = _SPAWN.Event()
+    host, port = bench.fleet.host, bench.fleet.port
+    share = [messages // count + (i < messages % count) for i in range(count)]
+    processes = [
+        _SPAWN.Process(
+            target=publish,
+            args=(
+                i,
+                f"bench-load-{i}",
+                bench.load_password,
+                host,
+                port,
+                shape,
+                share[i],
+                _DEVICES_PER_PUBLISHER,
+                results,
+                go,
+                timeout_s,
+            ),
+            daemon=True,
+        )
+        for i in range(count)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for _ in processes:
+            item = results.get(timeout=600)
+            if item[0] != "ready":
+                raise RuntimeError(f"a publisher failed: {item}")
+
+        def run() -> Load:
+            go.set()
+            done: list[PublishResult] = [results.get(timeout=timeout_s + 60) for _ in processes]
+            return Load(
+                sum(r.sent for r in done),
+                sum(r.acked for r in done),
+                min(r.started for r in done),
+                max(r.finished for r in done),
+            )
+
+        yield run
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def load_alone(work: Path, shape: str, args: argparse.Namespace) -> float:
+    """Messages per second the broker acknowledges with no subscriber."""
+    with (
+        bench_broker(
+            Path(tempfile.mkdtemp(prefix="broker-load-", dir=work)), args.publishers
+        ) as bench,
+        publishers(bench, shape, _messages(shape, args), args.publishers) as run,
+    ):
+        return run().rate
+
+
+def _messages(shape: str, args: argparse.Namespace) -> int:
+    return int(args.messages if SHAPES[shape].records == 1 else args.batches)
+
+
+# --- the broker's delivery to a C subscriber ---------------------------------------------
+
+
+def broker_to_mosquitto_sub(work: Path, shape: str, args: argparse.Namespace) -> float:
+    """Messages per second from the first publish to ``mosquitto_sub`` holding them all."""
+    messages = _messages(shape, args)
+    with (
+        bench_broker(
+            Path(tempfile.mkdtemp(prefix="broker-peer-", dir=work)), args.publishers
+        ) as bench,
+        publishers(bench, shape, messages, args.publishers) as run,
+    ):
+        peer = bench.peer
+        connected = f" as {peer.username} "
+        offset = bench.broker.log_path.stat().st_size
+        command = [
+            "mosquitto_sub",
+            "-h",
+            peer.host,
+            "-p",
+            str(peer.port),
+            "-u",
+            str(peer.username),
+            "-P",
+            str(peer.password),
+            "-i",
+            str(peer.username),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            shared_subscription("telemetry"),
+            "-C",
+            str(messages),
+            "-N",
+        ]
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL) as sub:
+            try:
+                wait_until(
+                    lambda: connected in bench.broker.log_path.read_text()[offset:],
+                    30,
+                    "mosquitto_sub to connect",
+                )
+                time.sleep(1.0)  # its SUBSCRIBE follows the CONNECT at once
+                load = run()
+                wait_until(lambda: sub.poll() is not None, 600, "mosquitto_sub's last message")
+                done = time.monotonic()
+            finally:
+                if sub.poll() is None:
+                    sub.kill()
+        if sub.returncode != 0:
+            raise RuntimeError(f"mosquitto_sub exited {sub.returncode}")
+        return messages / (done - load.started)
+
+
+# --- the database's own bulk insert ------------------------------------------------------
+
+
+def table_rows(shape: Shape, args: argparse.Namespace) -> list[tuple[Any, ...]]:
+    """The rows the load's messages hold, in :data:`_COLUMNS` order, as the bench's
+    publishers make them (``received_at``: now)."""
+    now = dt.datetime.now(dt.UTC)
+    key = next(k for k, s in SHAPES.items() if s == shape)
+    messages = _messages(key, args)
+    share = [
+        messages // args.publishers + (i < messages % args.publishers)
+        for i in range(args.publishers)
+    ]
+    rows = []
+    for p, count in enumerate(share):
+        for n in range(count):
+            device = device_of(p, n, _DEVICES_PER_PUBLISHER)
+            for r in records_of(p, n, shape):
+                rows.append(
+                    (
+                        device,
+                        r.id,
+                        dt.datetime.fromtimestamp(r.ts, dt.UTC),
+                        now,
+                        r.bundle,
+                        r.inferences,
+                        r.errors,
+                        r.fallbacks,
+                        r.latency_p50_ms,
+                        r.latency_p95_ms,
+                        r.shadow_bundle,
+                        r.shadow_compared,
+                        r.shadow_agreed,
+                        r.dropped,
+                        json.dumps(r.extra),
+                    )
+                )
+    return rows
+
+
+def database_bulk_insert(url: str, db: Engine, rows: Sequence[tuple[Any, ...]]) -> float:
+    """Rows per second the driver's fastest path writes into ``telemetry``, emptied first."""
+    empty(db)
+    chunks = [rows[i : i + _DATABASE_CHUNK_ROWS] for i in range(0, len(rows), _DATABASE_CHUNK_ROWS)]
+    columns = ", ".join(_COLUMNS)
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        def text_time(value: dt.datetime) -> str:
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+        chunks = [[(*r[:2], text_time(r[2]), text_time(r[3]), *r[4:]) for r in c] for c in chunks]
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"))
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        marks = ", ".join("?" * len(_COLUMNS))
+        start = time.perf_counter()
+        for chunk in chunks:
+            with connection:
+                connection.executemany(
+                    f"INSERT OR IGNORE INTO telemetry ({columns}) VALUES ({marks})", chunk
+                )
+        elapsed = time.perf_counter() - start
+        connection.close()
+        return len(rows) / elapsed
+    import psycopg
+
+    with psycopg.connect(url) as connection:
+        connection.execute(
+            "CREATE TEMP TABLE staging (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        connection.commit()
+        start = time.perf_counter()
+        for chunk in chunks:
+            with connection.cursor() as cursor:
+                with cursor.copy(f"COPY staging ({columns}) FROM STDIN") as copy:
+                    for row in chunk:
+                        copy.write_row(row)
+                cursor.execute(
+                    f"INSERT INTO telemetry ({columns}) SELECT {columns} FROM staging "
+                    "ON CONFLICT DO NOTHING"
+                )
+            connection.commit()
+        return len(rows) / (time.perf_counter() - start)
+
+
+def stored(db: Engine) -> int:
+    with db.connect() as connection:
+        return int(connection.execute(text("SELECT count(*) FROM telemetry")).scalar_one())
+
+
+def empty(db: Engine) -> None:
+    with db.begin() as connection:
+        connection.execute(text("DELETE FROM telemetry"))
+
+
+# --- the fleet ---------------------------------------------------------------------------
+
+
+def _bridge_process(database_url: str, endpoint: MqttEndpoint, ready: Any, stop: Any) -> None:
+    """A child process: the fleet's MQTT bridge storing into ``database_url`` until
+    ``stop`` is set."""
+    from fleet.bridge import MqttBridge
+    from fleet.metrics import FleetMetrics
+
+    db = make_engine(database_url)
+    bridge = MqttBridge(endpoint, db, FleetMetrics(), client_id=endpoint.username)
+    bridge.start(timeout_s=60)
+    ready.set()
+    stop.wait()
+    bridge.stop()
+    db.dispose()
+
+
+@contextmanager
+def fleet_bridge(database_url: str, endpoint: MqttEndpoint) -> Iterator[int]:
+    """The bridge in a process of its own, subscribed; yields its pid."""
+    ready, stop = _SPAWN.Event(), _SPAWN.Event()
+    process = _SPAWN.Process(
+        target=_bridge_process, args=(database_url, endpoint, ready, stop), daemon=True
+    )
+    process.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("the fleet's bridge did not connect")
+        assert process.pid is not None
+        yield process.pid
+    finally:
+        stop.set()
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    messages_per_s: float
+    records_per_s: float
+    cpu_per_message_s: float
+
+
+def fleet_ingest(
+    work: Path, url: str, db: Engine, shape: str, args: argparse.Namespace
+) -> FleetRun:
+    """The fleet storing every message of the load: from the first publish to the last
+    record committed."""
+    messages = _messages(shape, args)
+    records = messages * SHAPES[shape].records
+    empty(db)
+    with (
+        bench_broker(
+            Path(tempfile.mkdtemp(prefix="broker-fleet-", dir=work)), args.publishers
+        ) as bench,
+        fleet_bridge(url, bench.fleet) as pid,
+        publishers(bench, shape, messages, args.publishers) as run,
+    ):
+        cpu_before = cpu_s(pid)
+        load = run()
+        wait_until(lambda: stored(db) >= records, 900, "the fleet to store every record")
+        elapsed = time.monotonic() - load.started
+        cpu = cpu_s(pid) - cpu_before
+    return FleetRun(messages / elapsed, records / elapsed, cpu / messages)
+
+
+@dataclass(frozen=True)
+class Burst:
+    sent: int
+    acked: int
+    stored: int
+    acked_s: float
+    stored_s: float
+    dropped_lines: int
+
+    @property
+    def lost(self) -> int:
+        return self.acked - self.stored
+
+
+def burst(work: Path, args: argparse.Namespace) -> Burst:
+    """``--burst`` one-record messages as fast as the generator goes into the fleet on
+    SQLite; stored is counted once the count has not moved for 20 s."""
+    url = f"sqlite:///{work / 'burst.db'}"
+    db = make_engine(url)
+    upgrade(db)
+    with (
+        bench_broker(work / "broker-burst", args.publishers) as bench,
+        fleet_bridge(url, bench.fleet),
+        publishers(bench, "single", args.burst, args.publishers) as run,
+    ):
+        load = run()
+        acked_s = load.acked_by - load.started
+        last, moved = -1, time.monotonic()
+        while time.monotonic() - moved < 20:
+            count = stored(db)
+            if count != last:
+                last, moved = count, time.monotonic()
+            if count >= load.acked:
+                break
+            time.sleep(0.2)
+        stored_s = moved - load.started
+        dropped = bench.broker.log_path.read_text().count("are being dropped")
+    db.dispose()
+    return Burst(load.sent, load.acked, last, acked_s, stored_s, dropped)
+
+
+# --- a rollout ---------------------------------------------------------------------------
+
+
 def synthetic_bundle(work: Path, version: str) -> Path:
     """A small valid bundle; the simulated devices never run it."""
-    import hashlib
-
     src = work / f"src-{version}"
     src.mkdir()
     artifact, golden = src / "model.onnx", src / "golden.npz"
@@ -123,10 +578,9 @@ def synthetic_bundle(work: Path, version: str) -> Path:
 
 
 @contextmanager
-def fleet_process(
-    data_dir: Path, database_url: str | None, port: int, mqtt_port: int
-) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
-    """``edgefleet fleet serve`` on ``data_dir``; its mosquitto is stopped on the way out."""
+def fleet_server(data_dir: Path, port: int, mqtt_port: int) -> Iterator[httpx.Client]:
+    """``edgefleet fleet serve`` on ``data_dir`` (SQLite); it and its mosquitto are stopped
+    on the way out."""
     command = [
         str(Path(sys.executable).parent / "edgefleet"),
         "fleet",
@@ -140,8 +594,6 @@ def fleet_process(
         "--rollout-tick",
         "0.2",
     ]
-    if database_url:
-        command += ["--database-url", database_url]
     with (data_dir / "serve.log").open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -151,13 +603,17 @@ def fleet_process(
             raise RuntimeError(f"the fleet server exited; see {data_dir / 'serve.log'}")
         token = (data_dir / ADMIN_TOKEN_FILE).read_text().strip()
         client.headers["Authorization"] = f"Bearer {token}"
-        yield process, client
+        yield client
     finally:
         client.close()
         if process.poll() is None:
             process.terminate()
-            process.wait(60)
-        _stop_broker(data_dir)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        _stop_orphan_broker(data_dir / "mosquitto")
 
 
 def _answers(client: httpx.Client) -> bool:
@@ -167,11 +623,13 @@ def _answers(client: httpx.Client) -> bool:
         return False
 
 
-def _stop_broker(data_dir: Path) -> None:
-    """Stop the mosquitto a killed fleet server left behind (its pid file says which)."""
+def _stop_orphan_broker(broker_dir: Path) -> None:
+    """Stop a mosquitto the fleet server left running (its pid file says which, and only
+    if its command line names this directory)."""
     try:
-        pid = int((data_dir / "broker" / "mosquitto.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
+        pid = int((broker_dir / "mosquitto.pid").read_text())
+        if str(broker_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGTERM)
     except (OSError, ValueError):
         pass
 
@@ -191,7 +649,12 @@ def enroll_in_bulk(db: Engine, count: int, bundle: str) -> list[SimulatedDeviceS
         )
         for i in range(count):
             enrolled = device_service.enroll(
-                session, token=token, device_id=f"sim-{i:05d}", csr_pem=None, ca=None
+                session,
+                token=token,
+                device_id=f"sim-{i:05d}",
+                csr_pem=None,
+                ca=None,
+                broker=None,  # the server's first start writes every account
             )
             assert enrolled.mqtt_password is not None
             specs.append(
@@ -206,73 +669,19 @@ def enroll_in_bulk(db: Engine, count: int, bundle: str) -> list[SimulatedDeviceS
     return specs
 
 
-def count_rows(db: Engine, query: Any) -> int:
-    with session_scope(db) as session:
-        return int(session.exec(query).one())
-
-
-class RawSubscriber:
-    """The broker's delivery rate: a paho client that only counts telemetry messages.
-
-    It connects before the simulator opens its 10,000 sockets: paho's network loop uses
-    ``select``, which cannot watch a descriptor numbered 1024 or above.
-    """
-
-    def __init__(self, host: str, port: int, password: str) -> None:
-        self.received = 0
-        self._lock = threading.Lock()
-        self._connected = threading.Event()
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self._client.username_pw_set(FLEET_MQTT_USER, password)
-        self._client.on_connect = lambda *_: self._connected.set()
-        self._client.on_subscribe = lambda *_: self._subscribed.set()
-        self._client.on_message = self._count
-        self._client.connect(host, port)
-        self._client.loop_start()
-        if not self._connected.wait(15):
-            raise RuntimeError("the raw subscriber could not connect")
-
-    def subscribe(self) -> None:
-        self._client.subscribe(f"{TOPIC_PREFIX}/+/telemetry", qos=1)
-        if not self._subscribed.wait(15):
-            raise RuntimeError("the raw subscriber could not subscribe")
-
-    def _count(self, *_: Any) -> None:
-        with self._lock:
-            self.received += 1
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-def publish_rounds(devices: FleetSimulator, rounds: int) -> int:
-    return sum(devices.publish_telemetry() for _ in range(rounds))
-
-
-def bench_database(
-    label: str, database_url: str | None, work: Path, args: argparse.Namespace
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"database": label, "devices": args.devices}
-    data_dir = work / f"fleet-{label}"
+def rollout(work: Path, devices: int, waves: list[str]) -> float:
+    """Seconds from ``POST /rollouts`` to every device healthy on the new bundle."""
+    data_dir = work / "fleet-rollout"
     data_dir.mkdir(mode=0o700)
-    db = make_engine(database_url or f"sqlite:///{data_dir / 'fleet.db'}")
+    db = make_engine(f"sqlite:///{data_dir / 'fleet.db'}")
     upgrade(db)
-    log(f"[{label}] enrolling {args.devices} devices")
-    start = time.perf_counter()
-    specs = enroll_in_bulk(db, args.devices, "bench-host-1.0.0")
-    result["enroll_s"] = time.perf_counter() - start
-
+    specs = enroll_in_bulk(db, devices, "bench-host-1.0.0")
+    mqtt_port = free_port()
     with ExitStack() as stack:
-        mqtt_port = free_port()
-        start = time.perf_counter()
-        process, client = stack.enter_context(
-            fleet_process(data_dir, database_url, free_port(), mqtt_port)
-        )
-        result["fleet_start_s"] = time.perf_counter() - start
-        for bundle in [synthetic_bundle(work / label, v) for v in ("1.0.0", "1.1.0")]:
-            version = bundle.stem.split("-")[-1]
+        client = stack.enter_context(fleet_server(data_dir, free_port(), mqtt_port))
+        attached: dict[str, Any] = {}
+        for version in ("1.0.0", "1.1.0"):
+            bundle = synthetic_bundle(work, version)
             api(client, "POST", "/models", json={"name": "bench", "version": version})
             attached = api(
                 client,
@@ -280,127 +689,166 @@ def bench_database(
                 f"/models/bench/versions/{version}/bundles",
                 content=bundle.read_bytes(),
             )
-        password = (data_dir / "mqtt-fleet.password").read_text().strip()
-        raw = RawSubscriber("127.0.0.1", mqtt_port, password)
-        stack.callback(raw.close)
-        devices = FleetSimulator("127.0.0.1", mqtt_port, specs, Behaviour())
-        stack.enter_context(devices)
-        log(f"[{label}] connecting {args.devices} simulated devices")
-        result["connect_s"] = devices.start(connect_timeout_s=300)
-        online = select(func.count()).select_from(Device).where(col(Device.online).is_(True))
-        result["presence_s"] = wait_until(
-            lambda: count_rows(db, online) == args.devices, 300, "every device online"
-        )
-
-        log(f"[{label}] rolling out in waves {args.waves}")
+        simulator = stack.enter_context(FleetSimulator("127.0.0.1", mqtt_port, specs, Behaviour()))
+        simulator.start(connect_timeout_s=300)
+        wait_until(lambda: online(db) == devices, 300, "every device online")
         start = time.perf_counter()
-        rollout = api(
+        created = api(
             client,
             "POST",
             "/rollouts",
-            json={"bundle_id": attached["id"], "waves": args.waves, "gate": {"soak_s": 0}},
+            json={"bundle_id": attached["id"], "waves": waves, "gate": {"soak_s": 0}},
         )
         wait_until(
             lambda: (
-                api(client, "GET", f"/rollouts/{rollout['id']}")["state"]
+                api(client, "GET", f"/rollouts/{created['id']}")["state"]
                 in ("completed", "paused", "rolled_back")
             ),
             900,
             "the rollout to finish",
         )
-        result["rollout_s"] = time.perf_counter() - start
-        steps = [
-            (dt.datetime.fromisoformat(e["at"]), e["action"], e["after"]["wave"])
-            for e in reversed(api(client, "GET", "/audit?limit=100"))
-            if e["target"] == f"rollout:{rollout['id']}"
-        ]
-        result["rollout_steps"] = [
-            (action, wave, round((at - steps[0][0]).total_seconds(), 2))
-            for at, action, wave in steps
-        ]
-        log(f"[{label}] rollout steps (action, wave, s): {result['rollout_steps']}")
-        final = api(client, "GET", f"/rollouts/{rollout['id']}")
+        elapsed = time.perf_counter() - start
+        final = api(client, "GET", f"/rollouts/{created['id']}")
         if final["state"] != "completed":
-            raise RuntimeError(f"rollout ended {final['state']}: {final['reason']}")
-        on_new = sum(devices.current_bundle(s.device_id) == "bench-host-1.1.0" for s in specs)
-        if on_new != args.devices:
-            raise RuntimeError(f"only {on_new} of {args.devices} devices run the new bundle")
-
-        log(f"[{label}] telemetry: {args.rounds} batches per device into the fleet")
-        stored = select(func.count()).select_from(TelemetryRecordRow)
-        before = count_rows(db, stored)
-        start = time.perf_counter()
-        sent = publish_rounds(devices, args.rounds)
-        result["publish_s"] = time.perf_counter() - start
-        wait_until(
-            lambda: count_rows(db, stored) - before >= sent, 900, "the fleet to store telemetry"
-        )
-        result["ingest_s"] = time.perf_counter() - start
-        result["records"] = sent
-
-        log(f"[{label}] telemetry: the same into a plain subscriber")
-        process.kill()  # its mosquitto stays up, every device still connected
-        process.wait(30)
-        raw.subscribe()
-        start = time.perf_counter()
-        sent = publish_rounds(devices, args.rounds)
-        wait_until(lambda: raw.received >= sent, 900, "the raw subscriber")
-        result["raw_s"] = time.perf_counter() - start
-        result["raw_records"] = sent
+            raise RuntimeError(f"the rollout ended {final['state']}: {final['reason']}")
+        on_new = sum(simulator.current_bundle(s.device_id) == "bench-host-1.1.0" for s in specs)
+        if on_new != devices:
+            raise RuntimeError(f"only {on_new} of {devices} devices run the new bundle")
     db.dispose()
-    return result
+    return elapsed
 
 
-def markdown(results: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
+def online(db: Engine) -> int:
+    query = select(func.count()).select_from(Device).where(col(Device.online).is_(True))
+    with session_scope(db) as session:
+        return int(session.exec(query).one())
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def median_of(repeat: int, measure: Callable[[], Any]) -> Any:
+    """The median run of ``repeat`` runs of ``measure`` (the lower one of an even count),
+    by messages per second."""
+    runs = [measure() for _ in range(repeat)]
+    runs.sort(key=lambda r: r.messages_per_s if isinstance(r, FleetRun) else r)
+    return runs[(len(runs) - 1) // 2]
+
+
+def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
-        f"**{args.devices:,} simulated devices, one fleet server, one mosquitto, "
-        f"{len(args.waves)}-wave rollout ({', '.join(args.waves)} %), soak 0**",
+        f"Load generator ({args.publishers} processes, pre-encoded QoS 1) with no subscriber: "
+        + ", ".join(f"{SHAPES[s].name}: {r:,.0f} msgs/s" for s, r in results["load"].items()),
         "",
-        "| database | enroll (1 tx) | fleet start | connect | presence | rollout to all "
-        "| ingest rec/s | raw broker rec/s | ingest / raw |",
-        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| database | payload | broker → mosquitto_sub | database bulk insert | fleet stores "
+        "| fleet / broker | fleet / database | fleet CPU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
-        ingest = r["records"] / r["ingest_s"]
-        raw = r["raw_records"] / r["raw_s"]
+    for row in results["ingest"]:
+        shape = SHAPES[row["shape"]]
+        broker = results["broker"][row["shape"]]
+        fleet = row["fleet"]
+        per = "msg" if shape.records == 1 else "rec"
+        cpu = fleet["cpu_per_message_s"] / shape.records * 1e6
         lines.append(
-            f"| {r['database']} | {r['enroll_s']:.1f} s | {r['fleet_start_s']:.1f} s "
-            f"| {r['connect_s']:.1f} s | {r['presence_s']:.1f} s | {r['rollout_s']:.1f} s "
-            f"| {ingest:,.0f} | {raw:,.0f} | {ingest / raw:.2f} |"
+            f"| {row['database']} | {shape.name} | {broker:,.0f} msgs/s "
+            f"({broker * shape.records:,.0f} rec/s) | {row['database_rows_per_s']:,.0f} rec/s "
+            f"| {fleet['messages_per_s']:,.0f} msgs/s ({fleet['records_per_s']:,.0f} rec/s) "
+            f"| {fleet['messages_per_s'] / broker:.3f} "
+            f"| {fleet['records_per_s'] / row['database_rows_per_s']:.3f} "
+            f"| {cpu:,.0f} µs/{per} |"
         )
-    lines += [
-        "",
-        f"Telemetry: {args.rounds} batches of one record per device "
-        f"({args.rounds * args.devices:,} records), timed from the first publish to the last "
-        "record stored (ingest) or received (raw).",
-    ]
+    if "burst" in results:
+        b = results["burst"]
+        lines += [
+            "",
+            f"Burst into the fleet (SQLite): {b['sent']:,} one-record messages sent, "
+            f"{b['acked']:,} acknowledged by the broker in {b['acked_s']:.1f} s, "
+            f"{b['stored']:,} stored by the fleet within {b['stored_s']:.1f} s, "
+            f"**{b['acked'] - b['stored']:,} lost**; mosquitto logged dropping "
+            f"{b['dropped_lines']} time(s).",
+        ]
+    if "rollout_s" in results:
+        s = results["rollout_s"]
+        lines += [
+            "",
+            f"Rollout (SQLite, `fleet serve`, {args.rollout_devices:,} simulated devices, "
+            f"waves {','.join(args.waves)}, soak 0): {s:.1f} s, "
+            f"{args.rollout_devices / s:,.0f} devices/s.",
+        ]
     return "\n".join(lines)
+
+
+def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    shapes = [s for s in args.shapes.split(",") if s]
+    results["load"] = {}
+    results["broker"] = {}
+    for shape in shapes:
+        log(f"load generator alone, {SHAPES[shape].name}")
+        results["load"][shape] = median_of(args.repeat, partial(load_alone, work, shape, args))
+        log(f"  {results['load'][shape]:,.0f} msgs/s; broker → mosquitto_sub")
+        results["broker"][shape] = median_of(
+            args.repeat, partial(broker_to_mosquitto_sub, work, shape, args)
+        )
+        log(f"  {results['broker'][shape]:,.0f} msgs/s")
+    results["ingest"] = []
+    for database in filter(None, args.databases.split(",")):
+        with ExitStack() as stack:
+            if database == "sqlite":
+                url = f"sqlite:///{work / 'fleet.db'}"
+            elif database == "postgresql":
+                if not postgres_available():
+                    log("PostgreSQL server binaries not found: skipping PostgreSQL")
+                    continue
+                (work / "postgresql").mkdir()
+                url = stack.enter_context(postgres_server(work / "postgresql"))
+            else:
+                raise SystemExit(f"unknown database {database!r}")
+            db = make_engine(url)
+            stack.callback(db.dispose)
+            upgrade(db)
+            for shape in shapes:
+                rows = table_rows(SHAPES[shape], args)
+                log(f"[{database}] {SHAPES[shape].name}: database bulk insert")
+                database_rate = median_of(args.repeat, partial(database_bulk_insert, url, db, rows))
+                log(f"  {database_rate:,.0f} rec/s; fleet")
+                fleet = median_of(args.repeat, partial(fleet_ingest, work, url, db, shape, args))
+                log(f"  {fleet}")
+                results["ingest"].append(
+                    {
+                        "database": database,
+                        "shape": shape,
+                        "database_rows_per_s": database_rate,
+                        "fleet": fleet.__dict__,
+                    }
+                )
+    if args.burst:
+        log(f"burst of {args.burst:,} messages into the fleet")
+        results["burst"] = {**burst(work, args).__dict__}
+        log(f"  {results['burst']}")
+    if args.rollout_devices:
+        log(f"rollout to {args.rollout_devices:,} simulated devices")
+        results["rollout_s"] = rollout(work, args.rollout_devices, args.waves)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=5, help="telemetry batches per device")
-    parser.add_argument("--waves", default="1,10,50,100")
     parser.add_argument("--databases", default="sqlite,postgresql")
+    parser.add_argument("--shapes", default="single,batch50")
+    parser.add_argument("--messages", type=int, default=60_000, help="one-record messages")
+    parser.add_argument("--batches", type=int, default=4_000, help="50-record messages")
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--burst", type=int, default=150_000, help="0: no burst")
+    parser.add_argument("--rollout-devices", type=int, default=2_000, help="0: no rollout")
+    parser.add_argument("--waves", default="100")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     args.waves = args.waves.split(",")
-    results = []
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind as on Ctrl-C
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-fleet-bench-") as tmp:
-        work = Path(tmp)
-        for label in args.databases.split(","):
-            (work / label).mkdir()
-            if label == "sqlite":
-                results.append(bench_database(label, None, work, args))
-            elif label == "postgresql":
-                if not postgres_available():
-                    log("PostgreSQL server binaries not found: skipping that row")
-                    continue
-                with postgres_server(work / label) as url:
-                    results.append(bench_database(label, url, work, args))
-            else:
-                parser.error(f"unknown database {label!r}")
+        run(Path(tmp), args, results)
     print(markdown(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

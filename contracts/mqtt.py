@@ -21,7 +21,7 @@ Telemetry records carry ids too and the fleet stores each once.
 from __future__ import annotations
 
 import enum
-import json
+import threading
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -247,28 +247,44 @@ def encode_telemetry(batch: TelemetryBatch, *, compress: bool = True) -> bytes:
 
 
 def decode_payload(payload: bytes, model: type[M]) -> M:
-    """Parse ``payload`` (JSON, or zstd-compressed JSON) as ``model``; ``PayloadError`` if not."""
+    """Parse ``payload`` (JSON, or zstd-compressed JSON) as ``model``, in one pass (pydantic's
+    own JSON parser, which refuses ``NaN`` and ``Infinity`` for the contract's numbers);
+    ``PayloadError`` if not."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
     if payload.startswith(_ZSTD_MAGIC):
         payload = _decompress(payload)
     try:
-        return model.model_validate(json.loads(payload, parse_constant=_no_constant))
-    except (ValueError, RecursionError) as e:  # json and pydantic errors are ValueErrors
-        reason = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)[:200]
-        raise PayloadError(f"not a valid {model.__name__}: {reason}") from e
+        return model.model_validate_json(payload)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        reason = f"{where}: {first['msg']}" if where else first["msg"]
+        raise PayloadError(f"not a valid {model.__name__}: {reason[:200]}") from e
+    except (ValueError, RecursionError) as e:
+        raise PayloadError(f"not a valid {model.__name__}: {str(e)[:200]}") from e
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+_decompressors = threading.local()
 
 
 def _decompress(payload: bytes) -> bytes:
+    """The first zstd frame of ``payload``, at most :data:`MAX_PAYLOAD_BYTES` of it. One
+    decompression context per thread, reused; a frame that declares its size (as
+    ``encode_telemetry``'s do) is decompressed into a buffer of that size, checked first."""
     import zstandard
 
+    context = getattr(_decompressors, "context", None)
+    if context is None:
+        context = _decompressors.context = zstandard.ZstdDecompressor()
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(payload)
-        data = reader.read(MAX_PAYLOAD_BYTES + 1)
+        size = zstandard.frame_content_size(payload)
+        if size > MAX_PAYLOAD_BYTES:
+            raise PayloadError(f"payload decompresses to over {MAX_PAYLOAD_BYTES} bytes")
+        if size >= 0:
+            data: bytes = context.decompress(payload)
+        else:
+            data = context.stream_reader(payload).read(MAX_PAYLOAD_BYTES + 1)
     except zstandard.ZstdError as e:
         raise PayloadError(f"corrupt zstd payload: {e}") from e
     if len(data) > MAX_PAYLOAD_BYTES:

@@ -47,6 +47,7 @@ Nothing a device sends can cost another device's data, nor stop the bridge:
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import logging
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -79,6 +81,8 @@ from contracts.mqtt import (
 )
 
 from .broker import MqttEndpoint
+from .broker.access import STORE_BYTES_TOPIC
+from .broker.process import MAX_QUEUED_BYTES
 from .db import session_scope
 from .devices import RESERVED_PREFIX, apply_statuses
 from .errors import BrokerError
@@ -102,12 +106,18 @@ _MODELS: dict[str, type[Status | Ack | TelemetryBatch]] = {
     "ack": Ack,
     "telemetry": TelemetryBatch,
 }
+_PUBACK_PREFIX = bytes([PUBACK, 2])
 _MESSAGE_OVERHEAD_BYTES = 1024
 """What a held message costs beyond its payload (paho's object, its topic, the queue)."""
 _DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54", "P0"})
 """PostgreSQL error classes a statement's values cause: data exception, integrity
 constraint violation, program limit exceeded, and a trigger's ``RAISE``."""
 _DEFAULT_CLIENT_ID = f"{RESERVED_PREFIX}fleet"
+_RECONNECT_MAX_S = 2
+"""The longest wait between the fleet's attempts to reach its broker: one client per
+replica, so it may retry often, and it must be back before the devices (which back off up
+to 30 s), however long the broker was away (the supervisor's crash-loop backoff keeps it
+down up to 30 s; paho's wait would by then have grown as long)."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,9 @@ class MqttBridge:
     the broker may send before the bridge acknowledges one. ``max_held_bytes``: payloads
     received and not yet stored that the bridge keeps in memory (each message counted with
     1 KiB of overhead); past it, arrivals are dropped and counted. ``retry_min_s`` /
-    ``retry_max_s``: the backoff while the database fails. ``on_online`` is called with the
+    ``retry_max_s``: the backoff while the database fails. ``queue_alarm_bytes``: what the
+    broker may hold before the queue alarm (``edgefleet_broker_queue_alarm``, an error
+    logged; see docs/fleet.md, "Bursts"). ``on_online`` is called with the
     devices whose online status was stored (after their rollout members were reconciled
     from it), ``on_final_ack`` when an ack or a status finished a rollout member.
     ``drain``: take over another replica's session to empty it (:func:`drain_session`):
@@ -168,6 +180,7 @@ class MqttBridge:
         max_held_bytes: int = 256 << 20,
         retry_min_s: float = 0.5,
         retry_max_s: float = 30.0,
+        queue_alarm_bytes: int = MAX_QUEUED_BYTES // 4,
         drain: bool = False,
     ) -> None:
         self._endpoint = endpoint
@@ -183,6 +196,9 @@ class MqttBridge:
         self._retry_max_s = retry_max_s
         self._session_expiry_s = session_expiry_s
         self._receive_maximum = receive_maximum
+        self._queue_alarm_bytes = queue_alarm_bytes
+        self._queue_alarm = False
+        self._store_mid: int | None = None
         self._inbox: queue.Queue[_Delivery | None] = queue.Queue()
         self._held_lock = threading.Lock()
         self._held_bytes = 0
@@ -213,7 +229,7 @@ class MqttBridge:
             )
         self._client.max_queued_messages_set(0)
         self._client.max_inflight_messages_set(1000)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=_RECONNECT_MAX_S)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -318,15 +334,25 @@ class MqttBridge:
                 "engine reconciles from their statuses and resends unfinished commands",
             )
         client.subscribe([(shared_subscription(c), 1) for c in _CHANNELS])
+        _, self._store_mid = client.subscribe(STORE_BYTES_TOPIC, 0)
 
     def _on_subscribe(
         self,
         _client: mqtt.Client,
         _userdata: Any,
-        _mid: int,
+        mid: int,
         reasons: list[ReasonCode],
         _properties: Properties | None,
     ) -> None:
+        if mid == self._store_mid:
+            if reasons[0].is_failure:
+                log.warning(
+                    "the MQTT broker does not tell the fleet how much it holds (%s refused: "
+                    "%s): no queue alarm; watch the broker's queue yourself",
+                    STORE_BYTES_TOPIC,
+                    reasons[0],
+                )
+            return
         if refused := [str(r) for r in reasons if r.is_failure]:
             log.error("the MQTT broker refused the fleet's subscriptions: %s", ", ".join(refused))
             return
@@ -341,9 +367,38 @@ class MqttBridge:
         with self._link_lock:
             self._link = None
 
+    def _on_store_bytes(self, message: mqtt.MQTTMessage) -> None:
+        """paho's thread: the broker's ``$SYS`` figure of the payload bytes it holds; the
+        queue alarm is raised past ``queue_alarm_bytes`` and cleared below half of it."""
+        try:
+            held = int(message.payload)
+        except ValueError:
+            return
+        self._metrics.broker_stored_bytes.set(held)
+        if not self._queue_alarm and held > self._queue_alarm_bytes:
+            self._queue_alarm = True
+            self._metrics.broker_queue_alarm.set(1)
+            log.error(
+                "the MQTT broker holds %d bytes of messages (the alarm is at %d, a quarter of "
+                "each client's queue bound): the fleet stores less than devices send; past "
+                "the bound the broker drops telemetry devices count delivered. Add ingest "
+                "workers or replicas, or find what slows the database",
+                held,
+                self._queue_alarm_bytes,
+            )
+        elif self._queue_alarm and held < self._queue_alarm_bytes // 2:
+            self._queue_alarm = False
+            self._metrics.broker_queue_alarm.set(0)
+            log.warning("the MQTT broker's queue is back to %d bytes: alarm cleared", held)
+
     def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """paho's thread: hold the message for the worker, or shed it (it is still
-        acknowledged in turn) if the bridge already holds ``max_held_bytes``."""
+        acknowledged in turn) if the bridge already holds ``max_held_bytes``. The broker's
+        ``$SYS`` figure goes to the queue alarm (compared here: paho's per-topic callbacks
+        match every message against a tree)."""
+        if _channel_label(message) == "other" and _is_store_bytes(message):
+            self._on_store_bytes(message)
+            return
         size = len(message.payload) + _MESSAGE_OVERHEAD_BYTES
         self._last_arrival = time.monotonic()
         with self._held_lock:
@@ -389,14 +444,24 @@ class MqttBridge:
 
     def _acknowledge(self, batch: Sequence[_Delivery]) -> None:
         """PUBACK each message of a settled batch, in arrival order, if the connection it
-        came on is still the one up; else the broker sends it again on the new one."""
+        came on is still the one up; else the broker sends it again on the new one.
+
+        The batch's PUBACKs go out as one write: paho's ``ack`` makes a packet, a log call
+        and a wake-up of its network thread per message. They are paho's own bytes
+        (``PUBACK``, length 2, the packet id: success, no properties, the same in MQTT
+        3.1.1 and 5), queued where paho queues every outgoing packet, so they keep their
+        order with the rest and are dropped with the connection as ``ack``'s would be."""
         with self._link_lock:  # held across: on_disconnect cannot slip in between
             link = self._link
             if link is None:
                 return
-            for delivery in batch:
-                if delivery.qos == 1 and delivery.connection == link.number:
-                    self._client.ack(delivery.mid, delivery.qos)
+            pubacks = b"".join(
+                _PUBACK_PREFIX + delivery.mid.to_bytes(2, "big")
+                for delivery in batch
+                if delivery.qos == 1 and delivery.connection == link.number
+            )
+            if pubacks:
+                self._client._packet_queue(PUBACK, pubacks, 0, 0)
 
     def _next_batch(self) -> list[_Delivery] | None:
         """Up to ``batch_size`` deliveries, waiting 50 ms at most after the first; ``None``
@@ -428,7 +493,10 @@ class MqttBridge:
     def _write(self, batch: Sequence[mqtt.MQTTMessage]) -> None:
         """Decode ``batch`` and store every message that decodes; ``_Stopping`` if the
         bridge stops while the database is down."""
-        received = [r for r in map(self._decode, batch) if r is not None]
+        for label, count in collections.Counter(map(_channel_label, batch)).items():
+            self._metrics.messages.labels(label).inc(count)
+        now = (utcnow(), time.monotonic())
+        received = [r for m in batch if (r := self._decode(m, now)) is not None]
         pending: list[Sequence[_Received]] = [received] if received else []  # the next last
         while pending:
             chunk = pending.pop()
@@ -449,10 +517,12 @@ class MqttBridge:
             self._database_back()
             self._notify(online, final_acks)
 
-    def _decode(self, message: mqtt.MQTTMessage) -> _Received | None:
-        """The message decoded, or ``None`` when it breaks the contract (counted)."""
+    def _decode(
+        self, message: mqtt.MQTTMessage, now: tuple[dt.datetime, float]
+    ) -> _Received | None:
+        """The message decoded, or ``None`` when it breaks the contract (counted).
+        ``now``: the fleet's clock and the monotonic one, read once per batch."""
         label = _channel_label(message)
-        self._metrics.messages.labels(label).inc()
         try:
             device_id, channel = device_id_from_topic(message.topic)
             model = _MODELS.get(channel)
@@ -467,7 +537,7 @@ class MqttBridge:
             self._metrics.malformed.labels(label).inc()
             log.exception("dropped a message on %s that failed to decode", _topic_shown(message))
             return None
-        return _Received(message, device_id, channel, _received_at(message), body)
+        return _Received(message, device_id, channel, _received_at(message, now), body)
 
     def _commit(self, chunk: Sequence[_Received]) -> tuple[list[str], int]:
         """Store ``chunk`` in one transaction; returns the devices that came online and
@@ -656,11 +726,13 @@ def _halves(chunk: Sequence[_Received]) -> list[Sequence[_Received]]:
     return [chunk[middle:], chunk[:middle]] if len(chunk) > 1 else [chunk]
 
 
-def _received_at(message: mqtt.MQTTMessage) -> dt.datetime:
-    """When paho read ``message`` (its monotonic ``timestamp``) on the fleet's clock; now
-    for a message paho did not receive (``timestamp`` 0)."""
-    age_s = time.monotonic() - message.timestamp if message.timestamp else 0.0
-    return utcnow() - dt.timedelta(seconds=max(0.0, age_s))
+def _received_at(message: mqtt.MQTTMessage, now: tuple[dt.datetime, float]) -> dt.datetime:
+    """When paho read ``message`` (its monotonic ``timestamp``) on the fleet's clock, from
+    ``now`` (that clock, the monotonic one); now for a message paho did not receive
+    (``timestamp`` 0)."""
+    wall, monotonic = now
+    age_s = monotonic - message.timestamp if message.timestamp else 0.0
+    return wall - dt.timedelta(seconds=max(0.0, age_s))
 
 
 def _channel_label(message: mqtt.MQTTMessage) -> str:
@@ -670,6 +742,13 @@ def _channel_label(message: mqtt.MQTTMessage) -> str:
     except UnicodeDecodeError:
         return "other"
     return channel if channel in _CHANNELS else "other"
+
+
+def _is_store_bytes(message: mqtt.MQTTMessage) -> bool:
+    try:
+        return message.topic == STORE_BYTES_TOPIC
+    except UnicodeDecodeError:
+        return False
 
 
 def _topic_shown(message: mqtt.MQTTMessage) -> str:

@@ -74,6 +74,19 @@ class FleetMetrics:
             "restarted (always 0 with an external broker, which is not watched).",
             registry=self.registry,
         )
+        self.broker_stored_bytes = Gauge(
+            "edgefleet_broker_stored_bytes",
+            "Payload bytes the MQTT broker holds (queued for the fleet and everyone else, in "
+            "flight, retained), as it last published them ($SYS; mosquitto only).",
+            registry=self.registry,
+        )
+        self.broker_queue_alarm = Gauge(
+            "edgefleet_broker_queue_alarm",
+            "1 while the broker holds more than a quarter of its per-client queue bound: the "
+            "fleet falls behind its devices, and past the bound the broker drops telemetry "
+            "devices already count delivered.",
+            registry=self.registry,
+        )
         self.broker_restarts = Counter(
             "edgefleet_broker_restarts",
             "Times the embedded MQTT broker died and was brought back.",

@@ -25,12 +25,13 @@ see :mod:`fleet.bridge`):
   reconnect within their backoff; nothing is lost.
 - **fleet SIGKILL**: its mosquitto keeps running (a child outlives its parent), devices stay
   connected, and what they publish queues for the fleet's session (at most
-  :data:`~fleet.broker.process.MAX_QUEUED_MESSAGES` messages and
-  :data:`~fleet.broker.process.MAX_QUEUED_BYTES` bytes; past that mosquitto drops new
-  ones). The next start stops that mosquitto with SIGTERM (it saves all it holds, the
-  queue included) and starts a new one from that file on the same port: the fleet's
-  session resumes with the queue; devices reconnect. Nothing within the limits is lost
-  (``tests/test_outage_restart.py`` sends telemetry while the fleet is dead).
+  :data:`~fleet.broker.process.MAX_QUEUED_BYTES` bytes of payload, however many messages;
+  past that mosquitto drops new ones, and the bridge's queue alarm fires at a quarter of
+  it: see docs/fleet.md, "Bursts"). The next start stops that mosquitto with SIGTERM (it
+  saves all it holds, the queue included) and starts a new one from that file on the same
+  port: the fleet's session resumes with the queue; devices reconnect. Nothing within the
+  limits is lost (``tests/test_outage_restart.py`` sends telemetry while the fleet is
+  dead).
   (The alternative, adopting the running broker, would need its admin credential kept on
   disk and a config it could not be sure matches the database; a restart costs devices
   one reconnect and keeps the broker's configuration a function of the database.)

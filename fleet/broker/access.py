@@ -32,6 +32,7 @@ __all__ = [
     "RESPONSE_TOPIC",
     "RULES",
     "SHARE_PREFIX",
+    "STORE_BYTES_TOPIC",
     "AccountKind",
     "Action",
     "TopicRule",
@@ -40,6 +41,9 @@ __all__ = [
     "topic_matches",
 ]
 
+STORE_BYTES_TOPIC = "$SYS/broker/store/messages/bytes"
+"""Where mosquitto publishes the payload bytes it holds (every ``sys_interval``): the
+fleet's queue alarm reads it (:mod:`fleet.bridge`)."""
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 """Where mosquitto's dynamic-security plugin takes commands; it answers on
 :data:`RESPONSE_TOPIC`."""
@@ -88,6 +92,8 @@ RULES: Final[Mapping[AccountKind, tuple[TopicRule, ...]]] = {
         *(TopicRule(Action.SUBSCRIBE, shared_subscription(c)) for c in _UPLINK),
         *(TopicRule(Action.RECEIVE, f"{TOPIC_PREFIX}/+/{c}") for c in _UPLINK),
         TopicRule(Action.PUBLISH, f"{TOPIC_PREFIX}/+/cmd"),
+        TopicRule(Action.SUBSCRIBE, STORE_BYTES_TOPIC),
+        TopicRule(Action.RECEIVE, STORE_BYTES_TOPIC),
     ),
     AccountKind.BROKER_ADMIN: (
         TopicRule(Action.PUBLISH, CONTROL_TOPIC),

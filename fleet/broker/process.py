@@ -62,7 +62,7 @@ from .security import (
 __all__ = [
     "AUTOSAVE_INTERVAL_S",
     "MAX_QUEUED_BYTES",
-    "MAX_QUEUED_MESSAGES",
+    "SYS_INTERVAL_S",
     "MosquittoBroker",
     "find_dynsec_plugin",
 ]
@@ -72,11 +72,21 @@ log = logging.getLogger(__name__)
 AUTOSAVE_INTERVAL_S = 30
 """mosquitto saves ``mosquitto.db`` this often (and on a clean stop): what a killed
 mosquitto loses is at most what changed since."""
-MAX_QUEUED_MESSAGES = 100_000
-"""QoS 1 messages one client's session may hold while it is away or slow: commands for an
-offline device, devices' messages for the fleet's session while the fleet is down."""
-MAX_QUEUED_BYTES = 256 << 20
-"""The same in payload bytes (the fleet's bridge holds as much before it sheds)."""
+MAX_QUEUED_BYTES = 1 << 30
+"""Payload bytes of QoS 1 messages one client's session may hold beyond those in flight
+while it is away or slow: devices' messages for the fleet's session while the fleet is
+down or behind. The only bound: the count of messages is set past reach
+(:data:`_NO_COUNT_BOUND`), so a burst of small messages is held whole. Past it mosquitto
+drops what comes for that client, after the device had its PUBACK: the fleet's queue
+alarm (:mod:`fleet.bridge`) fires at a quarter of it. mosquitto's own memory per message
+comes on top of the payload."""
+_NO_COUNT_BOUND = 2_000_000_000
+"""``max_queued_messages``: no burst reaches it. Not 0 ("no maximum" in mosquitto's
+manual): mosquitto 2.0.11 with 0 stops delivering QoS 1 messages to a device online
+(``tests/test_fleet_broker.py`` catches it)."""
+SYS_INTERVAL_S = 2
+"""How often mosquitto publishes its ``$SYS`` figures, the payload bytes it holds among
+them (:data:`fleet.broker.access.STORE_BYTES_TOPIC`)."""
 
 _PLUGIN_NAME = "mosquitto_dynamic_security.so"
 _PLUGIN_GLOBS = (
@@ -118,8 +128,8 @@ class MosquittoBroker:
     ``control_keepalive_s``: the admin connection's keepalive; a hung mosquitto loses that
     connection within twice as long (:meth:`problem`). ``admin_username``: the account
     this process administers the plugin as (default: the fleet account's name and
-    ``-admin``). Use it as a context manager, or call :meth:`stop`; it may be started again
-    after a stop.
+    ``-admin``). ``max_queued_bytes``: each client's queue bound (:data:`MAX_QUEUED_BYTES`).
+    Use it as a context manager, or call :meth:`stop`; it may be started again after a stop.
     """
 
     def __init__(
@@ -137,8 +147,10 @@ class MosquittoBroker:
         reload_timeout_s: float = 10.0,
         control_keepalive_s: int = 30,
         admin_username: str | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self._dir = Path(directory)
+        self._max_queued_bytes = max_queued_bytes
         self._admin_username = admin_username
         self._host = host
         self._local = local_host(host)
@@ -227,19 +239,31 @@ class MosquittoBroker:
     def _pid_path(self) -> Path:
         return self._dir / "mosquitto.pid"
 
-    def _stop_orphan(self) -> None:
-        """Stop a mosquitto left running on this directory by a server that was killed.
-
-        SIGTERM: it saves its persistence file (what it queued for the fleet's session
-        meanwhile included), which the new mosquitto loads. Only a process whose command
-        line names this directory's config is touched.
-        """
+    def orphan_pid(self) -> int | None:
+        """A mosquitto left running on this directory by a server that was killed (its
+        command line names this directory's config), which :meth:`start` stops."""
         try:
             pid = int(self._pid_path.read_text())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
-            return
+            return None
         if str(self.config_path).encode() not in cmdline or not _running(pid):
+            return None
+        return pid
+
+    def planned_port(self) -> int | None:
+        """The port :meth:`start` will listen on: the one given, else the one kept from an
+        earlier start; ``None`` when it will choose a free one."""
+        return self._port or self._kept_port()
+
+    def _stop_orphan(self) -> None:
+        """Stop a mosquitto left running on this directory by a server that was killed.
+
+        SIGTERM: it saves its persistence file (what it queued for the fleet's session
+        meanwhile included), which the new mosquitto loads.
+        """
+        pid = self.orphan_pid()
+        if pid is None:
             return
         log.warning(
             "stopping mosquitto (pid %d) left running on %s by a fleet server that was killed; "
@@ -625,8 +649,9 @@ class MosquittoBroker:
             "connection_messages true",
             # Per client: commands queue for offline devices, and devices' messages for the
             # fleet's session while the fleet is away or slow.
-            f"max_queued_messages {MAX_QUEUED_MESSAGES}",
-            f"max_queued_bytes {MAX_QUEUED_BYTES}",
+            f"max_queued_messages {_NO_COUNT_BOUND}",
+            f"max_queued_bytes {self._max_queued_bytes}",
+            f"sys_interval {SYS_INTERVAL_S}",
             f"max_packet_size {MAX_PAYLOAD_BYTES + 65536}",
             f"listener {port} {self._host}",
             "use_username_as_clientid true",

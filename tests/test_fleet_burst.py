@@ -1,0 +1,203 @@
+"""Bursts lose nothing: the broker holds what the fleet has not taken yet, bounded in bytes
+only, and the fleet raises its queue alarm long before that bound (docs/fleet.md, "Bursts").
+
+Real parts: the fleet's own mosquitto (``MosquittoBroker``, its config and dynamic
+security), a publisher with a broker account made through the admin path, the fleet's
+``MqttBridge`` storing into SQLite. The bridge takes few messages at a time (a small
+receive maximum), so nearly the whole burst waits in the broker's queue for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from contracts.mqtt import TOPIC_PREFIX, TelemetryBatch, TelemetryRecord, encode_telemetry
+from fleet.bridge import MqttBridge
+from fleet.broker import MosquittoBroker, MqttEndpoint
+from fleet.broker.credential import replica_username
+from fleet.db import make_engine
+from fleet.metrics import FleetMetrics
+from fleet.migrate import upgrade
+from tests.utils.fleet import wait_for
+
+PUBLISHER = "burst-publisher"
+
+
+@dataclass(frozen=True)
+class Setup:
+    broker: MosquittoBroker
+    fleet: MqttEndpoint
+    publisher: MqttEndpoint
+    db: Engine
+
+
+@contextmanager
+def _start(tmp_path: Path, **broker_options: int) -> Iterator[Setup]:
+    broker = MosquittoBroker(tmp_path / "mosquitto", **broker_options)
+    fleet = broker.start(
+        fleet_username=replica_username("burst"),
+        fleet_password=secrets.token_urlsafe(24),
+        devices=[],
+    )
+    password = secrets.token_urlsafe(24)
+    broker.control(
+        [
+            {
+                "command": "createRole",
+                "rolename": "publisher",
+                "acls": [
+                    {
+                        "acltype": "publishClientSend",
+                        "topic": f"{TOPIC_PREFIX}/+/telemetry",
+                        "allow": True,
+                    }
+                ],
+            },
+            {
+                "command": "createClient",
+                "username": PUBLISHER,
+                "password": password,
+                "roles": [{"rolename": "publisher"}],
+            },
+        ]
+    )
+    db = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(db)
+    try:
+        yield Setup(
+            broker,
+            fleet,
+            MqttEndpoint(fleet.host, fleet.port, username=PUBLISHER, password=password),
+            db,
+        )
+    finally:
+        broker.stop()
+        db.dispose()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    with _start(tmp_path) as started:
+        yield started
+
+
+def _stored(db: Engine) -> int:
+    with db.connect() as connection:
+        return int(connection.execute(text("SELECT count(*) FROM telemetry")).scalar_one())
+
+
+def _payload(n: int, padding: int = 0) -> bytes:
+    record = TelemetryRecord(
+        id=f"r{n}", ts=1_790_000_000.0, inferences=1, extra={"pad": "x" * padding}
+    )
+    return encode_telemetry(TelemetryBatch(records=[record]), compress=False)
+
+
+def _publish(endpoint: MqttEndpoint, payloads: list[bytes], timeout_s: float = 300) -> int:
+    """Publish ``payloads`` QoS 1 as fast as the broker takes them (devices ``burst-N``);
+    how many the broker acknowledged."""
+    acked = 0
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def on_publish(*_: object) -> None:
+        nonlocal acked
+        with lock:
+            acked += 1
+            if acked == len(payloads):
+                done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=PUBLISHER, protocol=mqtt.MQTTv311)
+    client.username_pw_set(endpoint.username, endpoint.password)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.on_publish = on_publish
+    client.connect(endpoint.host, endpoint.port)
+    client.loop_start()
+    try:
+        for n, payload in enumerate(payloads):
+            client.publish(f"{TOPIC_PREFIX}/burst-{n % 100}/telemetry", payload, qos=1)
+        done.wait(timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return acked
+
+
+def test_a_burst_far_above_the_fleets_window_is_stored_whole(setup: Setup) -> None:
+    """30,000 messages acknowledged by the broker while the fleet takes 100 at a time: the
+    broker's queue for the fleet holds the rest (mosquitto's default bound, 1,000
+    messages, would drop nearly all of it) and every record is stored."""
+    bridge = MqttBridge(
+        setup.fleet, setup.db, FleetMetrics(), client_id=setup.fleet.username, receive_maximum=100
+    )
+    bridge.start()
+    try:
+        count = 30_000
+        acked = _publish(setup.publisher, [_payload(n) for n in range(count)])
+        assert acked == count
+        wait_for(
+            lambda: _stored(setup.db) >= count or (bridge.pending() == 0 and bridge.quiet_s() > 10),
+            timeout_s=600,
+            what="every record stored, or nothing more coming",
+        )
+        assert _stored(setup.db) == count
+    finally:
+        bridge.stop()
+    assert "are being dropped" not in setup.broker.log_path.read_text()
+
+
+def test_the_queue_alarm_fires_long_before_the_broker_would_drop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker bounded at 8 MiB per client, an alarm at 1 MiB, and a fleet taking one
+    message at a time: 2.5 MiB waiting in the broker raises the alarm (metric and log),
+    nothing is dropped, and the alarm clears once the fleet has caught up."""
+    with _start(tmp_path, max_queued_bytes=8 << 20) as setup:
+        _alarm_and_recovery(setup, caplog)
+
+
+def _alarm_and_recovery(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = FleetMetrics()
+    bridge = MqttBridge(
+        setup.fleet,
+        setup.db,
+        metrics,
+        client_id=setup.fleet.username,
+        receive_maximum=1,
+        queue_alarm_bytes=1 << 20,
+    )
+    caplog.set_level(logging.WARNING, logger="fleet.bridge")
+    bridge.start()
+    try:
+        count = 250
+        assert _publish(setup.publisher, [_payload(n, 10_000) for n in range(count)]) == count
+        wait_for(
+            lambda: metrics.broker_queue_alarm._value.get() == 1,
+            timeout_s=60,
+            what="the queue alarm",
+        )
+        assert metrics.broker_stored_bytes._value.get() > 1 << 20
+        assert "the fleet stores less than devices send" in caplog.text
+        wait_for(lambda: _stored(setup.db) >= count, timeout_s=600, what="every record stored")
+        wait_for(
+            lambda: metrics.broker_queue_alarm._value.get() == 0,
+            timeout_s=60,
+            what="the alarm to clear",
+        )
+        assert "alarm cleared" in caplog.text
+        assert _stored(setup.db) == count
+    finally:
+        bridge.stop()
