@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from contracts.mqtt import Status, device_topic
+from fleet.bridge import MqttBridge
 from fleet.broker import (
     BrokerSupervisor,
     DeviceCredential,
@@ -30,6 +32,9 @@ from fleet.broker import (
     MqttEndpoint,
     hash_password,
 )
+from fleet.db import make_engine
+from fleet.metrics import FleetMetrics
+from fleet.migrate import upgrade
 from fleet.simulator import Behaviour, FleetSimulator
 from fleet.simulator import loop as simulator_loop
 from tests.utils.fleet import wait_for
@@ -180,3 +185,51 @@ def test_a_hung_broker_is_stopped_and_restarted_on_its_port(tmp_path: Path) -> N
         print(f"hung broker: noticed after {noticed_s:.1f} s (admin keepalive 2 s)")
     finally:
         supervisor.stop()
+
+
+def test_the_fleets_session_is_back_within_seconds_of_a_broker_that_was_down_long(
+    tmp_path: Path,
+) -> None:
+    """The broker is killed and stays down for 20 s (the supervisor's crash-loop backoff
+    keeps it down up to 30 s); the fleet's bridge is connected again within seconds of its
+    return, not after a reconnect backoff grown as long as the outage."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(engine)
+    port = free_port()
+    config = tmp_path / "mosquitto.conf"
+    config.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"log_dest file {tmp_path / 'mosquitto.log'}\n"
+        + ("user root\n" if os.getuid() == 0 else "")
+    )
+
+    def mosquitto() -> subprocess.Popen[bytes]:
+        broker = subprocess.Popen(
+            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for(lambda: _listens(port), timeout_s=10, what="mosquitto to listen")
+        return broker
+
+    broker = mosquitto()
+    bridge = MqttBridge(MqttEndpoint("127.0.0.1", port), engine, FleetMetrics())
+    bridge.start()
+    try:
+        broker.kill()
+        broker.wait(10)
+        wait_for(lambda: bridge.link() is None, timeout_s=10, what="the bridge to notice")
+        time.sleep(20)
+        broker = mosquitto()
+        back = time.monotonic()
+        wait_for(lambda: bridge.link(), timeout_s=60, what="the bridge connected again")
+        lag_s = time.monotonic() - back
+        assert lag_s < 6, f"the bridge came back {lag_s:.1f} s after the broker"
+        print(f"bridge connected {lag_s:.1f} s after a broker that was down for 20 s")
+    finally:
+        bridge.stop()
+        broker.terminate()
+        broker.wait(10)
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

@@ -45,7 +45,8 @@ from contracts.mqtt import (
     device_id_from_topic,
     device_topic,
 )
-from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
+from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec, TelemetryLedger
+from fleet.simulator import _protocol as simulator_protocol
 from tests.utils.mqtt import free_port
 
 M = TypeVar("M")
@@ -558,6 +559,67 @@ def test_periodic_telemetry_and_record_ids_follow_the_seed(broker: Broker, tmp_p
     assert set(ids(seed=8)).isdisjoint(first)
 
 
+def _refused(devices: FleetSimulator, times: int) -> TelemetryLedger:
+    """The ledger once the broker answered ``times`` batches without delivering them."""
+    return wait_until(
+        lambda: (
+            ledger if (ledger := devices.telemetry_ledger("dev-0000")).refusals >= times else None
+        ),
+        what=f"{times} PUBACKs 'no matching subscribers'",
+    )
+
+
+def _drained(devices: FleetSimulator, timeout_s: float = 10.0) -> TelemetryLedger:
+    """The ledger once nothing is pending."""
+    return wait_until(
+        lambda: ledger if not (ledger := devices.telemetry_ledger("dev-0000")).pending else None,
+        timeout_s=timeout_s,
+        what="every record acknowledged",
+    )
+
+
+def test_records_nobody_subscribed_to_stay_pending_and_go_with_the_next_report(
+    broker: Broker,
+) -> None:
+    # no observer yet: nothing subscribes to telemetry, mosquitto answers PUBACK 0x10
+    with simulated(broker, 1, Behaviour(compress_telemetry=False)) as devices:
+        assert devices.publish_telemetry() == 1
+        (first,) = devices.telemetry_sent("dev-0000")
+        ledger = _refused(devices, 1)
+        assert (ledger.acknowledged, ledger.pending, ledger.dropped) == ([], [first], [])
+        watching = Observer(broker)
+        try:
+            assert devices.publish_telemetry() == 1
+            sent = devices.telemetry_sent("dev-0000")
+            ledger = _drained(devices)
+            assert ledger.acknowledged == sent == [first, sent[1]]
+            (batch,) = wait_until(lambda: watching.batches("dev-0000"), what="a batch")
+            assert [r.id for r in batch.records] == sent
+        finally:
+            watching.close()
+
+
+def test_past_the_bound_the_oldest_pending_records_are_dropped(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(simulator_protocol, "MAX_UNSENT_RECORDS", 3)
+    with simulated(broker, 1, Behaviour(compress_telemetry=False)) as devices:
+        for n in range(1, 6):
+            assert devices.publish_telemetry() == 1
+            ledger = _refused(devices, n)
+        sent = devices.telemetry_sent("dev-0000")
+        assert (ledger.dropped, ledger.pending, ledger.acknowledged) == (sent[:2], sent[2:], [])
+        watching = Observer(broker)
+        try:
+            assert devices.send_pending_telemetry() == 3
+            ledger = _drained(devices)
+            assert (ledger.dropped, ledger.acknowledged) == (sent[:2], sent[2:])
+            (batch,) = wait_until(lambda: watching.batches("dev-0000"), what="a batch")
+            assert [r.id for r in batch.records] == sent[2:]
+        finally:
+            watching.close()
+
+
 # --- going away --------------------------------------------------------------------------------
 
 
@@ -615,6 +677,26 @@ def test_devices_reconnect_after_the_broker_restarts(tmp_path: Path) -> None:
             assert all(decode_payload(s.payload, Status).online for s in latest.values())
             command = watching.command("dev-0003", CommandKind.DEPLOY, V2)
             assert watching.wait_acks("dev-0003", command.id, 4)[-1] == AckState.HEALTHY
+        finally:
+            watching.close()
+
+
+def test_pending_records_go_out_as_soon_as_the_device_has_reconnected(tmp_path: Path) -> None:
+    port = free_port()
+    with mosquitto(tmp_path / "first", port=port) as first:
+        behaviour = Behaviour(compress_telemetry=False)
+        devices = FleetSimulator("127.0.0.1", first.port, _specs(1), behaviour)
+        devices.start()
+        assert devices.publish_telemetry() == 1
+        assert _refused(devices, 1).pending == devices.telemetry_sent("dev-0000")
+    # subscribed before the device is back (its first retry is 0.5 s to 1 s away); no report
+    with mosquitto(tmp_path / "second", port=port) as second, devices:
+        watching = Observer(second)
+        try:
+            ledger = _drained(devices, timeout_s=30)
+            assert ledger.acknowledged == devices.telemetry_sent("dev-0000")
+            (batch,) = wait_until(lambda: watching.batches("dev-0000"), what="a batch")
+            assert [r.id for r in batch.records] == ledger.acknowledged
         finally:
             watching.close()
 

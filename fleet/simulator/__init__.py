@@ -11,7 +11,15 @@ The pieces: :mod:`.specs` (each device's identity, and the :class:`Behaviour` of
 device's state).
 """
 
+from ._protocol import MAX_UNSENT_RECORDS, TelemetryLedger
 from .loop import FleetSimulator
 from .specs import DEFAULT_LATENCY_MS, Behaviour, SimulatedDeviceSpec
 
-__all__ = ["DEFAULT_LATENCY_MS", "Behaviour", "FleetSimulator", "SimulatedDeviceSpec"]
+__all__ = [
+    "DEFAULT_LATENCY_MS",
+    "MAX_UNSENT_RECORDS",
+    "Behaviour",
+    "FleetSimulator",
+    "SimulatedDeviceSpec",
+    "TelemetryLedger",
+]

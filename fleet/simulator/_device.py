@@ -1,5 +1,6 @@
 """One simulated device as the simulator keeps it: its connection's :class:`Phase`, the
-bundles it serves, what it saw, and its seeded randomness."""
+bundles it serves, what it saw, its telemetry not yet acknowledged, and its seeded
+randomness."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from contracts.mqtt import Ack, Command, device_topic
+from contracts.mqtt import Ack, Command, TelemetryRecord, device_topic
 
 from .specs import SimulatedDeviceSpec
 
@@ -46,18 +47,22 @@ class Device:
         "client",
         "cmd_topic",
         "commands",
+        "dropped",
         "error",
         "finished",
         "ignored",
+        "in_flight",
         "last_ack",
         "phase",
         "previous",
         "reconnects",
+        "refusals",
         "reports",
         "shadow",
         "sock",
         "spec",
         "sub_mid",
+        "unsent",
         "version_number",
         "watch_write",
     )
@@ -86,6 +91,14 @@ class Device:
         """The final ack of the command finished last: its status names it."""
         self.ignored: list[Command] = []
         """Commands that arrived past their ``expires_at``."""
+        self.unsent: dict[int, TelemetryRecord] = {}
+        """Records (by report number, oldest first) waiting to go out with the next batch."""
+        self.in_flight: dict[int, dict[int, TelemetryRecord]] = {}
+        """Batches published and not yet answered, by MQTT message id."""
+        self.dropped: list[int] = []
+        """Report numbers of records dropped, unacknowledged, to keep ``unsent`` bounded."""
+        self.refusals = 0
+        """PUBACKs that did not deliver a batch: a refusal or "no matching subscribers"."""
 
 
 def seeded_digest(seed: int, device_id: str, purpose: str, size: int) -> bytes:

@@ -10,6 +10,15 @@ bundle, the last command it finished and how) when it is subscribed and after ea
 ack, and one telemetry record per report with the error rate, latency and shadow agreement
 :class:`Behaviour` sets per bundle.
 
+Telemetry is kept as the agent keeps it (agent/telemetry.py): a record counts as delivered
+only once a PUBACK accepts the batch that carried it. A PUBACK that refuses it (reason
+``>= 0x80``) or says "no matching subscribers" (``0x10``: the fleet's subscription is not
+there, e.g. a broker restarted before the fleet subscribed again) puts its records back
+among the unsent ones, which go out with the device's next report and when it has
+reconnected; a batch whose PUBACK the lost connection took is re-sent by paho after the
+reconnect. At most :data:`MAX_UNSENT_RECORDS` wait per device; past that the oldest are
+dropped and counted (:attr:`TelemetryLedger.dropped`).
+
 Everything here runs on the simulator's loop thread, which owns the paho clients; the
 fields callers read from other threads are written under the simulator's lock.
 """
@@ -22,8 +31,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 from contracts.mqtt import (
     UPDATER_IDLE,
@@ -44,9 +55,28 @@ from contracts.mqtt import (
 from ._device import GONE, Device, Phase, seeded_digest, seeded_fraction
 from .specs import DEFAULT_LATENCY_MS, Behaviour
 
-__all__ = ["DeviceProtocol", "record_id"]
+__all__ = ["MAX_UNSENT_RECORDS", "DeviceProtocol", "TelemetryLedger", "record_id"]
 
 log = logging.getLogger(__name__)
+
+MAX_UNSENT_RECORDS = 1000
+"""Records a device keeps waiting for a retry; the oldest beyond are dropped."""
+_NO_MATCHING_SUBSCRIBERS = 0x10
+"""MQTT 5 PUBACK reason code: the broker accepted the message and delivered it to nobody."""
+
+
+@dataclass(frozen=True)
+class TelemetryLedger:
+    """Where one device's telemetry records stand, by record id, each in order."""
+
+    acknowledged: list[str]
+    """Accepted by a PUBACK that delivered them: the fleet owes these."""
+    pending: list[str]
+    """Not yet: waiting for a retry, or in a batch whose PUBACK has not come."""
+    dropped: list[str]
+    """Given up unacknowledged, beyond :data:`MAX_UNSENT_RECORDS`."""
+    refusals: int
+    """PUBACKs that refused a batch or reached no subscriber: its records were re-sent."""
 
 
 class DeviceProtocol:
@@ -222,7 +252,8 @@ class DeviceProtocol:
         )
 
     def report(self, device: Device) -> bool:
-        """Publish one telemetry batch (one record) if the device is connected."""
+        """Make one record and publish it, with any waiting for a retry, if the device is
+        connected."""
         if device.phase is not Phase.READY or device.client is None:
             return False
         b = self.behaviour
@@ -239,9 +270,58 @@ class DeviceProtocol:
             shadow_compared=inferences if shadow else 0,
             shadow_agreed=round(inferences * b.shadow_agreement.get(shadow, 1.0)) if shadow else 0,
         )
-        payload = encode_telemetry(TelemetryBatch(records=[record]), compress=b.compress_telemetry)
-        device.client.publish(device_topic(device.spec.device_id, "telemetry"), payload, qos=1)
+        device.unsent[device.reports] = record
+        _bound_unsent(device)
+        self.send_unsent(device)
         return True
+
+    def send_unsent(self, device: Device) -> int:
+        """Publish the records waiting for a retry as one batch; how many went."""
+        batch = device.unsent
+        if not batch or device.phase is not Phase.READY or device.client is None:
+            return 0
+        records = TelemetryBatch(records=list(batch.values()))
+        payload = encode_telemetry(records, compress=self.behaviour.compress_telemetry)
+        topic = device_topic(device.spec.device_id, "telemetry")
+        mid = device.client.publish(topic, payload, qos=1).mid
+        device.unsent = {}
+        device.in_flight[mid] = batch
+        return len(batch)
+
+    def on_publish(
+        self, client: mqtt.Client, device: Device, mid: int, reason: ReasonCode, props: object
+    ) -> None:
+        """A PUBACK: its records are delivered, or wait for a retry (see the module doc)."""
+        batch = device.in_flight.pop(mid, None)
+        if batch is None:  # an ack or a status, not telemetry
+            return
+        if reason.is_failure or reason.value == _NO_MATCHING_SUBSCRIBERS:
+            device.refusals += 1
+            device.unsent = dict(sorted({**batch, **device.unsent}.items()))
+            _bound_unsent(device)
+
+    def ledger(self, device: Device) -> TelemetryLedger:
+        """Every record the device made so far: acknowledged, pending or dropped."""
+        pending = set(device.unsent).union(*device.in_flight.values())
+        dropped = set(device.dropped)
+        ids = functools.partial(record_id, self.seed, device.spec.device_id)
+        return TelemetryLedger(
+            acknowledged=[
+                ids(n)
+                for n in range(1, device.reports + 1)
+                if n not in pending and n not in dropped
+            ],
+            pending=[ids(n) for n in sorted(pending)],
+            dropped=[ids(n) for n in device.dropped],
+            refusals=device.refusals,
+        )
+
+
+def _bound_unsent(device: Device) -> None:
+    while len(device.unsent) > MAX_UNSENT_RECORDS:
+        oldest = next(iter(device.unsent))
+        del device.unsent[oldest]
+        device.dropped.append(oldest)
 
 
 def _bundle_name(ref: BundleRef) -> str:

@@ -42,7 +42,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from contracts.mqtt import Ack, Command, Status, device_topic
 
 from ._device import GONE, Device, Phase, seeded_fraction
-from ._protocol import DeviceProtocol, record_id
+from ._protocol import DeviceProtocol, TelemetryLedger, record_id
 from .specs import Behaviour, SimulatedDeviceSpec
 
 __all__ = ["FleetSimulator"]
@@ -209,11 +209,28 @@ class FleetSimulator:
         with self._lock:
             return list(device.ignored)
 
+    def send_pending_telemetry(self, device_ids: Iterable[str] | None = None) -> int:
+        """Re-send now, without a new report, the records these devices (default: all) hold
+        for a retry; returns how many records went."""
+        devices = (
+            list(self._devices.values())
+            if device_ids is None
+            else [self._device(d) for d in device_ids]
+        )
+        return self._call(lambda: sum(self._protocol.send_unsent(d) for d in devices))
+
     def telemetry_sent(self, device_id: str) -> list[str]:
-        """The ids of the telemetry records the device published, in order."""
+        """The ids of the telemetry records the device published at least once, in order,
+        whether or not a PUBACK delivered them (see :meth:`telemetry_ledger`)."""
         device = self._device(device_id)
         reports = self._call(lambda: device.reports)
         return [record_id(self.seed, device_id, n) for n in range(1, reports + 1)]
+
+    def telemetry_ledger(self, device_id: str) -> TelemetryLedger:
+        """The device's records: acknowledged (a PUBACK delivered them), pending a retry,
+        or dropped."""
+        device = self._device(device_id)
+        return self._call(lambda: self._protocol.ledger(device))
 
     def acks_sent(self, device_id: str) -> list[Ack]:
         """Every ack the device published, re-acks of resent commands included, in order."""
@@ -464,6 +481,7 @@ class FleetSimulator:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._protocol.on_message
+        client.on_publish = self._protocol.on_publish
         return client
 
     def _tls_context(self, spec: SimulatedDeviceSpec) -> ssl.SSLContext:
@@ -536,6 +554,7 @@ class FleetSimulator:
         device.reconnects = 0
         self._protocol.publish_status(device)  # online only once commands can reach it
         self._set_phase(device, Phase.READY)
+        self._protocol.send_unsent(device)
 
     def _refused(self, device: Device, error: str) -> None:
         """The broker said no: fatal during start(); afterwards, retry like a lost link."""
