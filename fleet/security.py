@@ -7,10 +7,9 @@ database lets nobody in. The prefix says what a token is for when one turns up i
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
-__all__ = ["hash_token", "new_token", "tokens_match"]
+__all__ = ["hash_token", "new_token"]
 
 
 def new_token(prefix: str) -> str:
@@ -20,7 +19,3 @@ def new_token(prefix: str) -> str:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def tokens_match(token: str, stored_hash: str) -> bool:
-    return hmac.compare_digest(hash_token(token), stored_hash)

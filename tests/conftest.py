@@ -51,13 +51,32 @@ def write_profile(user_profile_dir: Path) -> Callable[..., Path]:
     return write
 
 
+MODELS_CACHE_ENV = "EDGEFLEET_TEST_MODELS"
+"""A directory where the trained and compiled digits model are kept for later sessions to
+reuse. ``make mutate`` sets it (.ci/mutate.py): each mutant's test run would otherwise
+train and compile them again. Unset, every session builds them in its own temp dir."""
+_BUILT = ".built"
+
+
+def _model_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, bool]:
+    """Where to build ``name``, and whether a finished build is already there."""
+    cache = os.environ.get(MODELS_CACHE_ENV)
+    if not cache:
+        return tmp_path_factory.mktemp(name), False
+    path = Path(cache) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path, (path / _BUILT).is_file()
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """examples/digits/train.py run as a user runs it: digits.keras, .onnx and .npz."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("digits")
+    out, built = _model_dir(tmp_path_factory, "digits")
+    if built:
+        return out
     script = Path(__file__).resolve().parents[1] / "examples" / "digits" / "train.py"
     result = subprocess.run(
         [sys.executable, str(script), "--out", str(out)],
@@ -67,16 +86,21 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout
+    (out / _BUILT).touch()
     return out
 
 
 @pytest.fixture(scope="session")
 def compiled_digits(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``edgefleet compile digits.onnx --profile host``: fp32 on ONNX Runtime and TVM."""
+    """``edgefleet compile digits.onnx --profile host``: fp32 on ONNX Runtime, LiteRT (the
+    ONNX model converted with onnx2tf) and TVM."""
     from compiler.pipeline import CompileOptions, compile_model
     from hw_profiles import load_profile
 
-    out = tmp_path_factory.mktemp("compiled") / "digits-host"
+    parent, built = _model_dir(tmp_path_factory, "compiled")
+    out = parent / "digits-host"
+    if built:
+        return out
     compile_model(
         CompileOptions(
             model=digits / "digits.onnx",
@@ -86,6 +110,7 @@ def compiled_digits(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             latency_runs=3,
         )
     )
+    (parent / _BUILT).touch()
     return out
 
 

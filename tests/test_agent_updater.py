@@ -281,6 +281,32 @@ def test_a_rollback_command_returns_to_the_previous_bundle_once(
     _serves(device.data_dir, V1)
 
 
+def test_a_rollback_command_changes_nothing_unless_it_names_the_bundle_before(
+    device: Device, fleet: Fleet
+) -> None:
+    already = fleet.command(CommandKind.ROLLBACK, V1)
+    device.updater.handle(already)  # serving 1.0.0, nothing before it
+    assert device.acked(already) == [_R]
+    assert device.detail(already, _R) == f"{_label(V1)} is already serving"
+    nothing = fleet.command(CommandKind.ROLLBACK, V2)
+    device.updater.handle(nothing)
+    assert device.acked(nothing) == [_F]
+    assert device.detail(nothing, _F) == "no earlier bundle on this device to go back to"
+
+    device.updater.handle(fleet.deploy(V2))
+    for _ in range(WATCH):
+        device.updater.observe(local_error=False)
+    wrong = fleet.command(CommandKind.ROLLBACK, BAD_GOLDEN)
+    device.updater.handle(wrong)
+    assert device.acked(wrong) == [_F]
+    assert device.detail(wrong, _F) == (
+        f"the bundle before this one was {_label(V1)}, not {_label(BAD_GOLDEN)}: nothing changed"
+    )
+    assert device.activated == [_label(V1), _label(V2)]
+    _serves(device.data_dir, V2)
+    assert device.updater.state is State.IDLE
+
+
 def test_a_rollback_command_during_the_health_check_undoes_the_deploy(
     device: Device, fleet: Fleet
 ) -> None:

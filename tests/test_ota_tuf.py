@@ -18,6 +18,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, MetaFile, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
@@ -32,12 +33,13 @@ from ota.errors import (
     DownloadError,
     ExpiredMetadataError,
     KeyStoreError,
+    OtaError,
     RollbackError,
     TrustError,
 )
 from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
-from ota.verify import verify_sideloaded
+from ota.verify import _DirectoryFetcher, verify_sideloaded
 from tests.utils.http_files import FileServer, serve_directory
 from tests.utils.tcp_proxy import CuttingProxy
 
@@ -424,3 +426,61 @@ def test_a_side_loaded_bundle_is_verified_offline(
     shutil.copyfile(forged_bundle, forged)
     with pytest.raises(TrustError, match="tampered after release"):
         verify_sideloaded(forged, root_v1, stick / "metadata")
+
+
+def test_a_side_loaded_bundle_is_returned_verified_or_refused_with_the_figures(
+    repo: OtaRepository, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    stick = tmp_path / "usb"
+    shutil.copytree(repo.metadata_dir, stick / "metadata")
+    shutil.copyfile(bundles["1.0.0"], stick / "digits.efb")
+    root_v1 = tmp_path / "root-v1.json"
+    shutil.copyfile(repo.root_file, root_v1)
+    data = (stick / "digits.efb").read_bytes()
+
+    verified = verify_sideloaded(stick / "digits.efb", root_v1, stick / "metadata")
+    assert verified.manifest == verify_bundle(stick / "digits.efb")
+    assert verified.target.length == len(data)
+    assert verified.target.hashes["sha256"] == hashlib.sha256(data).hexdigest()
+
+    nowhere = stick / "nowhere"
+    with pytest.raises(OtaError) as missing:
+        verify_sideloaded(stick / "digits.efb", root_v1, nowhere)
+    assert str(missing.value) == (
+        f"no metadata directory at {nowhere}: copy the repository's metadata/ next to the "
+        "bundle or pass --metadata DIR"
+    )
+
+    (stick / "metadata" / "timestamp.json").unlink()
+    with pytest.raises(DownloadError) as unreachable:
+        verify_sideloaded(stick / "digits.efb", root_v1, stick / "metadata")
+    assert str(unreachable.value).startswith(f"metadata in {stick / 'metadata'}: ")
+    assert f"timestamp.json not in {stick / 'metadata'}" in str(unreachable.value)
+
+    shutil.copytree(repo.metadata_dir, stick / "metadata", dirs_exist_ok=True)
+    forged = _rebundled({"1.1.0": bundles["1.1.0"]}, tmp_path, "1.0.0")
+    forged_data = forged.read_bytes()
+    with pytest.raises(TrustError) as tampered:
+        verify_sideloaded(forged, root_v1, stick / "metadata")
+    assert str(tampered.value) == (
+        f"{forged.name}: refused, the signed targets list {TARGET_V1} with SHA-256 "
+        f"{hashlib.sha256(data).hexdigest()} and {len(data)} bytes, the file has "
+        f"{hashlib.sha256(forged_data).hexdigest()} and {len(forged_data)} bytes: tampered "
+        "after release"
+    )
+
+
+def test_the_side_loading_fetcher_serves_only_files_directly_in_its_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "1.root.json").write_text("{}")
+    (tmp_path / "timestamp.json").write_text("{}")
+    fetcher = _DirectoryFetcher(tmp_path)
+
+    assert b"".join(fetcher.fetch("http://metadata.local/timestamp.json")) == b"{}"
+    for name in ("sub/1.root.json", "snapshot.json"):
+        with pytest.raises(DownloadHTTPError) as refused:
+            b"".join(fetcher.fetch(f"http://metadata.local/{name}"))
+        assert refused.value.status_code == 404
+        assert str(refused.value) == f"{name} not in {tmp_path}"

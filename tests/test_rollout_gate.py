@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from fleet.models import Gate, GateMetric, GateOutcome, GateVerdict, HealthStats
+from fleet.models import (
+    Gate,
+    GateMetric,
+    GateOutcome,
+    GateVerdict,
+    HealthStats,
+    RolloutDeviceState,
+)
 from fleet.rollouts import WaveCounts, check_failures, evaluate
 
 GATE = Gate(
@@ -146,6 +153,7 @@ def test_each_check_fails_the_gate_alone(
     assert failure.value == pytest.approx(value)
     assert failure.threshold == pytest.approx(threshold)
     assert not failure.passed
+    assert failure.reason.startswith(words[0])  # the metric's own name, first
     for text in words:
         assert text in failure.reason
     assert verdict.summary == failure.reason
@@ -267,3 +275,17 @@ def test_counts_that_cannot_be_are_refused() -> None:
         WaveCounts(wave=0, members=2, healthy=2, failed=1)
     with pytest.raises(ValueError, match="no members"):
         check_failures(WaveCounts(wave=0, members=0), GATE)
+
+
+def test_counts_are_taken_from_the_members_states() -> None:
+    states = {
+        RolloutDeviceState.HEALTHY: 4,
+        RolloutDeviceState.FAILED: 1,
+        RolloutDeviceState.IN_PROGRESS: 2,
+        RolloutDeviceState.PENDING: 3,
+    }
+    counts = WaveCounts.of(3, states)
+
+    assert counts == WaveCounts(wave=3, members=10, healthy=4, failed=1)
+    assert counts.answered == 5
+    assert WaveCounts.of(1, {}) == WaveCounts(wave=1, members=0, healthy=0, failed=0)
