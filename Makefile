@@ -18,7 +18,8 @@ SYSTEM_PACKAGES := python3-venv gcc g++ gcc-aarch64-linux-gnu libc6-dev-arm64-cr
 	mosquitto mosquitto-clients postgresql systemd shellcheck chromium \
 	qemu-user-static binfmt-support debootstrap
 
-.PHONY: setup system-packages test lint demo bench conformance clean dashboard-assets screenshots
+.PHONY: setup system-packages test lint demo bench conformance clean dashboard-assets screenshots \
+	cli-reference mutate
 
 setup: system-packages $(STAMP)
 
@@ -29,6 +30,11 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	# onnx2tf converts ONNX sources for LiteRT (compiler/onnx_to_tf.py). Its metadata pins
+	# exact, older TensorFlow / ONNX Runtime / numpy releases, which would downgrade the
+	# compiler's; it runs on the ones pyproject.toml installs, so it comes without its pins.
+	$(BIN)/python -m pip install --quiet --no-deps "onnx2tf==1.29.24" \
+		"onnx_graphsurgeon==0.6.1" "sng4onnx==2.0.1" "tf_keras>=2.16,<2.22"
 	@touch $@
 
 lint: setup
@@ -49,6 +55,11 @@ bench: setup
 	done; \
 	[ $$found -eq 1 ] || echo "No benchmarks yet: bench/*_bench.py arrive with the compiler, OTA, fleet and agent issues."
 
+# Mutation testing of the safety-critical modules, each with the tests that cover it
+# (docs/mutation.md); not part of `make test`. TARGETS="rollout-gate authorisation" runs some.
+mutate: setup
+	nice -n 5 $(BIN)/python .ci/mutate.py $(TARGETS)
+
 # The public TUF conformance suite against edgefleet's client (`edgefleet ota tuf-client`).
 # It is not on PyPI: point TUF_CONFORMANCE at a checkout of
 # https://github.com/theupdateframework/tuf-conformance (it needs faketime too).
@@ -68,6 +79,11 @@ dashboard-assets:
 # The dashboard's screenshots in docs/images/, taken by its browser test.
 screenshots: setup
 	EDGEFLEET_SCREENSHOTS=docs/images $(BIN)/pytest tests/test_dashboard.py
+
+# docs/cli.md, every command's --help, from the typer app (tests/test_cli_reference.py
+# fails when it is stale).
+cli-reference: setup
+	$(BIN)/python -m edgefleet.cli_reference
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

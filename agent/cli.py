@@ -45,6 +45,7 @@ def enroll(
         typer.Option(hidden=True, help="Refused: tags come from the enrollment token."),
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Default: OUT/data.")] = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Enroll this device with a fleet; writes OUT/agent.toml for `agent run`.
 
@@ -71,6 +72,9 @@ def enroll(
         )
     except AgentError as e:
         fail(e)
+    if json_output:
+        print_json({"device_id": enrolled.device_id, "config": str(enrolled.config_path)})
+        return
     typer.echo(
         f"enrolled {enrolled.device_id}; run: edgefleet agent run --config {enrolled.config_path}"
     )
@@ -162,6 +166,7 @@ def uninstall(
     purge: Annotated[bool, typer.Option("--purge", help="Also remove config and data.")] = False,
     stop: Annotated[bool, typer.Option("--stop/--no-stop")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan only.")] = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Stop and remove the agent's service and venv (--purge: config and data too)."""
     from .errors import InstallError
@@ -176,10 +181,16 @@ def uninstall(
         unit_name=unit_name,
     )
     try:
-        run_uninstall(
+        report = run_uninstall(
             UninstallOptions(
-                layout=layout, purge=purge, stop=stop, dry_run=dry_run, echo=typer.echo
+                layout=layout,
+                purge=purge,
+                stop=stop,
+                dry_run=dry_run,
+                echo=lambda line: typer.echo(line, err=json_output),
             )
         )
     except InstallError as e:
         fail(e)
+    if json_output:
+        print_json(asdict(report))

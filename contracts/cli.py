@@ -1,7 +1,9 @@
 """What every ``edgefleet`` sub-command shares: JSON output, errors, exit codes.
 
-Exit codes: 0 success, 1 a user-facing error (the message says what to do), 2 a usage
-error (typer's).
+Exit codes (README.md, "Exit codes"): 0 success, 1 a user-facing error (the message says
+what to do), 2 a usage error (click's: an unknown option, a value not among the choices),
+3 ``fleet serve`` could not start (a port in use, or its start-up failed: uvicorn's code),
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import typer
 from rich.console import Console
 
 __all__ = [
+    "EXIT_CANNOT_START",
     "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
     "JsonOption",
     "fail",
     "print_error",
@@ -26,6 +31,12 @@ __all__ = [
 ]
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
+"""click's own code for a usage error; named here so tests and docs can say it."""
+EXIT_CANNOT_START = 3
+"""``fleet serve`` could not start; the same code uvicorn exits with when start-up fails."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C: 128 + SIGINT, as shells report it."""
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON to stdout.")]
 

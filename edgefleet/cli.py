@@ -19,7 +19,7 @@ import compiler.cli
 import fleet.cli
 import hw_profiles.cli
 import ota.cli
-from contracts.cli import EXIT_ERROR, print_error
+from contracts.cli import EXIT_ERROR, EXIT_INTERRUPTED, print_error
 
 app = typer.Typer(
     name="edgefleet",
@@ -69,11 +69,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its models.")] = Path(
         "build/demo"
     ),
+    keep_running: Annotated[
+        bool, typer.Option("--keep-running", help="Leave the fleet and dashboard up until Ctrl-C.")
+    ] = False,
 ) -> None:
-    """Run the end-to-end story on one machine: train, compile per profile, gate, report."""
+    """The end-to-end story on one machine: train, compile per profile, sign, then a fleet
+    with a real agent and simulated devices: two releases rolled out in waves, a broken
+    third rolled back by its gate, local and cloud answers."""
     from .demo import run_demo
 
-    run_demo(out)
+    run_demo(out, keep_running=keep_running)
 
 
 def run() -> None:
@@ -87,4 +92,4 @@ def run() -> None:
         print_error(f"{where}{e.strerror or e}")
         raise SystemExit(EXIT_ERROR) from None
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise SystemExit(EXIT_INTERRUPTED) from None

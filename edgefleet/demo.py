@@ -3,10 +3,11 @@
 Train the digits CNN (examples/digits); compile it for this machine (every runtime and
 precision, the fastest selected) and for a Raspberry Pi 4 (int8, cross-linked), behind the
 accuracy gate; pack both into bundles, sign them into a TUF repository and verify them as a
-device would. Then the fleet: start ``edgefleet fleet serve`` on the embedded defaults
-(SQLite, its own mosquitto), publish two releases, enroll a real agent on this machine and
-twenty simulated devices, roll release 1.0.0 and then 1.1.0 out in waves, and ask the
-agent's local API before (the cloud answers) and after (the installed model answers).
+device would. Then the fleet (edgefleet/demo_fleet.py): start the fleet server on the
+embedded defaults (SQLite, its own mosquitto), enroll a real agent on this machine and twenty
+simulated devices, roll releases 1.0.0 and 1.1.0 of the selected artifact out in waves, roll out a
+broken 1.2.0 that its canary wave's gate stops and rolls back, and ask the agent's local API
+along the way (the cloud answers before a model is installed and when the local one fails).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEMO_PASSPHRASE = b"edgefleet-demo-only"
 DEMO_MAX_ACCURACY_DROP = 0.03
 
 
-def run_demo(out: Path) -> None:
+def run_demo(out: Path, *, keep_running: bool = False) -> None:
     from compiler.cli import candidates_table
     from compiler.errors import CompilerError
     from compiler.pipeline import CompileOptions, compile_model
@@ -78,7 +79,7 @@ def run_demo(out: Path) -> None:
     _sign_and_verify(console, out)
     from .demo_fleet import run_fleet_demo
 
-    run_fleet_demo(console, out)
+    run_fleet_demo(console, out, keep_running=keep_running)
 
 
 def _sign_and_verify(console: Console, out: Path) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "ModelUnavailableError",
     "NotFoundError",
     "RequestError",
+    "StartupError",
 ]
 
 
@@ -74,3 +75,7 @@ class CertificateError(FleetError):
 class LeaseLost(FleetError, RuntimeError):
     """The rollout engine's replica no longer holds the term it began a step in: the
     step's transaction is rolled back (``fleet.rollouts.lease``)."""
+
+
+class StartupError(FleetError, RuntimeError):
+    """``fleet serve`` cannot start as configured (a port in use): nothing was set up."""

@@ -129,12 +129,16 @@ def keys_rotate(
     repo: RepoOption = _DEFAULT_REPO,
     keys: KeysOption = _DEFAULT_KEYS,
     passphrase_env: PassphraseEnvOption = _PASSPHRASE_ENV,
+    json_output: JsonOption = False,
 ) -> None:
     """Replace a role's keys, publish a new root signed by old and new, revoke the old."""
     with _user_errors():
         repository = _repository(repo, keys, passphrase_env)
         new = repository.rotate(role)
     version = repository.root().signed.version
+    if json_output:
+        print_json({"role": role, "keyids": list(new), "root_version": version})
+        return
     typer.echo(f"{role} rotated to {', '.join(k[:16] for k in new)}; root is now version {version}")
 
 
@@ -185,11 +189,17 @@ def publish(
     repo: RepoOption = _DEFAULT_REPO,
     keys: KeysOption = _DEFAULT_KEYS,
     passphrase_env: PassphraseEnvOption = _PASSPHRASE_ENV,
+    json_output: JsonOption = False,
 ) -> None:
     """Verify a bundle, add it to the repository as a TUF target, and re-sign."""
     with _user_errors():
         repository = _repository(repo, keys, passphrase_env)
         target = repository.add_bundle(file)
+    if json_output:
+        print_json(
+            {"target": target.path, "sha256": target.hashes["sha256"], "length": target.length}
+        )
+        return
     typer.echo(f"published {target.path} (sha256 {target.hashes['sha256'][:16]}…)")
 
 
@@ -201,6 +211,7 @@ def refresh(
         str | None, typer.Option(help="Re-sign when expiring within this (default: half life).")
     ] = None,
     passphrase_env: PassphraseEnvOption = _PASSPHRASE_ENV,
+    json_output: JsonOption = False,
 ) -> None:
     """Re-sign timestamp metadata before it expires (for cron; the fleet server does it)."""
     import datetime as dt
@@ -210,6 +221,9 @@ def refresh(
         repository = _repository(repo, keys, passphrase_env)
         renewed = repository.refresh_timestamp(within=margin)
     expires = repository.timestamp().signed.expires.isoformat()
+    if json_output:
+        print_json({"renewed": renewed, "expires": expires})
+        return
     typer.echo(f"timestamp {'renewed' if renewed else 'still fresh'}, expires {expires}")
 
 
@@ -287,10 +301,18 @@ def patch(
     sha256: Annotated[
         str | None, typer.Option(help="SHA-256 the result must have (the TUF target's).")
     ] = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Rebuild the new bundle from OLD and a delta, checked bit for bit."""
+    import hashlib
+
     from ota.delta import apply_delta
 
     with _user_errors():
         apply_delta(old, delta_file, out, expected_sha256=sha256)
+    if json_output:
+        with out.open("rb") as rebuilt:
+            digest = hashlib.file_digest(rebuilt, "sha256").hexdigest()
+        print_json({"out": str(out), "bytes": out.stat().st_size, "sha256": digest})
+        return
     typer.echo(f"{out}: rebuilt and verified")

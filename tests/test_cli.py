@@ -129,25 +129,6 @@ def test_profiles_show_unknown_name_fails_with_the_available_names() -> None:
     assert "rpi4" in result.stderr
 
 
-def test_demo_compiles_signs_and_rolls_out_to_an_agent_and_simulated_devices(
-    tmp_path: Path,
-) -> None:
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "selected" in result.output
-    host = json.loads((tmp_path / "host" / "report.json").read_text())
-    assert host["selected"] is not None
-    assert (tmp_path / "rpi4" / "tvm-fp32.so").read_bytes()[18] == 183  # EM_AARCH64
-    assert (tmp_path / "rpi4" / "onnxruntime-int8.onnx").exists()
-    published = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "ota-repo").rglob("*.efb"))
-    assert published == ["digits-host-1.0.0.efb", "digits-rpi4-1.0.0.efb"]
-    assert "verified against" in result.output
-    # the fleet chapter: a real agent and simulated devices take both releases
-    for release in ("digits-host-1.0.0", "digits-host-1.1.0"):
-        assert f"21 of 21 devices healthy on {release}" in result.output
-    assert "│ cloud " in result.output and "│ local     │ digits-host-1.1.0" in result.output
-
-
 def test_the_installed_console_script_runs() -> None:
     script = Path(sys.executable).parent / "edgefleet"
     result = subprocess.run(

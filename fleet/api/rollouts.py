@@ -11,6 +11,8 @@ from sqlmodel import col, select
 from .. import rollouts
 from ..bounds import MAX_ROW_ID, Name, Text
 from ..models import (
+    Bundle,
+    ModelVersion,
     Rollout,
     RolloutCreate,
     RolloutDevice,
@@ -101,12 +103,19 @@ def list_rollouts(
     session: SessionDep,
     _: Viewer,
     state: RolloutState | None = None,
+    model: Name | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[RolloutPublic]:
-    """The latest rollouts first."""
+    """The latest rollouts first; ``model``: only those of that model's bundles."""
     query = select(Rollout).order_by(col(Rollout.created_at).desc()).limit(limit)
     if state is not None:
         query = query.where(Rollout.state == state)
+    if model is not None:
+        query = (
+            query.join(Bundle, col(Bundle.id) == col(Rollout.bundle_id))
+            .join(ModelVersion, col(ModelVersion.id) == col(Bundle.model_version_id))
+            .where(ModelVersion.name == model)
+        )
     return [rollouts.public_rollout(session, r) for r in session.exec(query)]
 
 
