@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -315,12 +316,22 @@ def _keep_exploring(
 
 
 def _until_interrupted(console: Console) -> None:
-    console.print("The fleet, the agent and the simulated devices run until Ctrl-C.")
+    """Wait for Ctrl-C (SIGINT) or SIGTERM. The handlers are installed here because a
+    process started in the background by a shell inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt."""
+    stop = threading.Event()
+    previous = {
+        number: signal.signal(number, lambda _signum, _frame: stop.set())
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
+        console.print("The fleet, the agent and the simulated devices run until Ctrl-C.")
+        while not stop.wait(1):
+            pass
         console.print("stopping the fleet, the agent and the simulated devices")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager
