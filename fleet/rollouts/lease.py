@@ -215,10 +215,6 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="rollout-lease", daemon=True)
         self._thread.start()
 
-    def poke(self) -> None:
-        """Look again now (this replica just became ready, say)."""
-        self._wake.set()
-
     def stop(self) -> None:
         """Stop keeping it and release it if held, so another replica takes over at once."""
         self._stop.set()
