@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
 
@@ -28,6 +30,7 @@ __all__ = [
     "print_error",
     "print_json",
     "third_party_output_to_stderr",
+    "wait_for_stop",
 ]
 
 EXIT_ERROR = 1
@@ -74,3 +77,27 @@ def fail(message: object) -> NoReturn:
     """Print ``error: message`` on stderr and exit with EXIT_ERROR (inside a command)."""
     print_error(message)
     raise typer.Exit(EXIT_ERROR)
+
+
+def wait_for_stop(timeout_s: float | None = None) -> bool:
+    """Block until Ctrl-C (SIGINT) or SIGTERM, or until ``timeout_s`` has passed; ``True``
+    when a signal ended the wait. The handlers are installed here, and the previous ones put
+    back after: a process a shell starts in the background inherits SIGINT ignored, and
+    Python then never raises KeyboardInterrupt. The handler only sets a flag (taking a lock
+    in a handler can deadlock against the interrupted main thread); the wait polls it."""
+    signalled: list[int] = []
+    previous = {
+        number: signal.signal(number, lambda signum, _frame: signalled.append(signum))
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while not signalled:
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            time.sleep(left)
+        return True
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -27,7 +26,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from contracts.cli import fail
+from contracts.cli import fail, wait_for_stop
 
 SIMULATED_DEVICES = 20
 CANARY = "canary"
@@ -316,22 +315,11 @@ def _keep_exploring(
 
 
 def _until_interrupted(console: Console) -> None:
-    """Wait for Ctrl-C (SIGINT) or SIGTERM. The handlers are installed here because a
-    process started in the background by a shell inherits SIGINT ignored, and Python then
-    never raises KeyboardInterrupt."""
-    stop = threading.Event()
-    previous = {
-        number: signal.signal(number, lambda _signum, _frame: stop.set())
-        for number in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        console.print("The fleet, the agent and the simulated devices run until Ctrl-C.")
-        while not stop.wait(1):
-            pass
-        console.print("stopping the fleet, the agent and the simulated devices")
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    """Wait for Ctrl-C (SIGINT) or SIGTERM (contracts/cli.py: a background shell job
+    ignores SIGINT, so this does not rely on KeyboardInterrupt)."""
+    console.print("The fleet, the agent and the simulated devices run until Ctrl-C.")
+    wait_for_stop()
+    console.print("stopping the fleet, the agent and the simulated devices")
 
 
 @contextmanager

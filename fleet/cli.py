@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import enum
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from contracts.cli import EXIT_CANNOT_START, JsonOption, fail, print_error, print_json
+from contracts.cli import (
+    EXIT_CANNOT_START,
+    JsonOption,
+    fail,
+    print_error,
+    print_json,
+    wait_for_stop,
+)
 
 if TYPE_CHECKING:
     from .simulator import SimulatedDeviceSpec
@@ -249,8 +255,6 @@ def broker(
     DATA_DIR/broker-credential.json (0600), which every replica is given with
     --mqtt-url mqtt://HOST:PORT --mqtt-credential-file FILE."""
     import logging
-    import signal
-    import threading
 
     from .broker.endpoint import is_loopback
     from .errors import BrokerError
@@ -272,15 +276,12 @@ def broker(
         endpoint = service.start()
     except (BrokerError, ValueError) as e:
         fail(e)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
     typer.echo(
         f"MQTT listens on mqtt://{host}:{endpoint.port}; start each replica with --mqtt-url "
         f"mqtt://{endpoint.host}:{endpoint.port} --mqtt-credential-file "
         f"{service.credential_path} --replica-id NAME"
     )
-    stopping.wait()
+    wait_for_stop()
     service.stop()
 
 
@@ -890,12 +891,7 @@ def simulate(
     with FleetSimulator(host, port, devices_list, behaviour) as simulator:
         seconds = simulator.start()
         typer.echo(f"{len(devices_list)} devices connected in {seconds:.1f} s", err=json_output)
-        start = time.monotonic()
-        try:
-            while duration is None or time.monotonic() - start < duration:
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
+        wait_for_stop(duration)
         summary = {
             "devices": len(devices_list),
             "connect_s": round(seconds, 2),

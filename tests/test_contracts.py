@@ -175,3 +175,22 @@ def test_json_documents_are_shallow_small_and_finite() -> None:
         node = node["n"]  # type: ignore[assignment]
     with pytest.raises(ValueError, match="nested over 8 levels"):
         check_json_document(nested)
+
+
+def test_wait_for_stop_ends_on_a_signal_even_when_sigint_was_ignored() -> None:
+    """A background shell job starts with SIGINT ignored; Ctrl-C must still stop the wait,
+    and the handler that was there before is put back."""
+    import os
+    import signal
+    import threading
+
+    from contracts.cli import wait_for_stop
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert wait_for_stop(30) is True
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert wait_for_stop(0.3) is False
+    finally:
+        signal.signal(signal.SIGINT, previous)
