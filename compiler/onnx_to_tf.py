@@ -8,6 +8,12 @@ layout (channels first): onnx2tf would otherwise make them channels last, and th
 must take what the ONNX model takes. LiteRT's own converter then writes each precision
 from the SavedModel (``compiler/litert.py``).
 
+Before onnx2tf sees the model, ONNX Runtime's basic graph optimizations rewrite it
+(constant folding, a Mul/Add/BatchNormalization/Pad after a Conv folded into the Conv:
+standard ONNX operators only, the same function). Exporters write such chains, and onnx2tf
+fails on some: a MobileNetV2 exported from Keras by tf2onnx stopped at the ``Mul`` after a
+depthwise Conv, and converts once it is folded (``bench/compile_bench.py``).
+
 onnx2tf runs in a child process (``python -m compiler.onnx_to_tf``): on import it sets
 ``TF_USE_LEGACY_KERAS``, which would change what ``tf.keras`` is for the rest of a
 compile, and on a failed operator it exits the process.
@@ -23,6 +29,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 
 from .errors import StepError
 from .importers import SourceModel
@@ -58,7 +65,8 @@ def to_saved_model(onnx_path: Path, out_dir: Path, source: SourceModel) -> Sourc
     if not available():
         raise StepError(INSTALL_HINT)
     layout_kept = [s.name for s in source.inputs if len(s.shape) >= 3]
-    command = [sys.executable, "-m", __name__, str(onnx_path), str(out_dir)]
+    folded = _folded(onnx_path, out_dir.with_name(f"{out_dir.name}-folded.onnx"))
+    command = [sys.executable, "-m", __name__, str(folded), str(out_dir)]
     command += [f"--keep-layout={name}" for name in layout_kept]
     try:
         child = subprocess.run(
@@ -68,7 +76,7 @@ def to_saved_model(onnx_path: Path, out_dir: Path, source: SourceModel) -> Sourc
         raise ConversionError(f"onnx2tf took more than {TIMEOUT_S} s", None) from e
     log = child.stdout + child.stderr
     if child.returncode != 0 or not (out_dir / "saved_model.pb").exists():
-        raise _conversion_error(log, onnx_path)
+        raise _conversion_error(log, folded)
     return SourceModel(
         path=out_dir,
         kind="saved_model",
@@ -77,6 +85,20 @@ def to_saved_model(onnx_path: Path, out_dir: Path, source: SourceModel) -> Sourc
         inputs=source.inputs,
         outputs=source.outputs,
     )
+
+
+def _folded(onnx_path: Path, folded_path: Path) -> Path:
+    """``onnx_path`` after ONNX Runtime's basic (operator-preserving) graph optimizations,
+    written to ``folded_path``; the model as it was when ONNX Runtime cannot load it (the
+    validation step will say why)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(folded_path)
+    try:
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception:  # any load failure: convert the model as given
+        return onnx_path
+    return folded_path
 
 
 def _conversion_error(log: str, onnx_path: Path) -> ConversionError:

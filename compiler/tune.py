@@ -3,8 +3,10 @@
 The database lives in ``CACHE/tuning/PROFILE/TARGETHASH/``. MetaSchedule keeps its records
 per workload (an operator's structure and shapes), so a model whose layers were tuned for
 another model on the same profile gets their schedules without new trials: only the tasks
-with no record are tuned. A later compile of the same model does not tune again unless it
-asks for more trials than that model was tuned with (the marker file remembers, per model).
+with no record are tuned, with their share of the budget (trials and time scaled by new
+tasks / all tasks, what a tune from scratch would spend on them). A later compile of the
+same model does not tune again unless it asks for more trials than that model was tuned
+with (the marker file remembers, per model).
 A tune writes into a copy of the database that replaces it only when it finished, under a
 lock, so an interrupted tune leaves nothing half and two compiles never mix records.
 The budget is trials, or time (``time_budget_s``: tasks are stopped when it is spent), and
@@ -18,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -320,9 +323,13 @@ def tune_model(
             shutil.copytree(database, scratch)
         else:
             scratch.mkdir(parents=True)
-        progress = _Progress(trials, time_budget_s, echo)
+        # The tasks already tuned keep their schedules; the new ones get the share of the
+        # budget a tune from scratch would have spent on them (per task), not all of it.
+        share = len(new) / len(extracted)
+        budget = max(len(new), math.ceil(trials * share))
+        progress = _Progress(budget, None if time_budget_s is None else time_budget_s * share, echo)
         try:
-            _tune(new, scratch, trials, rpc, progress)
+            _tune(new, scratch, budget, rpc, progress)
             _mark(scratch, model_hash, trials, str(target))
             fsync_tree(scratch)
             if database.exists():

@@ -16,6 +16,7 @@ import pytest
 
 from compiler.errors import AccuracyGateError, DataError, StepError
 from compiler.pipeline import DEFAULT_PIPELINE, CompileOptions, compile_model
+from contracts.drift import DRIFT_REFERENCE_FILE, OUTPUT_NORM, ReferenceProfile
 from contracts.report import AccuracyGate, CompileReport, parse_report
 from hw_profiles import Profile, load_profile
 from tests.utils import task_models
@@ -108,6 +109,17 @@ def test_each_task_is_inferred_and_judged_by_its_own_metrics_only(
     assert [o.name for o in candidate.accuracy.outputs] == [o.name for o in onnx_outputs(model)]
     on_disk = parse_report((tmp_path / "out" / "report.json").read_bytes())
     assert on_disk.task == report.task
+    # The drift reference the bundle ships: each of the 16 input features, and the outputs
+    # as a class histogram for a classifier, as a norm otherwise (contracts/drift.py).
+    drift = ReferenceProfile.from_json_bytes((tmp_path / "out" / DRIFT_REFERENCE_FILE).read_bytes())
+    assert drift.samples == 48  # the half of the calibration data kept for validation
+    assert [f.name for f in drift.features if f.name != OUTPUT_NORM] == [
+        f"x:{i}" for i in range(16)
+    ]
+    assert (drift.classes is not None) == (task == "classification")
+    assert (OUTPUT_NORM in [f.name for f in drift.features]) == (task != "classification")
+    if drift.classes is not None:
+        assert len(drift.classes) == 5 and max(drift.classes) < 1
 
 
 @pytest.mark.parametrize(("build", "task", "roles", "evidence"), TASK_MODELS[1:])
@@ -253,13 +265,55 @@ def test_the_digits_onnx_model_gets_litert_candidates_that_pass_the_gate(
 
 
 def test_an_operator_onnx2tf_cannot_convert_is_named_and_the_others_ship(tmp_path: Path) -> None:
-    model = task_models.cast_like_regressor(tmp_path)
+    model = task_models.contrib_op_regressor(tmp_path)
     report = _compile(model, tmp_path / "out", profile=load_profile("host"))
     (failure,) = report.failed
     assert (failure.id, failure.step) == ("litert:fp32", "convert")
-    assert "CastLike 'cast_like'" in failure.cause
+    assert "FastGelu 'fast_gelu'" in failure.cause
     assert [c.id for c in report.candidates] == ["onnxruntime:fp32"]
     assert report.candidates[0].passed
+
+
+def test_a_mul_and_add_after_a_conv_are_folded_into_it_before_onnx2tf(tmp_path: Path) -> None:
+    """Exporters write Conv -> Mul -> Add for a batch norm (tf2onnx on Keras MobileNetV2),
+    and onnx2tf stops at some such Mul; the model it is given has them folded, same outputs."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compiler.onnx_to_tf import _folded
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w": rng.standard_normal((4, 1, 3, 3)).astype(np.float32),  # depthwise, 4 channels
+        "scale": rng.standard_normal((1, 4, 1, 1)).astype(np.float32),
+        "shift": rng.standard_normal((1, 4, 1, 1)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], group=4, pads=[1, 1, 1, 1]),
+            helper.make_node("Mul", ["c", "scale"], ["m"]),
+            helper.make_node("Add", ["m", "shift"], ["y"]),
+        ],
+        "bn_after_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source = tmp_path / "model.onnx"
+    onnx.save(model, source)
+
+    folded = _folded(source, tmp_path / "folded.onnx")
+    assert folded == tmp_path / "folded.onnx"
+    assert [n.op_type for n in onnx.load(folded).graph.node] == ["Conv"]
+    x = {"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    before, after = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        for p in (source, folded)
+    )
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_a_second_model_reuses_the_profiles_tuning_database_for_shared_layers(
@@ -290,6 +344,7 @@ def test_a_second_model_reuses_the_profiles_tuning_database_for_shared_layers(
     second = tune(task_models.embedder(tmp_path), 2)
     assert second.database == first.database  # one database per profile
     assert not second.reused and second.tasks == 2 and second.tasks_reused == 1
+    assert second.trials == 1  # its share of the budget: 2 trials x 1 new task / 2 tasks
     after = (second.database / "database_tuning_record.json").read_text().splitlines()
     assert after[: len(records)] == records and len(after) > len(records)
 

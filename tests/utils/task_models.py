@@ -13,8 +13,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
-    "cast_like_regressor",
     "classifier",
+    "contrib_op_regressor",
     "depthwise_separable_cnn",
     "detector_head",
     "embedder",
@@ -35,6 +35,7 @@ def _save(
     inputs: dict[str, list[int | str]],
     outputs: dict[str, list[int | str]],
     data: dict[str, np.ndarray],
+    opsets: dict[str, int] | None = None,
 ) -> Path:
     graph = helper.make_graph(
         nodes,
@@ -43,7 +44,10 @@ def _save(
         [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
         [numpy_helper.from_array(_typed(v), k) for k, v in initializers.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    domains = {"": 17, **(opsets or {})}
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in domains.items()]
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     path = directory / f"{name}.onnx"
@@ -219,22 +223,24 @@ def outlier_input_classifier(directory: Path) -> Path:
     )
 
 
-def cast_like_regressor(directory: Path) -> Path:
-    """A Gemm whose output goes through CastLike (opset 15), which ONNX Runtime runs and
-    onnx2tf 1.29 has no converter for."""
+def contrib_op_regressor(directory: Path) -> Path:
+    """A Gemm whose output goes through ONNX Runtime's ``com.microsoft`` FastGelu (models
+    optimized by ``onnxruntime.transformers`` carry such operators): ONNX Runtime runs it,
+    onnx2tf has no converter for it."""
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["y0"], name="dense"),
-        helper.make_node("CastLike", ["y0", "x"], ["value"], name="cast_like"),
+        helper.make_node("FastGelu", ["y0"], ["value"], name="fast_gelu", domain="com.microsoft"),
     ]
     weights = {"w": np.random.default_rng(8).standard_normal((FEATURES, 1)), "b": np.zeros(1)}
     return _save(
         directory,
-        "cast_like_regressor",
+        "contrib_op_regressor",
         nodes,
         weights,
         {"x": ["N", FEATURES]},
         {"value": ["N", 1]},
         {"x": _features(18)},
+        opsets={"com.microsoft": 1},
     )
 
 
