@@ -20,6 +20,7 @@ __all__ = [
     "AgentConfig",
     "ApiConfig",
     "FallbackConfig",
+    "GroundTruthConfig",
     "HealthConfig",
     "MqttConfig",
     "OtaConfig",
@@ -111,6 +112,17 @@ class HealthConfig(_Section):
     """Commit anyway when this little traffic arrives in this long (golden vectors passed)."""
 
 
+class GroundTruthConfig(_Section):
+    """The prediction log true labels are matched against (agent/ground_truth.py), held in
+    memory: about 280 bytes a prediction with a UUID request id (tracemalloc), so under
+    3 MiB at the default bound."""
+
+    max_predictions: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Past this many the oldest predictions are forgotten."""
+    max_age_s: float = Field(default=3600.0, gt=0)
+    """Predictions older than this are forgotten: a label for them answers 404."""
+
+
 class AgentConfig(_Section):
     device_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
     data_dir: Path
@@ -130,6 +142,7 @@ class AgentConfig(_Section):
     fallback: FallbackConfig = FallbackConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     health: HealthConfig = HealthConfig()
+    ground_truth: GroundTruthConfig = GroundTruthConfig()
 
     @field_validator("fleet_url")
     @classmethod

@@ -6,8 +6,9 @@ SIGTERM. The daemon only wires the parts together; each lives in its own module:
 - ``agent.updater``: deploy and rollback commands, A/B slots, health check;
 - ``agent.inference`` (+ ``agent.fallback``): answers, cloud fallback, shadow mode;
 - ``agent.telemetry`` / ``agent.telemetry_queue``: per-interval records, kept on disk until
-  the broker acknowledged them;
-- ``agent.api``: the local Open Inference Protocol server.
+  the fleet's storage receipt (its ``receipt`` topic, subscribed with ``cmd``) names them;
+- ``agent.api``: the local Open Inference Protocol server;
+- ``agent.ground_truth``: the answers served, for true labels to be matched with.
 
 MQTT (topics in ``contracts.mqtt``): the device subscribes to its ``cmd`` topic and only
 then publishes its retained ``online`` status, so the fleet, which resends unfinished
@@ -22,6 +23,8 @@ no record: a fresh copy is acted on), and one whose URLs name another origin tha
 fleet's is refused. A command id seen before is only re-acked, shadow commands included.
 The retained status also names the last command finished and how, and is published again
 whenever that or the serving bundle changes, so the fleet recovers a lost final ack.
+True labels the fleet relays on the device's ``truth`` topic (subscribed with ``cmd``) are
+applied as the local API applies them; a malformed batch is logged and dropped.
 
 HTTP: the device's API token goes only to the fleet's origin (``agent.origin``).
 """
@@ -44,7 +47,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
-from contracts.mqtt import Ack, AckState, Command, CommandKind, Status, device_topic
+from contracts.mqtt import (
+    Ack,
+    AckState,
+    Command,
+    CommandKind,
+    GroundTruthBatch,
+    PayloadError,
+    Status,
+    decode_payload,
+    device_topic,
+)
 from ota.client import OtaClient
 from ota.errors import OtaError
 
@@ -52,6 +65,7 @@ from . import sd_notify
 from ._broker_log import ConnectionLog
 from .config import AgentConfig
 from .errors import AgentError
+from .ground_truth import PredictionLog
 from .inference import InferenceService
 from .model import LoadedModel, load_installed, unpack_bundle
 from .origin import FleetAuth, foreign_urls
@@ -90,6 +104,8 @@ class AgentDaemon:
             fallback = fallback.model_copy(update={"model": config.model_name})
         self.service = InferenceService(fallback)
         self.stats = InferenceStats()
+        self.predictions = PredictionLog(config.ground_truth, on_label=self.stats.observe_truth)
+        self._truth_topic = device_topic(config.device_id, "truth")
         self.queue = TelemetryQueue(data / "telemetry.db", config.telemetry.max_queue_bytes)
         self.updater = Updater(
             data,
@@ -121,7 +137,10 @@ class AgentDaemon:
             from .api import local_api_server  # FastAPI only where the local API runs
 
             self._api = local_api_server(
-                self.service, self.config.api, model_name=self.config.model_name
+                self.service,
+                self.config.api,
+                model_name=self.config.model_name,
+                predictions=self.predictions,
             )
             self._spawn("local-api", self._api.run)
         self._spawn("commands", self._command_loop)
@@ -221,7 +240,13 @@ class AgentDaemon:
             self._link.failed(refused, level=logging.ERROR)
             return
         self._link.connected()
-        client.subscribe(device_topic(self.config.device_id, "cmd"), qos=1)
+        client.subscribe(
+            [
+                (device_topic(self.config.device_id, "cmd"), 1),
+                (self._truth_topic, 1),
+                (self.sender.receipt_topic, 1),
+            ]
+        )
 
     def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
         """paho calls this from inside its ``except OSError`` around the connect."""
@@ -240,10 +265,28 @@ class AgentDaemon:
         if reasons and reasons[0].is_failure:
             log.error("the broker refused the command subscription: %s", reasons[0])
             return
+        if len(reasons) > 1 and reasons[1].is_failure:
+            log.warning(
+                "the broker refused the ground-truth subscription (%s): labels the fleet "
+                "relays will not arrive; does the broker's ACL let this device read %s?",
+                reasons[1],
+                self._truth_topic,
+            )
+        if len(reasons) > 2 and reasons[2].is_failure:
+            log.error(
+                "the broker refused the storage receipt subscription (%s): telemetry is sent "
+                "again and again and never leaves the queue; does the broker's ACL let this "
+                "device read %s?",
+                reasons[2],
+                self.sender.receipt_topic,
+            )
         self._publish_status(online=True)
         self.sender.wake()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._truth_topic:
+            self._on_truth(message)
+            return
         try:
             command = Command.model_validate_json(message.payload)
         except ValidationError as e:
@@ -261,6 +304,16 @@ class AgentDaemon:
             )
             return
         self._commands.put(command)
+
+    def _on_truth(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            batch = decode_payload(bytes(message.payload), GroundTruthBatch)
+        except PayloadError as e:
+            log.warning("dropped malformed ground truth on %s: %s", message.topic, e)
+            return
+        outcomes = self.predictions.label(batch.labels)
+        matched = sum(o.status == 200 for o in outcomes)
+        log.info("ground truth from the fleet: %d of %d label(s) matched", matched, len(outcomes))
 
     def _on_publish(
         self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any

@@ -35,6 +35,11 @@ queues at most one more; a call arriving while both places are taken is not shad
 (``shadow_agreed`` is ``None``), so the challenger never slows the champion down beyond a
 copy of the inputs. A challenger that raises counts as disagreeing.
 
+Drift: when the model's bundle carries a drift reference, each answered call's outcome
+holds a few hundred values copied out of its inputs (and its first output, when the local
+model answered) for :class:`~agent.telemetry.InferenceStats` to bin into the bundle's
+drift summary (``contracts/drift.py``).
+
 Every call, served or failed, emits one :class:`~agent.telemetry.InferenceOutcome` to the
 observers: a shadowed call's outcome is emitted by the worker once the challenger has run,
 the others' before :meth:`~InferenceService.infer` returns. Observers must be thread-safe
@@ -54,11 +59,13 @@ from typing import Literal
 
 import numpy as np
 
+from contracts.drift import drift_sample
+
 from .config import FallbackConfig
 from .errors import FallbackError, LocalInferenceError, NoModelError
 from .fallback import CloudFallback
 from .model import LoadedModel
-from .telemetry import InferenceOutcome
+from .telemetry import DriftObservation, InferenceOutcome
 
 __all__ = ["FallbackReason", "InferenceResult", "InferenceService", "confidence", "top1"]
 
@@ -223,6 +230,7 @@ class InferenceService:
             local_error=trace.local_error,
             fallback_reason=result.fallback_reason,
             predicted_class=_first_class(result.outputs),
+            drift=_drift(model, inputs, result),
         )
         self._emit_or_shadow(outcome, challenger, inputs, result.outputs)
         return result
@@ -388,6 +396,18 @@ class InferenceService:
 
 def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+def _drift(
+    model: LoadedModel | None, inputs: Mapping[str, np.ndarray], result: InferenceResult
+) -> DriftObservation | None:
+    """The call's drift values when its bundle has a reference: its inputs, and its first
+    output when the local model gave it (a cloud model's outputs would read as drift)."""
+    reference = model.drift_reference if model is not None else None
+    if reference is None:
+        return None
+    local = result.served_by == "local" and result.outputs and reference.has_output_norm()
+    return DriftObservation(reference, drift_sample(inputs, result.outputs[0] if local else None))
 
 
 def _first_class(outputs: list[np.ndarray]) -> int | None:

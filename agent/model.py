@@ -4,16 +4,23 @@ A slot directory holds an unpacked bundle: ``manifest.json`` and the files it li
 (:func:`unpack_bundle` writes both). :func:`load_installed` reads the manifest back,
 loads the artifact on the runtime the manifest names, and returns a :class:`LoadedModel`
 that inference, shadow mode and the updater's health check all use.
+
+A bundle that lists ``drift-reference.json`` has it parsed strictly
+(``contracts/drift.py``). One that does not parse costs the bundle its drift summaries,
+not its install: the model still serves, and the reason is logged once at load.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from contracts.drift import DRIFT_REFERENCE_FILE, ReferenceProfile
+from contracts.errors import DriftError
 from contracts.tensors import TensorSpec
 from ota.archive import extract_bundle
 from ota.errors import BundleError
@@ -23,6 +30,8 @@ from .errors import ModelLoadError
 from .runtimes import Runtime, load_runtime
 
 __all__ = ["GoldenResult", "LoadedModel", "load_installed", "unpack_bundle"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class LoadedModel:
     manifest: Manifest
     runtime: Runtime
     directory: Path
+    drift_reference: ReferenceProfile | None = None
+    """What the inputs looked like at compile time; ``None`` when the bundle has none."""
 
     @property
     def bundle(self) -> str:
@@ -114,7 +125,25 @@ def load_installed(directory: Path) -> LoadedModel:
     except BundleError as e:
         raise ModelLoadError(f"{directory}: {e}") from e
     runtime = load_runtime(manifest.runtime, directory / manifest.artifact)
-    return LoadedModel(manifest=manifest, runtime=runtime, directory=directory)
+    return LoadedModel(
+        manifest=manifest,
+        runtime=runtime,
+        directory=directory,
+        drift_reference=_drift_reference(manifest, directory),
+    )
+
+
+def _drift_reference(manifest: Manifest, directory: Path) -> ReferenceProfile | None:
+    if DRIFT_REFERENCE_FILE not in {f.path for f in manifest.files}:
+        return None
+    bundle = f"{manifest.name}-{manifest.version}"
+    try:
+        return ReferenceProfile.from_json_bytes((directory / DRIFT_REFERENCE_FILE).read_bytes())
+    except (OSError, DriftError) as e:
+        log.warning(
+            "bundle %s: no drift summaries, its %s is unusable: %s", bundle, DRIFT_REFERENCE_FILE, e
+        )
+        return None
 
 
 def unpack_bundle(bundle: Path, directory: Path) -> Manifest:

@@ -3,10 +3,13 @@
 :class:`InferenceStats` takes an :class:`InferenceOutcome` from every inference (from any
 thread) and, once per reporting interval, turns what it saw into
 :class:`~contracts.mqtt.TelemetryRecord` s for the :class:`~agent.telemetry_queue.TelemetryQueue`.
-:class:`TelemetrySender` drains that queue over MQTT: one batch at a time, QoS 1, records
-removed only after the broker's PUBACK accepted them (a PUBACK that refuses them, reason
-code 0x80 or above, leaves them queued). A crash anywhere resends at most the batch in
-flight, and the fleet stores each record id once, so every record arrives exactly once.
+:class:`TelemetrySender` drains that queue over MQTT: one batch at a time, QoS 1. The
+broker's PUBACK only means "sent" (a PUBACK that refuses a batch, reason code 0x80 or
+above, has it sent again); records are removed when the fleet's storage receipt names
+them, and sent again when none comes in time (``agent/telemetry_resend.py``). So a broker
+killed with a backlog it PUBACKed but had not yet delivered, a fleet lagging behind, or a
+crash anywhere resends records and never loses one; the fleet stores each record id once,
+so every record is stored exactly once.
 """
 
 from __future__ import annotations
@@ -25,21 +28,27 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from contracts.drift import DriftSample, ReferenceProfile, SummaryBuilder
 from contracts.mqtt import (
     MAX_PAYLOAD_BYTES,
+    PayloadError,
+    Receipt,
     TelemetryBatch,
     TelemetryRecord,
+    decode_payload,
     device_topic,
     encode_telemetry,
 )
 
 from .config import TelemetryConfig
 from .errors import TelemetryQueueError
-from .telemetry_queue import TelemetryQueue
+from .telemetry_queue import QueuedRecord, TelemetryQueue
+from .telemetry_resend import ResendSchedule
 
 __all__ = [
     "FALLBACK_REASONS",
     "LATENCY_BUCKETS_MS",
+    "DriftObservation",
     "InferenceOutcome",
     "InferenceStats",
     "TelemetrySender",
@@ -59,6 +68,13 @@ _ERROR_RETRY_S = 30.0
 """Pause after the queue failed (disk full...), unless woken: one log line, not one a second."""
 _REFUSED_RETRY_MAX_S = 60.0
 """Longest pause before a batch the broker keeps refusing is tried again."""
+_IN_FLIGHT_BATCHES = 4
+"""Full batches sent and not yet receipted before the sender waits for receipts: what a
+crash or a lost broker backlog costs in resends, and how far ahead of a lagging fleet a
+device runs."""
+_RECEIPT_TIMEOUT_MAX_S = 600.0
+"""Longest wait for a storage receipt before records are sent again (the wait doubles
+from ``receipt_timeout_s`` while none comes)."""
 _SERVED_BY = ("local", "cloud", "none")
 _BATCH_OVERHEAD = len('{"records":[]}')
 _MAX_BATCH_RECORDS = TelemetryBatch.model_fields["records"].metadata[0].max_length
@@ -82,6 +98,9 @@ class InferenceOutcome:
     shadow_bundle: str | None = None
     shadow_agreed: bool | None = None
     """Whether the shadow model's class matched; ``None`` when no comparison was made."""
+    drift: DriftObservation | None = field(default=None, compare=False, repr=False)
+    """What the call adds to its bundle's drift summary; ``None`` when the bundle carries no
+    drift reference or the call was not served. Left out of equality and ``repr`` (arrays)."""
 
     def __post_init__(self) -> None:
         if self.served_by not in _SERVED_BY:
@@ -93,6 +112,16 @@ class InferenceOutcome:
             )
         if not (math.isfinite(self.latency_ms) and self.latency_ms >= 0):
             raise ValueError(f"latency_ms must be a finite number >= 0, got {self.latency_ms}")
+
+
+@dataclass(frozen=True)
+class DriftObservation:
+    """One served call's values for the drift summary (``contracts.drift.drift_sample``,
+    copied out of its inputs and, when the local model answered, its first output), and
+    the reference of the bundle they are binned against."""
+
+    reference: ReferenceProfile
+    sample: DriftSample
 
 
 @dataclass
@@ -109,6 +138,11 @@ class _Tally:
     served_by: collections.Counter[str] = field(default_factory=collections.Counter)
     fallback_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     predictions: collections.Counter[int] = field(default_factory=collections.Counter)
+    drift: SummaryBuilder | None = None
+    labelled: int = 0
+    """Predictions given their true label this interval (agent/ground_truth.py)..."""
+    correct: int = 0
+    """...and how many of them were right."""
 
 
 class InferenceStats:
@@ -136,6 +170,11 @@ class InferenceStats:
             if outcome.shadow_agreed is not None:
                 tally.shadow_compared += 1
                 tally.shadow_agreed += outcome.shadow_agreed
+            if outcome.drift is not None:
+                if tally.drift is None:
+                    tally.drift = SummaryBuilder(outcome.drift.reference)
+                local_class = outcome.predicted_class if outcome.served_by == "local" else None
+                tally.drift.add_sample(outcome.drift.sample, local_class)
             latency = outcome.latency_ms
             tally.histogram[bisect.bisect_left(LATENCY_BUCKETS_MS, latency)] += 1
             if len(tally.latencies) < _MAX_LATENCY_SAMPLES:
@@ -144,6 +183,17 @@ class InferenceStats:
                 slot = self._random.randrange(tally.inferences)
                 if slot < _MAX_LATENCY_SAMPLES:
                     tally.latencies[slot] = latency
+
+    def observe_truth(self, bundle: str | None, correct: bool) -> None:
+        """A prediction of ``bundle`` was given its true label: counted in the interval the
+        label arrives in (with the bundle's inferences, shadowed or not, if it has some)."""
+        with self._lock:
+            key = next((k for k in self._tallies if k[0] == bundle), (bundle, None))
+            tally = self._tallies.get(key)
+            if tally is None:
+                tally = self._tallies[key] = _Tally()
+            tally.labelled += 1
+            tally.correct += correct
 
     def report(self) -> list[TelemetryRecord]:
         """One record per bundle served since the last call (none if idle); then start over.
@@ -154,7 +204,10 @@ class InferenceStats:
         ``errors`` counts local runtime failures; ``fallbacks`` counts requests sent to the
         cloud (answered or not). ``extra`` holds ``latency_histogram_ms`` (``edges``, and
         ``counts`` with one more entry than edges: latency <= edge, the last > every edge),
-        ``predictions`` (class → count), ``served_by`` and ``fallback_reasons`` (→ count).
+        ``predictions`` (class → count), ``served_by`` and ``fallback_reasons`` (→ count),
+        and, once a label arrived, ``truth``: ``{"labelled": N, "correct": M}``; for a
+        bundle with a drift reference, ``drift``: its :class:`~contracts.drift.DriftSummary`
+        for the interval (counts only: no input leaves the device).
         """
         with self._lock:
             tallies, self._tallies = self._tallies, {}
@@ -175,6 +228,10 @@ def _record(
         "served_by": dict(tally.served_by),
         "fallback_reasons": dict(tally.fallback_reasons),
     }
+    if tally.labelled:
+        extra["truth"] = {"labelled": tally.labelled, "correct": tally.correct}
+    if tally.drift is not None:
+        extra["drift"] = tally.drift.summary().to_extra()
     return TelemetryRecord(
         id=uuid.uuid4().hex,
         ts=ts,
@@ -202,11 +259,16 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 
 
 class TelemetrySender:
-    """A thread that sends the queue's records to the fleet and removes what the broker accepted.
+    """A thread that sends the queue's records to the fleet and removes what it receipted.
 
     ``client`` belongs to the caller, who connects it (``loop_start`` or an external
-    loop) and keeps it connected; the sender only calls ``publish`` and
-    ``is_connected``. While the client is disconnected nothing is published: the sender
+    loop) and keeps it connected, and subscribes it to :attr:`receipt_topic` (QoS 1) on
+    every connect; the sender only calls ``publish`` and ``is_connected``, and adds a
+    callback for that topic (``message_callback_add``) that hands each storage receipt to
+    :meth:`receipt`. Records wait in the queue until a receipt names them; those sent and
+    not receipted within ``receipt_timeout_s`` (doubling while none comes, up to ten
+    minutes) are sent again. At most four full batches wait for receipts at once; then the
+    sender waits for them. While the client is disconnected nothing is published: the sender
     waits, checking every ``retry_s`` or when :meth:`wake` is called (call it when a record
     is put and from ``on_connect``). A batch published before a disconnect stays in paho's
     session and is resent by paho on reconnect; the sender keeps waiting for its PUBACK,
@@ -228,6 +290,7 @@ class TelemetrySender:
         *,
         retry_s: float = 1.0,
         ack_timeout_s: float = 30.0,
+        receipt_timeout_s: float = 30.0,
     ) -> None:
         if retry_s <= 0 or ack_timeout_s <= 0:
             raise ValueError("retry_s and ack_timeout_s must be > 0")
@@ -235,7 +298,13 @@ class TelemetrySender:
         self._client = client
         self._config = config
         self._topic = device_topic(device_id, "telemetry")
+        self.receipt_topic = device_topic(device_id, "receipt")
+        """Where the fleet's storage receipts for this device come: subscribe to it."""
+        self._resends = ResendSchedule(
+            receipt_timeout_s, max(receipt_timeout_s, _RECEIPT_TIMEOUT_MAX_S)
+        )
         self._batch_records = min(config.batch_records, _MAX_BATCH_RECORDS)
+        self._max_in_flight = _IN_FLIGHT_BATCHES * self._batch_records
         self._retry_s = retry_s
         self._ack_timeout_s = ack_timeout_s
         self._wake = threading.Event()
@@ -246,6 +315,7 @@ class TelemetrySender:
         """Refusing PUBACKs by message id, while a batch waits for its own (else ``None``)."""
         self._refused_pause = 0.0
         self._held_until = 0.0
+        client.message_callback_add(self.receipt_topic, self._on_receipt)
 
     def start(self) -> None:
         if self._thread is not None:
@@ -269,8 +339,40 @@ class TelemetrySender:
                 if self._refusals is not None:
                     self._refusals[mid] = reason_code
 
+    def receipt(self, payload: bytes) -> None:
+        """The fleet's storage receipt: remove the records it names, stored or refused
+        (those logged with its reason: the fleet will never store them)."""
+        try:
+            receipt = decode_payload(payload, Receipt)
+        except PayloadError as e:
+            log.warning("ignored a malformed storage receipt on %s: %s", self.receipt_topic, e)
+            return
+        removed = self._queue.remove([*receipt.stored, *receipt.refused])
+        if receipt.refused:
+            log.warning(
+                "the fleet refused %d telemetry record(s) for good (%s); removed from the queue",
+                len(receipt.refused),
+                receipt.reason or "no reason given",
+            )
+        with self._lock:
+            self._resends.receipted()
+        if removed:
+            self._wake.set()
+
+    def _on_receipt(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.receipt(bytes(message.payload))
+        except Exception:  # a queue failure: the records stay, a later receipt or resend settles
+            log.exception("could not apply a storage receipt")
+
+    def in_flight(self) -> int:
+        """Records the broker has (its PUBACK came) that no receipt has named yet."""
+        with self._lock:
+            cursor = self._resends.cursor
+        return self._queue.count_through(cursor)
+
     def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued record is acknowledged; whether the queue is empty."""
+        """Wait until every queued record is receipted; whether the queue is empty."""
         deadline = time.monotonic() + timeout_s
         self.wake()
         while len(self._queue):
@@ -280,7 +382,7 @@ class TelemetrySender:
         return True
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the thread; a batch still waiting for its PUBACK stays queued for next time."""
+        """Stop the thread; records not yet receipted stay queued for next time."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -301,17 +403,34 @@ class TelemetrySender:
             if pause:
                 self._wake.wait(pause)
 
+    def _next_rows(self) -> list[QueuedRecord]:
+        """The oldest records not in flight, none while the window is full; all those not
+        receipted once their wait is up."""
+        with self._lock:
+            if self._resends.due(time.monotonic(), self._queue.oldest_seq()):
+                log.warning(
+                    "no storage receipt for %d telemetry record(s) in %.0f s; sending them again",
+                    self._queue.count_through(self._resends.cursor),
+                    self._resends.timeout_s,
+                )
+                self._resends.resend()
+            cursor = self._resends.cursor
+            waiting = self._queue.count_through(cursor)
+        room = self._max_in_flight - waiting
+        return self._queue.peek_after(cursor, min(room, self._batch_records)) if room > 0 else []
+
     def _send_batch(self) -> float:
-        """Send the oldest batch and remove it once accepted; seconds to wait (0: go on)."""
+        """Send the oldest batch not in flight; seconds to wait (0: go on)."""
         held = self._held_until - time.monotonic()
         if held > 0:
             return held
         if not self._client.is_connected():
             return self._retry_s
-        records = self._queue.peek(self._batch_records)
-        if not records:
+        rows = self._next_rows()
+        if not rows:
             return self._retry_s
-        batch = _fit(records)
+        rows = rows[: len(_fit([row.record for row in rows]))]
+        batch = [row.record for row in rows]
         refusals: dict[int, ReasonCode] = {}
         with self._lock:
             self._refusals = refusals
@@ -333,7 +452,8 @@ class TelemetrySender:
         if refused is not None:
             return self._hold(len(batch), refused)
         self._refused_pause = 0.0
-        self._queue.remove(r.id for r in batch)
+        with self._lock:
+            self._resends.sent(rows[-1].seq, time.monotonic())
         return 0.0
 
     def _hold(self, records: int, reason: ReasonCode) -> float:

@@ -1,14 +1,16 @@
 """The agent's offline telemetry queue: one SQLite file (WAL mode) bounded on disk.
 
-Records wait here until the broker acknowledges them, surviving crashes and reboots; the
-sender reads them oldest first and removes them only after the PUBACK. Past ``max_bytes``
+Records wait here until the fleet's storage receipt names them, surviving crashes and
+reboots; the sender reads them oldest first by sequence number (:meth:`TelemetryQueue.
+peek_after`, the number being how ``agent/telemetry_resend.py`` knows what is in flight)
+and removes them only when a receipt says the fleet stored or refused them. Past ``max_bytes``
 on disk (database + WAL) the oldest records are deleted, and the number deleted is kept in
 the file and added to the ``dropped`` field of the next record :meth:`TelemetryQueue.put`
 stores, in the same transaction, so no crash loses the count and the fleet sees every loss.
 
 Durability: ``synchronous=FULL``, so every commit is fsynced and a power cut loses nothing
 already put. The cost is one fsync per put (a record every ``interval_s``) and one per
-acknowledged batch, which is nothing at that rate; ``NORMAL`` would survive a crash of the
+receipt, which is nothing at that rate; ``NORMAL`` would survive a crash of the
 process but lose everything since the last checkpoint on a power cut, the most common
 failure of an edge device.
 
@@ -27,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from pydantic import ValidationError
 
@@ -35,7 +37,7 @@ from contracts.mqtt import TelemetryRecord
 
 from .errors import TelemetryQueueError
 
-__all__ = ["MIN_QUEUE_BYTES", "TelemetryQueue"]
+__all__ = ["MIN_QUEUE_BYTES", "QueuedRecord", "TelemetryQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,24 @@ _LOCK_TIMEOUT_S = 1.0
 _DELETE_CHUNK = 500
 """Ids per ``DELETE ... IN`` statement."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
+_RECORDS = """(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     dropped INTEGER NOT NULL,
     body TEXT NOT NULL
-);
+)"""
+"""``AUTOINCREMENT``: a sequence number is never reused, even once the newest records
+are deleted, so "put after ``seq``" keeps meaning "not sent yet"."""
+_UNNUMBERED = "seq INTEGER PRIMARY KEY,"
+"""How queues written before storage receipts numbered records (numbers could be reused)."""
+_RENUMBER = f"""
+CREATE TABLE records_numbered {_RECORDS};
+INSERT INTO records_numbered (seq, id, dropped, body) SELECT seq, id, dropped, body FROM records;
+DROP TABLE records;
+ALTER TABLE records_numbered RENAME TO records;
+"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS records {_RECORDS};
 CREATE TABLE IF NOT EXISTS state (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
     dropped INTEGER NOT NULL
@@ -69,6 +82,12 @@ INSERT OR IGNORE INTO state (singleton, dropped) VALUES (1, 0);
 """
 
 T = TypeVar("T")
+
+
+class QueuedRecord(NamedTuple):
+    seq: int
+    """Its place in the queue: larger for every record put later, never reused."""
+    record: TelemetryRecord
 
 
 class _CorruptFile(Exception):
@@ -125,12 +144,32 @@ class TelemetryQueue:
         A stored row that is no longer a valid record (written by another version, or
         damaged) is deleted and counted as dropped rather than blocking the queue.
         """
+        return [queued.record for queued in self.peek_after(0, limit)]
+
+    def peek_after(self, seq: int, limit: int) -> list[QueuedRecord]:
+        """Up to ``limit`` records put after the one numbered ``seq``, oldest first, left in
+        the queue (dropping invalid ones as :meth:`peek` does)."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        return self._call("read", lambda conn: self._peek(conn, limit))
+        return self._call("read", lambda conn: self._peek(conn, limit, seq))
+
+    def count_through(self, seq: int) -> int:
+        """How many queued records are numbered ``seq`` or lower."""
+        return self._call(
+            "read",
+            lambda conn: int(
+                conn.execute("SELECT count(*) FROM records WHERE seq <= ?", (seq,)).fetchone()[0]
+            ),
+        )
+
+    def oldest_seq(self) -> int | None:
+        """The sequence number of the oldest queued record; ``None`` when empty."""
+        return self._call(
+            "read", lambda conn: conn.execute("SELECT min(seq) FROM records").fetchone()[0]
+        )
 
     def remove(self, ids: Iterable[str]) -> int:
-        """Delete the records the broker acknowledged; returns how many were queued."""
+        """Delete the records a receipt named; returns how many were queued."""
         wanted = list(ids)
         return self._call("write", lambda conn: self._delete(conn, wanted, count=False))
 
@@ -203,15 +242,15 @@ class TelemetryQueue:
         self._compact(conn)
         return stored
 
-    def _peek(self, conn: sqlite3.Connection, limit: int) -> list[TelemetryRecord]:
+    def _peek(self, conn: sqlite3.Connection, limit: int, after: int) -> list[QueuedRecord]:
         rows = conn.execute(
-            "SELECT seq, id, body FROM records ORDER BY seq LIMIT ?", (limit,)
+            "SELECT seq, id, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
         ).fetchall()
-        records: list[TelemetryRecord] = []
+        records: list[QueuedRecord] = []
         bad: list[str] = []
-        for _seq, record_id, body in rows:
+        for seq, record_id, body in rows:
             try:
-                records.append(TelemetryRecord.model_validate_json(body))
+                records.append(QueuedRecord(seq, TelemetryRecord.model_validate_json(body)))
             except ValidationError as e:
                 log.warning(
                     "dropped queued telemetry record %s: not a valid record (%s)",
@@ -332,6 +371,7 @@ class TelemetryQueue:
             if problems != ["ok"]:
                 raise _CorruptFile(f"integrity check: {'; '.join(problems[:3])}")
             conn.executescript(_SCHEMA)
+            _renumber(conn)
             # A bound lowered since the file was written applies at once.
             with _transaction(conn):
                 self._drop_oldest(conn, keep=None)
@@ -413,6 +453,15 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _renumber(conn: sqlite3.Connection) -> None:
+    """Give a queue from before storage receipts its never-reused numbers, in one transaction."""
+    table = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'records'").fetchone()[0]
+    if _UNNUMBERED in table:
+        with _transaction(conn):
+            for statement in filter(str.strip, _RENUMBER.split(";")):
+                conn.execute(statement)
 
 
 def _pending_dropped(conn: sqlite3.Connection) -> int:

@@ -6,7 +6,7 @@
                                 [--telemetry-runs 3] [--skip-latency] [--skip-memory]
                                 [--skip-telemetry] [--workdir DIR] [--json FILE]
 
-Prints four markdown tables (progress goes to stderr). Nothing is downloaded.
+Prints five markdown tables (progress goes to stderr). Nothing is downloaded.
 
 Models. Two models are built locally, each in a child process (so TensorFlow is never
 loaded into the measuring process), compiled with ``compiler.pipeline.compile_model`` for
@@ -52,6 +52,14 @@ with its default thread count):
    for the large model is a few hundred µs inside milliseconds of noise; this table
    measures it directly, and its % column divides the after-an-inference overhead by
    table 1's direct median.
+
+   Drift summaries, in the same interleaved rounds: a fourth path, the observed service
+   whose model carries a drift reference (the bundle's; for a bundle compiled without data,
+   one made from 32 noise samples, as the cost does not depend on the edges' values), so
+   each call's inputs are sampled and binned into the bundle's ``DriftSummary``
+   (``contracts/drift.py``). Its cost = the median per-round difference from the observed
+   service without one, as % of table 1's direct median; its size = the summary in the
+   record ``InferenceStats.report`` made of all those rounds, as compact JSON.
 
 3. Memory: ``edgefleet agent run --config agent.toml`` as a real child process, MQTT
    pointed at a real mosquitto (``fleet.broker.MosquittoBroker``, password account and ACL
@@ -112,6 +120,7 @@ from bench.agent_costs.common import load_average, log
 from bench.agent_costs.latency import (
     bench_fixed_cost,
     bench_latency,
+    drift_table,
     fixed_cost_table,
     latency_table,
 )
@@ -181,12 +190,15 @@ def main() -> None:
                 fixed += bench_fixed_cost(
                     model.model_name, model, args.stub_runs, args.stub_cold_runs, direct_s
                 )
-            results["latency"], results["fixed_cost"] = latency, fixed
+            drift = [row for row in fixed if "summary_bytes" in row]
+            fixed = [row for row in fixed if "summary_bytes" not in row]
+            results["latency"], results["fixed_cost"], results["drift"] = latency, fixed, drift
             results["latency_load_average"] = load_average()
             tables.append(
                 latency_table(latency, results["params"], results["latency_load_average"])
             )
             tables.append(fixed_cost_table(fixed))
+            tables.append(drift_table(drift))
 
         if not (args.skip_memory and args.skip_telemetry):
             log("broker: starting mosquitto")

@@ -2,6 +2,7 @@
 
     python bench/chaos_bench.py [--iterations 100] [--kinds broker,fleet,replica,agent]
                                 [--devices 12] [--seed 0] [--keep] [--json FILE]
+                                [--no-receipts]
 
 ``--iterations`` is the total, split evenly across ``--kinds`` (the default 100 is 25 of
 each; ``--iterations 8`` is a quick run of 2 each). Every kind has its own fleet, made
@@ -18,6 +19,12 @@ finished. The kinds, and what "recovered" means for each (the clock starts at th
   back: kills closer together are a crash loop to the supervisor, which then waits up to
   30 s before each restart, by design). Recovered: ``/v2/health/ready`` answers 200 from a
   new mosquitto and the fleet shows every device online.
+- ``broker-lag``: the broker while the fleet lags behind: ``edgefleet fleet serve`` is
+  paused with SIGSTOP (0 to 1 s after the first device got the rollout's command), the
+  devices keep publishing for ``LAG_S`` while mosquitto PUBACKs their telemetry and
+  queues it for the fleet's session, then mosquitto is killed with SIGKILL (that backlog
+  with it) and the fleet resumed with SIGCONT. Recovered: as ``broker``. Not in the
+  default ``--kinds``: run it by name.
 - ``fleet``: ``edgefleet fleet serve`` is killed (its mosquitto keeps running) and started
   again at once on the same data directory. Recovered: the new process answers ready and
   shows every device online.
@@ -34,9 +41,12 @@ finished. The kinds, and what "recovered" means for each (the clock starts at th
 
 Columns: records sent (ids of the telemetry records the simulated devices published at
 least once, counted by the simulator: each carries a unique id, ``fleet.simulator``'s
-``record_id``), acknowledged (of those, the ones a PUBACK delivered: the simulator keeps
-telemetry as the agent does, a batch refused or answered "no matching subscribers" is
-sent again, see fleet/simulator/_protocol.py), pending (not acknowledged when counted:
+``record_id``), acknowledged (of those, the ones the devices let go of because the
+fleet's storage receipt named them: the simulator keeps telemetry as the agent does, a
+batch refused or answered "no matching subscribers" is sent again, and so is one no
+receipt named within 30 s, see fleet/simulator/_protocol.py; with ``--no-receipts``
+devices let go at the PUBACK, as they did before receipts, the peer this bench measures
+receipts against), pending (not acknowledged when counted:
 the devices stop reporting and re-send what they hold until nothing is pending, for at
 most ``DRAIN_TIMEOUT_S``), stored (rows of the ``telemetry`` table with acknowledged
 ids, read once the fleet drained), duplicates (rows beyond one per id; the table's key
@@ -79,6 +89,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,6 +105,10 @@ from ota.manifest import BundleFile, GoldenVectors, Manifest, ModelInfo
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 KINDS = ("broker", "fleet", "replica", "agent")
+EXTRA_KINDS = ("broker-lag",)
+"""Run only when named in ``--kinds``."""
+LAG_S = 10.0
+"""How long the fleet is paused before its mosquitto is killed (``broker-lag``)."""
 MODEL = "chaos"
 TAG = "chaos"
 TELEMETRY_INTERVAL_S = 0.5
@@ -396,6 +411,8 @@ class Tally:
     pending: int = 0
     refusals: int = 0
     """Batches a PUBACK refused or delivered to nobody (``0x10``), then sent again."""
+    resent: int = 0
+    """Records sent again because no storage receipt named them within 30 s."""
     stored: int = 0
     duplicates: int = 0
     lost: int = 0
@@ -447,7 +464,9 @@ class Bench:
 
     def simulate(self, port: int, specs: list[SimulatedDeviceSpec]) -> FleetSimulator:
         behaviour = Behaviour(
-            install_delay_s=INSTALL_DELAY_S, telemetry_interval_s=TELEMETRY_INTERVAL_S
+            install_delay_s=INSTALL_DELAY_S,
+            telemetry_interval_s=TELEMETRY_INTERVAL_S,
+            receipt_timeout_s=None if self.args.no_receipts else Behaviour.receipt_timeout_s,
         )
         devices = FleetSimulator("127.0.0.1", port, specs, behaviour, seed=self.args.seed)
         self.stack.callback(devices.stop)
@@ -460,8 +479,8 @@ class Bench:
         fleet.start()
         return fleet
 
-    def broker_rig(self) -> Rig:
-        fleet = self.served_fleet("broker")
+    def broker_rig(self, *, lag: bool = False) -> Rig:
+        fleet = self.served_fleet("broker-lag" if lag else "broker")
         specs = fleet.enroll(self.args.devices, "sim-")
         devices = self.simulate(fleet.mqtt_port(), specs)
 
@@ -474,8 +493,14 @@ class Bench:
         def kill(target: Fleet, _: str) -> float:
             pid_file = target.data_dir / "mosquitto" / "mosquitto.pid"
             mosquitto = int(pid_file.read_text())
+            assert target.process is not None
+            if lag:  # the fleet stops reading; devices' telemetry piles up at the broker
+                os.kill(target.process.pid, signal.SIGSTOP)
+                time.sleep(LAG_S)
             os.kill(mosquitto, signal.SIGKILL)
             killed = time.monotonic()
+            if lag:
+                os.kill(target.process.pid, signal.SIGCONT)
             log(f"killed mosquitto at {dt.datetime.now(dt.UTC).isoformat()}")
 
             def back() -> bool:
@@ -728,6 +753,8 @@ class Bench:
         tally.acknowledged = len(acknowledged)
         tally.pending = sum(len(ledger.pending) for ledger in ledgers.values())
         tally.refusals = sum(ledger.refusals for ledger in ledgers.values())
+        tally.resent = sum(ledger.resent for ledger in ledgers.values())
+        log(f"{tally.kind}: {tally.resent} records sent again for want of a receipt")
         tally.stored = len(unique & acknowledged)
         tally.duplicates = len(stored) - len(unique)
         tally.lost = len(acknowledged - unique)
@@ -796,10 +823,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--no-receipts",
+        action="store_true",
+        help="simulated devices let go of telemetry at the PUBACK, not the storage receipt",
+    )
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
-    if unknown := set(kinds) - set(KINDS):
-        parser.error(f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS)}")
+    if unknown := set(kinds) - set(KINDS) - set(EXTRA_KINDS):
+        parser.error(
+            f"unknown kinds {sorted(unknown)}; choose from {','.join(KINDS + EXTRA_KINDS)}"
+        )
     if args.iterations < len(kinds) or args.devices < 1:
         parser.error("--iterations must be at least one per kind, --devices at least 1")
     # SIGTERM unwinds like Ctrl-C, through every cleanup below
@@ -823,7 +857,8 @@ def main() -> None:
                     rig = bench.replica_rig(database)
                 else:
                     rig = {"broker": bench.broker_rig, "fleet": bench.fleet_rig,
-                           "agent": bench.agent_rig}[kind]()  # fmt: skip
+                           "agent": bench.agent_rig,
+                           "broker-lag": partial(bench.broker_rig, lag=True)}[kind]()  # fmt: skip
                 log(f"{kind}: {len(rig.ids)} simulated devices up; {iterations} iterations")
                 bench.run_kind(kind, iterations, rig, tally)
                 bench.count_records(rig, tally)
@@ -836,8 +871,9 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     minutes = (time.monotonic() - started) / 60
+    peer = ", devices let go at the PUBACK (--no-receipts)" if args.no_receipts else ""
     print(f"chaos bench: {args.iterations} iterations, {args.devices} simulated devices per "
-          f"kind, seed {args.seed}, {minutes:.0f} min\n")  # fmt: skip
+          f"kind, seed {args.seed}, {minutes:.0f} min{peer}\n")  # fmt: skip
     print(table(tallies))
     if args.json:
         args.json.write_text(json.dumps([asdict(t) for t in tallies], indent=1))

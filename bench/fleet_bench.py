@@ -3,7 +3,8 @@ and a rollout, on this machine.
 
     python bench/fleet_bench.py [--databases sqlite,postgresql] [--shapes single,batch50]
         [--messages 60000] [--batches 4000] [--publishers 2] [--repeat 3]
-        [--burst 150000] [--rollout-devices 2000] [--json FILE]
+        [--burst 150000] [--rollout-devices 2000[,10000...]] [--waves 100 [--waves ...]]
+        [--json FILE]
 
 Everything runs on a fresh mosquitto started as the fleet starts it (``MosquittoBroker``:
 the fleet's config, dynamic-security). The bench adds its own accounts through the
@@ -29,11 +30,13 @@ records per message, zstd, as agents send):
 
 Then a **burst** (``--burst`` one-record messages as fast as the generator goes, SQLite):
 sent, acknowledged by the broker, stored by the fleet, lost (acknowledged and never
-stored), and what the broker logged about dropping; and a **rollout**: ``edgefleet fleet
-serve`` with ``--rollout-devices`` simulated devices (``fleet.simulator``), one wave of
-100 %, soak 0, devices per second from ``POST /rollouts`` to every device healthy.
+stored), and what the broker logged about dropping; and **rollouts**: ``edgefleet fleet
+serve`` with each of ``--rollout-devices`` simulated devices (``fleet.simulator``, in the
+bench's process), for each ``--waves`` (default one wave of 100 %), soak 0: devices per
+second from ``POST /rollouts`` to every device healthy, with the fleet process's CPU time
+per device over that span.
 
-Each figure is the median of ``--repeat`` runs (the burst and the rollout run once).
+Each figure is the median of ``--repeat`` runs (the burst and each rollout run once).
 Everything started is stopped on the way out, Ctrl-C included. Nothing here is a test.
 """
 
@@ -77,7 +80,7 @@ from fleet.broker.credential import replica_username
 from fleet.broker.security import service_account_commands
 from fleet.db import make_engine, session_scope
 from fleet.migrate import upgrade
-from fleet.models import Device, EnrollmentTokenCreate
+from fleet.models import Device, EnrollmentTokenCreate, Rollout
 from fleet.server import ADMIN_TOKEN_FILE
 from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec
 from ota.archive import write_bundle
@@ -578,9 +581,9 @@ def synthetic_bundle(work: Path, version: str) -> Path:
 
 
 @contextmanager
-def fleet_server(data_dir: Path, port: int, mqtt_port: int) -> Iterator[httpx.Client]:
-    """``edgefleet fleet serve`` on ``data_dir`` (SQLite); it and its mosquitto are stopped
-    on the way out."""
+def fleet_server(data_dir: Path, port: int, mqtt_port: int) -> Iterator[tuple[httpx.Client, int]]:
+    """``edgefleet fleet serve`` on ``data_dir`` (SQLite), an API client and its pid; it and
+    its mosquitto are stopped on the way out."""
     command = [
         str(Path(sys.executable).parent / "edgefleet"),
         "fleet",
@@ -603,7 +606,7 @@ def fleet_server(data_dir: Path, port: int, mqtt_port: int) -> Iterator[httpx.Cl
             raise RuntimeError(f"the fleet server exited; see {data_dir / 'serve.log'}")
         token = (data_dir / ADMIN_TOKEN_FILE).read_text().strip()
         client.headers["Authorization"] = f"Bearer {token}"
-        yield client
+        yield client, process.pid
     finally:
         client.close()
         if process.poll() is None:
@@ -669,19 +672,33 @@ def enroll_in_bulk(db: Engine, count: int, bundle: str) -> list[SimulatedDeviceS
     return specs
 
 
-def rollout(work: Path, devices: int, waves: list[str]) -> float:
-    """Seconds from ``POST /rollouts`` to every device healthy on the new bundle."""
-    data_dir = work / "fleet-rollout"
+@dataclass(frozen=True)
+class RolloutRun:
+    devices: int
+    waves: list[str]
+    seconds: float
+    """From ``POST /rollouts`` to every device healthy on the new bundle."""
+    fleet_cpu_s: float
+    """The fleet server's CPU time over those seconds."""
+
+    @property
+    def devices_per_s(self) -> float:
+        return self.devices / self.seconds
+
+
+def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
+    """A rollout to ``devices`` simulated devices in ``waves``, soak 0, timed."""
+    data_dir = work / f"fleet-rollout-{devices}-{len(waves)}"
     data_dir.mkdir(mode=0o700)
     db = make_engine(f"sqlite:///{data_dir / 'fleet.db'}")
     upgrade(db)
     specs = enroll_in_bulk(db, devices, "bench-host-1.0.0")
     mqtt_port = free_port()
     with ExitStack() as stack:
-        client = stack.enter_context(fleet_server(data_dir, free_port(), mqtt_port))
+        client, fleet_pid = stack.enter_context(fleet_server(data_dir, free_port(), mqtt_port))
         attached: dict[str, Any] = {}
         for version in ("1.0.0", "1.1.0"):
-            bundle = synthetic_bundle(work, version)
+            bundle = synthetic_bundle(data_dir, version)
             api(client, "POST", "/models", json={"name": "bench", "version": version})
             attached = api(
                 client,
@@ -692,6 +709,7 @@ def rollout(work: Path, devices: int, waves: list[str]) -> float:
         simulator = stack.enter_context(FleetSimulator("127.0.0.1", mqtt_port, specs, Behaviour()))
         simulator.start(connect_timeout_s=300)
         wait_until(lambda: online(db) == devices, 300, "every device online")
+        cpu_before = cpu_s(fleet_pid)
         start = time.perf_counter()
         created = api(
             client,
@@ -699,15 +717,13 @@ def rollout(work: Path, devices: int, waves: list[str]) -> float:
             "/rollouts",
             json={"bundle_id": attached["id"], "waves": waves, "gate": {"soak_s": 0}},
         )
-        wait_until(
-            lambda: (
-                api(client, "GET", f"/rollouts/{created['id']}")["state"]
-                in ("completed", "paused", "rolled_back")
-            ),
+        wait_until(  # read from the database: polling the API would load the fleet
+            lambda: rollout_state(db, created["id"]) in ("completed", "paused", "rolled_back"),
             900,
             "the rollout to finish",
         )
         elapsed = time.perf_counter() - start
+        fleet_cpu = cpu_s(fleet_pid) - cpu_before
         final = api(client, "GET", f"/rollouts/{created['id']}")
         if final["state"] != "completed":
             raise RuntimeError(f"the rollout ended {final['state']}: {final['reason']}")
@@ -715,7 +731,12 @@ def rollout(work: Path, devices: int, waves: list[str]) -> float:
         if on_new != devices:
             raise RuntimeError(f"only {on_new} of {devices} devices run the new bundle")
     db.dispose()
-    return elapsed
+    return RolloutRun(devices, waves, elapsed, fleet_cpu)
+
+
+def rollout_state(db: Engine, rollout_id: str) -> str:
+    with session_scope(db) as session:
+        return session.get_one(Rollout, rollout_id).state.value
 
 
 def online(db: Engine) -> int:
@@ -768,14 +789,19 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"**{b['acked'] - b['stored']:,} lost**; mosquitto logged dropping "
             f"{b['dropped_lines']} time(s).",
         ]
-    if "rollout_s" in results:
-        s = results["rollout_s"]
+    if results.get("rollouts"):
         lines += [
             "",
-            f"Rollout (SQLite, `fleet serve`, {args.rollout_devices:,} simulated devices, "
-            f"waves {','.join(args.waves)}, soak 0): {s:.1f} s, "
-            f"{args.rollout_devices / s:,.0f} devices/s.",
+            "| rollout (SQLite, `fleet serve`, soak 0) | devices | seconds | devices/s "
+            "| fleet CPU |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
+        for run in results["rollouts"]:
+            lines.append(
+                f"| waves {','.join(run['waves'])} | {run['devices']:,} | {run['seconds']:.1f} "
+                f"| {run['devices'] / run['seconds']:,.0f} "
+                f"| {run['fleet_cpu_s'] / run['devices'] * 1e6:,.0f} µs/device |"
+            )
     return "\n".join(lines)
 
 
@@ -826,9 +852,13 @@ def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
         log(f"burst of {args.burst:,} messages into the fleet")
         results["burst"] = {**burst(work, args).__dict__}
         log(f"  {results['burst']}")
-    if args.rollout_devices:
-        log(f"rollout to {args.rollout_devices:,} simulated devices")
-        results["rollout_s"] = rollout(work, args.rollout_devices, args.waves)
+    results["rollouts"] = []
+    for devices in args.rollout_devices:
+        for waves in args.waves:
+            log(f"rollout to {devices:,} simulated devices, waves {','.join(waves)}")
+            run = rollout(work, devices, waves)
+            log(f"  {run.seconds:.1f} s, {run.devices_per_s:,.0f} devices/s")
+            results["rollouts"].append(run.__dict__)
 
 
 def main() -> None:
@@ -840,11 +870,16 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--burst", type=int, default=150_000, help="0: no burst")
-    parser.add_argument("--rollout-devices", type=int, default=2_000, help="0: no rollout")
-    parser.add_argument("--waves", default="100")
+    parser.add_argument(
+        "--rollout-devices", default="2000", help="comma-separated device counts; 0: no rollout"
+    )
+    parser.add_argument(
+        "--waves", action="append", help="a rollout's waves, e.g. 25,50,75,100 (repeat for more)"
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
-    args.waves = args.waves.split(",")
+    args.rollout_devices = [int(n) for n in args.rollout_devices.split(",") if int(n)]
+    args.waves = [waves.split(",") for waves in args.waves or ["100"]]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind as on Ctrl-C
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-fleet-bench-") as tmp:

@@ -19,6 +19,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from contracts.drift import DRIFT_REFERENCE_FILE
 from contracts.durable import fsync_directory, fsync_tree
 from contracts.errors import ReportError
 from contracts.report import REPORT_NAME, parse_report
@@ -83,7 +84,7 @@ def _not_from_a_compile(directory: Path) -> list[str]:
         report = parse_report((directory / REPORT_NAME).read_bytes())
     except (OSError, ReportError):
         return entries
-    ours = {REPORT_NAME, MODEL_CARD_NAME}
+    ours = {REPORT_NAME, MODEL_CARD_NAME, DRIFT_REFERENCE_FILE}
     for artifact in report.artifacts:
         ours.update(artifact.files().values())
     return [name for name in entries if name not in ours or not (directory / name).is_file()]

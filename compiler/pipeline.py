@@ -34,6 +34,7 @@ import onnx
 from agent.errors import AgentError
 from agent.runtimes import OnnxRuntime, Runtime, load_runtime, write_signature
 from contracts.artifacts import LEGACY_FP32, PRECISIONS, Precision, RuntimeName, artifact_id
+from contracts.drift import DRIFT_REFERENCE_FILE, reference_from_samples
 from contracts.report import (
     TASKS,
     AccuracyGate,
@@ -158,6 +159,8 @@ class CompileContext:
     notes: list[str] = field(default_factory=list)
     failures: list[CandidateFailure] = field(default_factory=list)
     task: TaskChoice | None = None
+    reference_outputs: list[np.ndarray] | None = None
+    """The fp32 original's outputs on the validation data, once the validate step ran."""
 
     @property
     def profile(self) -> Profile:
@@ -183,6 +186,7 @@ DEFAULT_PIPELINE = (
     "tune",
     "build",
     "validate",
+    "drift",
     "measure",
     "select",
     "golden",
@@ -606,6 +610,7 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
         return {"skipped": "no validation data"}
     data = ctx.validation
     reference = _load_reference(ctx).predict_batch(data.inputs)
+    ctx.reference_outputs = reference
     names = [spec.name for spec in ctx.model().outputs]
     ctx.task = _judged_task(ctx, reference, names, data.labels)
     outputs = _run(ctx, list(ctx.candidates), data.inputs, "validate")
@@ -639,6 +644,28 @@ def _validate(ctx: CompileContext) -> dict[str, Any]:
     if ctx.candidates and not any(c.passed for c in ctx.candidates):
         raise AccuracyGateError("accuracy gate failed for every candidate, nothing published")
     return detail
+
+
+@register_step("drift")
+def _drift(ctx: CompileContext) -> dict[str, Any]:
+    """The validation data's drift reference profile (``contracts/drift.py``), written next to
+    the report for ``edgefleet ota bundle`` to ship: what the agent compares its inputs with."""
+    data = ctx.validation
+    if data is None:
+        return {"skipped": "no validation data: bundles of this compile carry no drift reference"}
+    outputs = ctx.reference_outputs or _load_reference(ctx).predict_batch(data.inputs)
+    names = [spec.name for spec in ctx.model().outputs]
+    task = ctx.task.task if ctx.task else infer_task(outputs, names, data.labels)[0]
+    profile = reference_from_samples(
+        data.inputs, outputs[0] if outputs else None, classifier=task == "classification"
+    )
+    (ctx.staging / DRIFT_REFERENCE_FILE).write_bytes(profile.to_json_bytes())
+    return {
+        "file": DRIFT_REFERENCE_FILE,
+        "samples": profile.samples,
+        "features": [f.name for f in profile.features],
+        "classes": len(profile.classes or []),
+    }
 
 
 def _judged_task(

@@ -11,6 +11,7 @@ write the same bytes from the same definitions:
 | ``contracts.mqtt`` | the MQTT topics and payloads between the fleet and its devices |
 | ``contracts.oip`` | the Open Inference Protocol (v2) messages and their tensor codec |
 | ``contracts.report`` | ``report.json``, what a compile writes and a bundle is made from |
+| ``contracts.drift`` | ``drift-reference.json``, the summaries devices send, drift scores |
 | ``contracts.durable`` | how a file is written so that a crash leaves it whole or absent |
 | ``contracts.cli`` | what every ``edgefleet`` command shares: ``--json``, errors, exit codes |
 

@@ -6,11 +6,21 @@ whoever sent the bytes (a device, an HTTP client, a file on disk).
 
 from __future__ import annotations
 
-__all__ = ["ContractError", "InferenceRequestError", "PayloadError", "ReportError"]
+__all__ = [
+    "ContractError",
+    "DriftError",
+    "InferenceRequestError",
+    "PayloadError",
+    "ReportError",
+]
 
 
 class ContractError(ValueError):
     """Base of every error this package raises."""
+
+
+class DriftError(ContractError):
+    """A drift reference profile or a drift summary that does not follow ``contracts.drift``."""
 
 
 class PayloadError(ContractError):

@@ -9,13 +9,18 @@ fleet server's dependencies. Topics live under ``edgefleet/v1/devices/{device_id
 | ``ack``       | device → fleet | 1   | :class:`Ack`                                    |
 | ``status``    | device → fleet | 1, retained; Last Will | :class:`Status`                 |
 | ``telemetry`` | device → fleet | 1   | :class:`TelemetryBatch`, JSON, optionally zstd  |
+| ``receipt``   | fleet → device | 1   | :class:`Receipt`                                |
+| ``truth``     | fleet → device | 1   | :class:`GroundTruthBatch`                       |
 
 Every command has an id; a device that sees an id again acks its current progress instead
 of acting twice, so the fleet may resend after a crash. A command past its ``expires_at``
 is stale and ignored (:meth:`Command.expired`): the fleet puts a fresh one on every copy it
 sends, and never sends a finished rollout's commands. A device's retained status names the
 last command it finished and how (:class:`Status`), so the fleet recovers a lost final ack.
-Telemetry records carry ids too and the fleet stores each once.
+Telemetry records carry ids too and the fleet stores each once. Once it has committed
+them (or refused them for good) it says so on the device's ``receipt`` topic; a device
+keeps a record until a receipt names it, so a broker that loses what it had PUBACKed loses
+nothing (agent/telemetry.py).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from .errors import PayloadError
 from .ids import BundleLabel, DeviceId, MessageId, Name, Tag, Version, check_device_id
 
 __all__ = [
+    "GROUND_TRUTH_MAX_LABELS",
     "MAX_PAYLOAD_BYTES",
+    "RECEIPT_MAX_IDS",
     "TOPIC_PREFIX",
     "UPDATER_IDLE",
     "Ack",
@@ -48,7 +55,11 @@ __all__ = [
     "Channel",
     "Command",
     "CommandKind",
+    "GroundTruth",
+    "GroundTruthBatch",
     "PayloadError",
+    "Receipt",
+    "RequestId",
     "Status",
     "TelemetryBatch",
     "TelemetryRecord",
@@ -67,7 +78,7 @@ M = TypeVar("M", bound=BaseModel)
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
-Channel = Literal["cmd", "ack", "status", "telemetry"]
+Channel = Literal["cmd", "ack", "status", "telemetry", "receipt", "truth"]
 
 UPDATER_IDLE = "idle"
 """:attr:`Status.state` of a device whose updater has no command in progress."""
@@ -234,6 +245,53 @@ class TelemetryRecord(_Message):
 
 class TelemetryBatch(_Message):
     records: list[TelemetryRecord] = Field(max_length=10_000)
+
+
+RECEIPT_MAX_IDS = 10_000
+"""The most record ids one :class:`Receipt` names, stored and refused together: a full
+:class:`TelemetryBatch`. The fleet splits a larger settlement over several receipts."""
+
+
+class Receipt(_Message):
+    """The fleet's word on telemetry records of one device: ``stored`` are committed to its
+    database (now, or before: a resent record is named again), ``refused`` never will be
+    (the message breaking the contract, or quarantined; ``reason`` says why). Either way
+    the device deletes them from its queue; a record no receipt names is sent again."""
+
+    stored: list[MessageId] = Field(default_factory=list, max_length=RECEIPT_MAX_IDS)
+    refused: list[MessageId] = Field(default_factory=list, max_length=RECEIPT_MAX_IDS)
+    reason: Detail = ""
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Self:
+        if len(self.stored) + len(self.refused) > RECEIPT_MAX_IDS:
+            raise ValueError(f"a receipt names at most {RECEIPT_MAX_IDS} record ids")
+        return self
+
+
+GROUND_TRUTH_MAX_LABELS = 1000
+"""The most labels one :class:`GroundTruthBatch` carries (the agent's API and the fleet's
+``POST /api/v1/devices/{id}/ground-truth`` take as many)."""
+RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+"""An inference request's id as the agent's API answered it (the request's own ``id``, or
+the one the agent made up): printable ASCII, no spaces, at most 128 characters."""
+ClassLabel = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+"""A class index, as the model's top class counts them; bundles name no classes, so a
+string, a float or a boolean is refused rather than guessed at."""
+
+
+class GroundTruth(_Message):
+    """The true class of the answer to the inference request ``request_id``."""
+
+    request_id: RequestId
+    label: ClassLabel
+
+
+class GroundTruthBatch(_Message):
+    """Labels the fleet relays to a device on its ``truth`` topic; the agent applies them
+    as if they came through its local API (agent/ground_truth.py)."""
+
+    labels: list[GroundTruth] = Field(min_length=1, max_length=GROUND_TRUTH_MAX_LABELS)
 
 
 def encode_telemetry(batch: TelemetryBatch, *, compress: bool = True) -> bytes:

@@ -17,6 +17,13 @@ arrival and its commit loses nothing: the broker delivers it again. Messages may
 arrive twice; storing one twice changes nothing (telemetry has ids, acks and statuses
 are states).
 
+Devices keep telemetry until the fleet has it, not until the broker has it: after each
+committed chunk the bridge publishes a storage receipt per device on its ``receipt``
+topic, QoS 1, naming every record of the chunk (duplicates included, so a resend is let
+go of); a telemetry message that breaks the contract or is quarantined gets a receipt
+refusing its records by id, with the reason (``fleet/receipts.py``). A device resends what
+no receipt named, so a broker killed with a backlog it had PUBACKed loses nothing.
+
 Replicas split the devices' messages (each has its own session in the shared group), and
 a broker queues a dead replica's share in its session until it comes back (mosquitto and
 EMQX both keep serving a shared subscription's sessions while their clients are away). So
@@ -71,7 +78,10 @@ from contracts.mqtt import (
     Ack,
     Channel,
     Command,
+    CommandKind,
+    GroundTruthBatch,
     PayloadError,
+    Receipt,
     Status,
     TelemetryBatch,
     decode_payload,
@@ -85,9 +95,11 @@ from .broker.access import STORE_BYTES_TOPIC
 from .broker.process import MAX_QUEUED_BYTES
 from .db import session_scope
 from .devices import RESERVED_PREFIX, apply_statuses
+from .drift import fold
 from .errors import BrokerError
 from .metrics import FleetMetrics
 from .models import Quarantine, utcnow
+from .receipts import receipts, refused_receipts
 from .rollouts import Link, handle_acks, lock_answered, reconcile_statuses
 from .telemetry import ingest
 
@@ -159,8 +171,9 @@ class MqttBridge:
     ``retry_max_s``: the backoff while the database fails. ``queue_alarm_bytes``: what the
     broker may hold before the queue alarm (``edgefleet_broker_queue_alarm``, an error
     logged; see docs/fleet.md, "Bursts"). ``on_online`` is called with the
-    devices whose online status was stored (after their rollout members were reconciled
-    from it), ``on_final_ack`` when an ack or a status finished a rollout member.
+    devices that came online, offline before (after their rollout members were
+    reconciled from their statuses), ``on_final_ack`` when an ack or a status finished
+    a rollout member.
     ``drain``: take over another replica's session to empty it (:func:`drain_session`):
     unsubscribe rather than subscribe, and never reconnect.
     """
@@ -306,6 +319,51 @@ class MqttBridge:
                 f"could not queue a command for {device_id}: {mqtt.error_string(info.rc)}"
             )
         self._metrics.commands.labels(command.kind.value).inc()
+
+    def send_encoded(self, kind: CommandKind, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish commands of ``kind``, already encoded, each ``(device id, payload)`` on
+        its device's ``cmd`` topic, QoS 1: the rollout engine's wave, one message per device
+        (:mod:`fleet.rollouts.commands`). ``BrokerError`` at the first one paho's queue did
+        not take (the broker away does not count: paho sends them on reconnect)."""
+        publish = self._client.publish
+        for done, (device_id, payload) in enumerate(messages):
+            info = publish(device_topic(device_id, "cmd"), payload, qos=1)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self._metrics.commands.labels(kind.value).inc(done)
+                raise BrokerError(
+                    f"could not queue a command for {device_id}: {mqtt.error_string(info.rc)}"
+                )
+        self._metrics.commands.labels(kind.value).inc(len(messages))
+
+    def relay_truth(self, device_id: str, batch: GroundTruthBatch) -> None:
+        """Publish true labels on the device's ``truth`` topic, QoS 1; ``BrokerError`` when
+        not even paho's queue took them (the broker away does not count: paho sends
+        them on reconnect)."""
+        info = self._client.publish(
+            device_topic(device_id, "truth"), batch.model_dump_json(), qos=1
+        )
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise BrokerError(
+                f"could not queue ground truth for {device_id}: {mqtt.error_string(info.rc)}"
+            )
+
+    def _send_receipts(self, settled: Sequence[tuple[str, Receipt]]) -> None:
+        """Publish storage receipts (``fleet/receipts.py``), QoS 1, queued by paho while
+        the broker is away. One that never arrives costs a resend: the device sends the
+        records again and, the fleet holding them, gets a receipt for them then."""
+        for device_id, receipt in settled:
+            info = self._client.publish(
+                device_topic(device_id, "receipt"),
+                receipt.model_dump_json(exclude_defaults=True),
+                qos=1,
+            )
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.warning(
+                    "could not queue a storage receipt for %s (%s); it resends the records "
+                    "and gets one then",
+                    device_id,
+                    mqtt.error_string(info.rc),
+                )
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -515,6 +573,14 @@ class MqttBridge:
                     self._database_back()
                 continue
             self._database_back()
+            self._send_receipts(
+                receipts(
+                    (r.device_id, record.id)
+                    for r in chunk
+                    if isinstance(r.body, TelemetryBatch)
+                    for record in r.body.records
+                )
+            )
             self._notify(online, final_acks)
 
     def _decode(
@@ -523,6 +589,7 @@ class MqttBridge:
         """The message decoded, or ``None`` when it breaks the contract (counted).
         ``now``: the fleet's clock and the monotonic one, read once per batch."""
         label = _channel_label(message)
+        device_id = channel = ""
         try:
             device_id, channel = device_id_from_topic(message.topic)
             model = _MODELS.get(channel)
@@ -532,6 +599,9 @@ class MqttBridge:
         except (PayloadError, UnicodeDecodeError) as e:  # the latter: a topic not UTF-8
             self._metrics.malformed.labels(label).inc()
             log.warning("dropped a malformed message on %s: %s", _topic_shown(message), e)
+            if channel == "telemetry":
+                payload = bytes(message.payload)
+                self._send_receipts(refused_receipts(device_id, payload, f"malformed: {e}"))
             return None
         except Exception:  # the contract should have said PayloadError: still the device's
             self._metrics.malformed.labels(label).inc()
@@ -557,15 +627,16 @@ class MqttBridge:
                     device_ids={d for d, s in statuses if s.online},
                     command_ids={a.command for _, a in acks},
                 )
-            online = apply_statuses(session, statuses) if statuses else []
-            came = set(online)
-            reports = [(d, s) for d, s in statuses if s.online and d in came]
+            applied = apply_statuses(session, statuses) if statuses else None
+            reports = applied.online if applied else []
             final_acks = reconcile_statuses(session, reports) if reports else 0
             final_acks += handle_acks(session, acks) if acks else 0
+            health_refused = fold(session, telemetry) if telemetry else 0  # first: skips resends
             stored = ingest(session, telemetry) if telemetry else 0
         self._metrics.telemetry_records.inc(stored)
+        self._metrics.model_health_skipped.inc(health_refused)
         self._metrics.telemetry_duplicates.inc(len(telemetry) - stored)
-        return online, final_acks
+        return (applied.came_online if applied else []), final_acks
 
     def _notify(self, online: list[str], final_acks: int) -> None:
         """Tell the server what a committed chunk changed; its failure stores nothing less."""
@@ -600,6 +671,10 @@ class MqttBridge:
         except Exception as failure:
             return failure
         self._metrics.quarantined.labels(item.channel).inc()
+        if isinstance(item.body, TelemetryBatch):
+            self._send_receipts(
+                refused_receipts(item.device_id, payload, f"quarantined: {reason[:500]}")
+            )
         log.error(
             "quarantined a %s message from %s (%d bytes, sha256 %s): the database refused it: %s",
             item.channel,

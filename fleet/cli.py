@@ -164,6 +164,10 @@ def serve(
     metrics_public: Annotated[
         bool, typer.Option(help="Serve /metrics without a token (default: any API token).")
     ] = False,
+    drift_webhook_url: Annotated[
+        str | None,
+        typer.Option(help="POST drift alerts here as JSON (docs/model-health.md)."),
+    ] = None,
 ) -> None:
     """Run the fleet server (embedded defaults: a SQLite file and a local mosquitto).
 
@@ -203,6 +207,7 @@ def serve(
             max_bundle_bytes=max_bundle_bytes,
             max_inference_bytes=max_inference_bytes,
             metrics_public=metrics_public,
+            drift_webhook_url=drift_webhook_url,
         )
     except ValidationError as e:
         fail("; ".join(_setting_error(error) for error in e.errors()))
@@ -567,6 +572,13 @@ def rollout_create(
         OnFailure, typer.Option(help="What a wave that fails its gate does.")
     ] = OnFailure.PAUSE,
     manual: Annotated[bool, typer.Option(help="Wait for `advance` after each gate.")] = False,
+    compare_baseline: Annotated[
+        bool,
+        typer.Option(
+            help="Judge error and fallback rates by a sequential test against the devices "
+            "still on the previous version (gate `compare: baseline`)."
+        ),
+    ] = False,
     shadow: Annotated[
         bool, typer.Option(help="Run beside the serving model; report agreement.")
     ] = False,
@@ -597,6 +609,7 @@ def rollout_create(
             "soak_s": soak,
             "min_healthy_ratio": min_healthy,
             "max_failure_ratio": max_failure,
+            "compare": "baseline" if compare_baseline else "threshold",
         },
         "on_failure": on_failure.value,
         "auto_advance": not manual,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from contracts.drift import DISTANCE_ALERT, MIN_COUNT, PSI_ALERT, DriftThresholds
 from ota.keys import PASSPHRASE_ENV
 
 from .broker.endpoint import MqttEndpoint, is_loopback, public_endpoint
@@ -86,6 +87,19 @@ class FleetSettings(BaseModel):
     """Failed engine steps in a row after which a rollout is paused with the error."""
     health_window_s: float = Field(default=3600.0, gt=0)
     """Telemetry age used for the previous version's baseline in health gates."""
+    drift_window_s: float = Field(default=24 * 3600.0, ge=3600, le=31 * 24 * 3600)
+    """The window drift alerts judge (whole hours; ``/drift?window_s=`` for another)."""
+    drift_psi_threshold: float = Field(default=PSI_ALERT, gt=0, le=100)
+    """A cohort drifts when a feature's (or the classes') PSI passes this."""
+    drift_distance_threshold: float = Field(default=DISTANCE_ALERT, gt=0, le=1)
+    """... or a continuous feature's binned Wasserstein distance passes this."""
+    drift_min_samples: int = Field(default=MIN_COUNT, ge=1)
+    """Inferences a cohort's summaries must cover in the window before it can drift."""
+    drift_check_s: float = Field(default=60.0, gt=0, le=24 * 3600)
+    """How often the fleet judges drift for alerts (docs/model-health.md)."""
+    drift_webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    """Operator's endpoint POSTed a JSON document when a cohort starts or stops drifting."""
+    drift_webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
     max_json_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body of every route but bundle uploads and inference (413 past it)."""
     max_bundle_bytes: int = Field(default=8 << 30, ge=1024)
@@ -145,6 +159,14 @@ class FleetSettings(BaseModel):
                     + ("" if self.mqtt_tls else ", or pass --mqtt-tls")
                 )
         return self
+
+    @property
+    def drift_thresholds(self) -> DriftThresholds:
+        return DriftThresholds(
+            psi=self.drift_psi_threshold,
+            distance=self.drift_distance_threshold,
+            min_count=self.drift_min_samples,
+        )
 
     @property
     def mqtt_listen_host(self) -> str:

@@ -20,8 +20,9 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -38,6 +39,7 @@ from .security import hash_token, new_token
 __all__ = [
     "RESERVED_PREFIX",
     "Enrollment",
+    "StatusesApplied",
     "apply_statuses",
     "broker_credentials",
     "create_enrollment_token",
@@ -304,35 +306,78 @@ def broker_credentials(session: Session) -> list[DeviceCredential]:
     return credentials
 
 
-def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> list[str]:
-    """Record devices' retained statuses (or Last Wills), in arrival order, with one query.
+@dataclass(frozen=True)
+class StatusesApplied:
+    """What a batch of statuses did to the devices they came from."""
 
-    Returns the active devices that came online; statuses of unknown or revoked devices
-    are ignored.
+    online: list[tuple[str, Status]]
+    """The active devices' online statuses, in arrival order (to reconcile their rollout
+    members from)."""
+    came_online: list[str]
+    """The active devices that went from offline to online in the batch, each once: what
+    they were sent while away is sent again."""
+
+
+def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> StatusesApplied:
+    """Record devices' retained statuses (or Last Wills), in arrival order: one query
+    reads the devices' presence, one ``executemany`` per kind of status writes the last of
+    each device. Statuses of unknown or revoked devices are ignored.
+
+    A device comes online when an online status finds it offline: a fleet that restarted
+    marked every device offline (:func:`set_all_offline`), so each reconnected device's
+    status counts; a status that only repeats it is online (progress, a resent retained
+    status) does not.
     """
     ids = {device_id for device_id, _ in statuses}
-    devices = {
-        d.id: d
-        for d in session.exec(
-            select(Device).where(col(Device.id).in_(ids), Device.state == DeviceState.ACTIVE)
-        )
-    }
-    now = utcnow()
-    online: list[str] = []
+    online = dict(
+        session.exec(
+            select(Device.id, Device.online).where(
+                col(Device.id).in_(ids), Device.state == DeviceState.ACTIVE
+            )
+        ).all()
+    )
+    reported: list[tuple[str, Status]] = []
+    came_online: dict[str, None] = {}
+    last: dict[str, Status] = {}
     for device_id, status in statuses:
-        device = devices.get(device_id)
-        if device is None:
+        if device_id not in online:
             continue
-        device.online = status.online
-        device.last_seen = now
         if status.online:
-            device.agent_version = status.agent_version
-            device.bundle = status.bundle
-            device.bundle_version_number = status.bundle_version_number
-            device.agent_state = status.state
-            online.append(device_id)
-        session.add(device)
-    return online
+            reported.append((device_id, status))
+            if not online[device_id]:
+                came_online[device_id] = None
+        online[device_id] = status.online
+        last[device_id] = status
+    now = utcnow()
+    table = cast(Table, Device.__table__)  # type: ignore[attr-defined]
+    for went_online in (True, False):
+        fields = _STATUS_COLUMNS if went_online else {}
+        rows = [
+            {"b_id": device_id, **{f"b_{name}": getattr(status, name) for name in fields}}
+            for device_id, status in last.items()
+            if status.online is went_online
+        ]
+        if rows:
+            session.connection().execute(
+                update(table)
+                .where(table.c.id == bindparam("b_id"))
+                .values(
+                    online=went_online,
+                    last_seen=now,
+                    **{column: bindparam(f"b_{name}") for name, column in fields.items()},
+                ),
+                rows,
+            )
+    return StatusesApplied(online=reported, came_online=list(came_online))
+
+
+_STATUS_COLUMNS = {
+    "agent_version": "agent_version",
+    "bundle": "bundle",
+    "bundle_version_number": "bundle_version_number",
+    "state": "agent_state",
+}
+"""What an online status reports, and the :class:`Device` column that keeps it."""
 
 
 def set_all_offline(session: Session) -> int:

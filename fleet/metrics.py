@@ -54,6 +54,29 @@ class FleetMetrics:
             "Telemetry records received again and skipped (same device and record id).",
             registry=self.registry,
         )
+        self.model_health_skipped = Counter(
+            "edgefleet_model_health_skipped",
+            "Drift summaries and ground-truth counts in telemetry that were malformed or not "
+            "of their version's reference profile: skipped, the record stored all the same.",
+            registry=self.registry,
+        )
+        self.drift_alerts = Counter(
+            "edgefleet_drift_alerts",
+            "Times a model version's cohort started drifting (once per crossing).",
+            ["model", "version", "cohort"],
+            registry=self.registry,
+        )
+        self.drifting = Gauge(
+            "edgefleet_drifting",
+            "1 while a model version's cohort is in drift, 0 once it is back (as last judged).",
+            ["model", "version", "cohort"],
+            registry=self.registry,
+        )
+        self.drift_webhook_failures = Counter(
+            "edgefleet_drift_webhook_failures",
+            "Drift alerts the operator's webhook did not take (error, timeout, non-2xx).",
+            registry=self.registry,
+        )
         self.commands = Counter(
             "edgefleet_commands_sent",
             "Commands published to devices, by kind.",

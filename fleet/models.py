@@ -45,6 +45,7 @@ __all__ = [
     "Device",
     "DevicePublic",
     "DeviceState",
+    "DriftAlert",
     "EnrollmentToken",
     "EnrollmentTokenCreate",
     "FleetReplica",
@@ -54,6 +55,7 @@ __all__ = [
     "GateOutcome",
     "GateVerdict",
     "HealthStats",
+    "ModelHealthRow",
     "ModelVersion",
     "ModelVersionCreate",
     "ModelVersionPublic",
@@ -145,6 +147,8 @@ class Bundle(BundleBase, table=True):
     bundle_name: str
     """``NAME-VERSION`` as devices report it in status and telemetry."""
     created_at: dt.datetime = Field(default_factory=utcnow)
+    drift_reference: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    """The bundle's ``drift-reference.json`` as parsed at upload (``fleet.drift``), if any."""
 
 
 class BundlePublic(BundleBase):
@@ -306,9 +310,10 @@ _MAX_WAIT_S = 30 * 24 * 3600.0
 
 
 class Gate(SQLModel):
-    """What a wave must show before the next one starts."""
+    """What a wave must show before the next one starts. Unknown fields are refused: a
+    misspelt threshold would otherwise leave its default silently in force."""
 
-    model_config = ConfigDict(allow_inf_nan=False)  # type: ignore[assignment]
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")  # type: ignore[assignment]
 
     min_healthy_ratio: float = Field(default=0.9, ge=0, le=1)
     """Share of the wave's devices that must report ``healthy``."""
@@ -326,6 +331,27 @@ class Gate(SQLModel):
     """Telemetry needed from the wave before health is judged (0: judge acks only)."""
     min_agreement: float = Field(default=0.0, ge=0, le=1)
     """Shadow rollouts: share of agreeing predictions the challenger must reach."""
+    compare: Literal["threshold", "baseline"] = "threshold"
+    """How error and fallback rates are judged: ``threshold``, against the previous
+    version's plus ``max_*_rate_increase``; ``baseline``, by a sequential test against the
+    previous version's devices over the same window (``fleet/rollouts/sequential.py``)."""
+    alpha: float = Field(default=0.05, gt=0, le=0.2)
+    """``compare: baseline``: the most often a wave no worse than its baseline may be
+    halted, however often the gate looks; split evenly over the rates compared."""
+    power: float = Field(default=0.8, ge=0.5, le=0.99)
+    """``compare: baseline``: how often a ``min_effect`` regression must halt before the
+    wave can pass; it sets the minimum sample."""
+    min_effect: float = Field(default=2.0, gt=1, le=1000)
+    """``compare: baseline``: the smallest regression worth detecting, as the ratio of the
+    new version's rate to the previous version's."""
+    max_drift_psi: float | None = Field(default=None, ge=0, le=100)
+    """The new version's input drift (population stability index against its reference)
+    may be at most this; ``None``: not judged."""
+    min_live_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Share of labelled predictions (ground truth) the new version must get right, once
+    ``min_labelled`` have come; ``None``: not judged."""
+    min_labelled: Count = 100
+    """Labels (ground truth) needed before ``min_live_accuracy`` is judged."""
 
 
 class HealthStats(BaseModel):
@@ -367,6 +393,11 @@ class GateMetric(enum.StrEnum):
     FALLBACK_RATE = "fallback_rate"
     LATENCY_P95_MS = "latency_p95_ms"
     AGREEMENT = "agreement"
+    ERROR_RATE_VS_BASELINE = "error_rate_vs_baseline"
+    """``compare: baseline``: the sequential test's always-valid p-value, at least alpha."""
+    FALLBACK_RATE_VS_BASELINE = "fallback_rate_vs_baseline"
+    DRIFT_PSI = "drift_psi"
+    LIVE_ACCURACY = "live_accuracy"
 
 
 class GateCheck(BaseModel):
@@ -576,6 +607,41 @@ class TelemetryRecordRow(SQLModel, table=True):
 
 
 ModelVersionPublic.model_rebuild()
+
+
+# ---------------------------------------------------------------------------- model health
+
+
+class ModelHealthRow(SQLModel, table=True):
+    """What the devices serving one model version in one cohort reported in one hour (fleet
+    clock): their drift summaries merged, and their ground-truth counts. ``cohort`` is a
+    device tag, or ``""`` for every device. Kept up to date at ingest (``fleet.drift``)."""
+
+    __tablename__ = "modelhealth"
+    __table_args__ = (UniqueConstraint("model_version_id", "cohort", "hour"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_version_id: int = Field(foreign_key="modelversion.id")
+    cohort: str = Field(max_length=64)
+    hour: dt.datetime
+    summaries: int = Field(default=0, sa_type=BigInteger)
+    """Drift summaries merged into ``drift``."""
+    skipped: int = Field(default=0, sa_type=BigInteger)
+    """Drift summaries refused: malformed, or not of the version's reference's shape."""
+    drift: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    labelled: int = Field(default=0, sa_type=BigInteger)
+    correct: int = Field(default=0, sa_type=BigInteger)
+
+
+class DriftAlert(SQLModel, table=True):
+    """Whether a version's cohort is in drift, as the fleet last judged it: an alert is
+    raised (audited, counted, sent to the webhook) when this flips, not on every look."""
+
+    model_version_id: int = Field(foreign_key="modelversion.id", primary_key=True)
+    cohort: str = Field(primary_key=True, max_length=64)
+    drifting: bool = False
+    score: float | None = None
+    changed_at: dt.datetime = Field(default_factory=utcnow)
 
 
 # ---------------------------------------------------------------------------- quarantine

@@ -19,6 +19,7 @@ from ota.errors import OtaError
 from ota.repository import OtaRepository, target_path_for
 
 from . import audit
+from .drift import read_reference
 from .errors import ConflictError, NotFoundError, RequestError
 from .inference import CloudModel
 from .models import (
@@ -123,6 +124,7 @@ def attach_bundle(
             f"the bundle was compiled from {manifest.model.name} {manifest.model.version}, "
             f"not {version.name} {version.version}: attach it to that version"
         )
+    reference = read_reference(bundle_file)
     path = target_path_for(manifest)
     existing = session.exec(select(Bundle).where(Bundle.target_path == path)).first()
     try:
@@ -142,6 +144,7 @@ def attach_bundle(
         sha256=target.hashes["sha256"],
         length=target.length,
         bundle_name=f"{manifest.name}-{manifest.version}",
+        drift_reference=reference,
     )
     session.add(bundle)
     session.flush()

@@ -44,6 +44,7 @@ from .ca import FleetCA
 from .config import DEFAULT_REPLICA_ID, FleetSettings
 from .db import make_engine, session_scope
 from .devices import broker_credentials, set_all_offline
+from .drift_alerts import DriftWatch
 from .inference import CloudModel, CloudModels
 from .metrics import FleetMetrics
 from .migrate import upgrade
@@ -108,6 +109,7 @@ class FleetServer:
         self.lease: LeaseKeeper
         self.bridge: MqttBridge
         self.rollouts: RolloutEngine
+        self.drift_watch: DriftWatch
         self._draining: dict[str, float] = {}
         """Replicas whose session is being (or was, without success) taken over: when to
         try again."""
@@ -155,7 +157,7 @@ class FleetServer:
         self.bridge.start()
         self.rollouts = RolloutEngine(  # it resends unfinished commands once connected
             self.background_db,
-            self.bridge.send,
+            self.bridge.send_encoded,
             link=self.bridge.link,
             metadata_url=f"{settings.base_url}/ota/metadata/",
             targets_url=f"{settings.base_url}/ota/targets/",
@@ -169,9 +171,21 @@ class FleetServer:
         )
         self.rollouts.start()
         self.lease.start()
+        self.drift_watch = DriftWatch(
+            self.background_db,
+            self.metrics,
+            thresholds=settings.drift_thresholds,
+            window_s=settings.drift_window_s,
+            check_s=settings.drift_check_s,
+            webhook_url=settings.drift_webhook_url,
+            webhook_timeout_s=settings.drift_webhook_timeout_s,
+            actor=f"fleet:{settings.replica_id}",
+        )
+        self.drift_watch.start()
 
     def stop(self) -> None:
         for stop in (
+            getattr(self, "drift_watch", None) and self.drift_watch.stop,
             getattr(self, "rollouts", None) and self.rollouts.stop,
             getattr(self, "lease", None) and self.lease.stop,
             getattr(self, "bridge", None) and self.bridge.stop,

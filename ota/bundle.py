@@ -2,7 +2,9 @@
 
 ``edgefleet compile`` leaves ``report.json`` and every artifact that passed the accuracy
 gate in its output directory; a bundle ships one of them (the one ``--select`` marked,
-the only one, or the one named), ready for one runtime on one hardware profile.
+the only one, or the one named), ready for one runtime on one hardware profile. The
+drift reference (``drift-reference.json``, ``contracts/drift.py``) goes with it when the
+compile made one, checked first, and listed with its hash like every other file.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from contracts.errors import ReportError
+from contracts.drift import DRIFT_REFERENCE_FILE, ReferenceProfile
+from contracts.errors import DriftError, ReportError
 from contracts.report import REPORT_NAME, Artifact, CompileReport, parse_report
 
 from .archive import write_bundle
@@ -57,6 +60,16 @@ def _load_report(directory: Path) -> CompileReport:
         return parse_report(data)
     except ReportError as e:
         raise BundleError(f"{directory}: cannot bundle this compile output: {e}") from None
+
+
+def _check_drift_reference(path: Path) -> None:
+    """Refuse to sign a drift reference the agent would refuse."""
+    try:
+        ReferenceProfile.from_json_bytes(path.read_bytes())
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror}") from None
+    except DriftError as e:
+        raise BundleError(f"{path}: {e}; compile again to make a new one") from None
 
 
 def _choose_artifact(report: CompileReport, wanted: str | None, directory: Path) -> Artifact:
@@ -107,6 +120,9 @@ def bundle_compile_output(
     paths = [*chosen.files().values(), REPORT_NAME]
     if (directory / "MODEL_CARD.md").exists():
         paths.append("MODEL_CARD.md")
+    if (directory / DRIFT_REFERENCE_FILE).exists():
+        _check_drift_reference(directory / DRIFT_REFERENCE_FILE)
+        paths.append(DRIFT_REFERENCE_FILE)
     sources = {p: directory / p for p in paths}
     for path, source in sources.items():
         if not source.is_file():

@@ -17,8 +17,10 @@ import pytest
 
 from agent.api import local_api_server
 from agent.config import ApiConfig, FallbackConfig
+from agent.ground_truth import PredictionLog
 from agent.inference import InferenceService
 from agent.model import load_installed, unpack_bundle
+from agent.telemetry import InferenceStats
 from tests.utils.fleet import make_bundle
 from tests.utils.oip_cloud import TOKEN, CloudEndpoint, running
 
@@ -111,6 +113,54 @@ def test_infer_answers_locally_as_onnx_runtime_does(
     expected = session.run(None, {"image": images})[0]
     got = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_each_answer_is_remembered_by_its_id_for_its_true_label(
+    service: InferenceService, slot: Path, images: np.ndarray
+) -> None:
+    stats = InferenceStats()
+    predictions = PredictionLog(on_label=stats.observe_truth)
+    service.set_model(load_installed(slot))
+    with (
+        _serve(service, predictions=predictions) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}") as api,
+    ):
+        named = api.post("/v2/models/digits/infer", json=_request(images[:1], id="req-7"))
+        unnamed = api.post("/v2/models/digits/infer", json=_request(images[1:2]))
+        classes = [int(np.argmax(r.json()["outputs"][0]["data"])) for r in (named, unnamed)]
+        made_up = unnamed.json()["id"]
+        labels = [
+            {"request_id": "req-7", "label": classes[0]},
+            {"request_id": made_up, "label": (classes[1] + 1) % 10},
+        ]
+        answer = api.post("/v2/ground-truth", json={"labels": labels})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"] == [
+        {"request_id": "req-7", "result": "correct", "bundle": "digits-host-1.0.0", "status": 200},
+        {"request_id": made_up, "result": "wrong", "bundle": "digits-host-1.0.0", "status": 200},
+    ]
+    [record] = stats.report()
+    assert record.extra["truth"] == {"labelled": 2, "correct": 1}
+
+
+def test_an_answer_the_cloud_gave_never_counts_for_the_local_bundle(
+    onnx_file: Path, slot: Path, images: np.ndarray
+) -> None:
+    endpoint = CloudEndpoint(onnx_file, onnx_file)
+    predictions = PredictionLog()
+    with endpoint.serving():
+        config = FallbackConfig(url=endpoint.url, token=TOKEN, model="digits", min_confidence=1.0)
+        with (
+            InferenceService(config) as service,
+            _serve(service, predictions=predictions) as port,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}") as api,
+        ):
+            service.set_model(load_installed(slot))
+            body = api.post("/v2/models/digits/infer", json=_request(images[:1], id="c-1")).json()
+            assert body["parameters"]["served_by"] == "cloud", body["parameters"]
+            label = int(np.argmax(body["outputs"][0]["data"]))
+            answer = api.post("/v2/ground-truth", json={"request_id": "c-1", "label": label})
+    assert answer.json() == {"request_id": "c-1", "result": "correct", "bundle": None}
 
 
 def test_a_batch_reaches_a_tvm_module_built_for_one_sample(

@@ -151,6 +151,19 @@ def test_an_enrolled_agent_installs_rollouts_serves_reports_and_survives_sigkill
             what="telemetry of the local inferences on v2",
         )
 
+        # the truth arrives in the cloud: the fleet relays it, the agent counts it
+        body = _infer(local, images[:1])
+        predicted = int(np.argmax(body["outputs"][0]["data"]))
+        labels = [{"request_id": body["id"], "label": predicted}, {"request_id": "x", "label": 0}]
+        running.api("POST", "/devices/board-1/ground-truth", json={"labels": labels})
+        wait_for(
+            lambda: any(
+                r["bundle"] == V2 and r["extra"].get("truth") == {"labelled": 1, "correct": 1}
+                for r in running.api("GET", "/devices/board-1/telemetry")
+            ),
+            what="the relayed label counted in the agent's telemetry",
+        )
+
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
         agent = _start_agent(config, log)

@@ -262,9 +262,12 @@ def test_a_dry_run_shows_each_wave_by_cohort_and_creates_nothing(
     ]
     assert served.ok("GET", "/rollouts") == before
     # the printed --id creates exactly the waves the dry run showed
-    created = cli(*args, "--waves", "canary,100", "--id", as_json["id"], "--json")
+    created = cli(
+        *args, "--waves", "canary,100", "--id", as_json["id"], "--compare-baseline", "--json"
+    )
     assert created.exit_code == 0, created.output
     assert json.loads(created.stdout)["id"] == as_json["id"]
+    assert json.loads(created.stdout)["gate"]["compare"] == "baseline"
     members = served.ok("GET", f"/rollouts/{as_json['id']}/devices", params={"wave": 1})
     ids = {m["device_id"] for m in members if m["wave"] == 1}
     assert ids == set(as_json["waves"][1]["sample"])

@@ -70,8 +70,8 @@ def test_report_follows_the_contract(digits: Path, tmp_path: Path) -> None:
     assert set(report["latency_ms"]) >= {"reference_onnxruntime", "onnxruntime:int8", "tvm:fp32"}
     assert report["accuracy"]["metric"] == "top1_agreement"
     assert [s["name"] for s in report["steps"]] == [
-        "import", "emulator", "prune", "quantize", "tune", "build", "validate", "measure",
-        "select", "golden",
+        "import", "emulator", "prune", "quantize", "tune", "build", "validate", "drift",
+        "measure", "select", "golden",
     ]  # fmt: skip
     here = {"kind": "build-machine", "arch": platform.machine(),
             "summary": f"the artifact itself on this {platform.machine()} machine"}  # fmt: skip

@@ -122,6 +122,16 @@ def test_each_task_is_inferred_and_judged_by_its_own_metrics_only(
         assert len(drift.classes) == 5 and max(drift.classes) < 1
 
 
+def test_an_output_with_its_drift_reference_is_an_earlier_output_a_compile_replaces(
+    tmp_path: Path,
+) -> None:
+    model = task_models.classifier(tmp_path)
+    _compile(model, tmp_path / "out", quantize="fp32")
+    first = (tmp_path / "out" / DRIFT_REFERENCE_FILE).read_bytes()
+    _compile(model, tmp_path / "out", quantize="fp32")  # not refused as someone else's files
+    assert (tmp_path / "out" / DRIFT_REFERENCE_FILE).read_bytes() == first
+
+
 @pytest.mark.parametrize(("build", "task", "roles", "evidence"), TASK_MODELS[1:])
 def test_each_tasks_own_threshold_is_the_one_that_refuses(
     build: Callable[[Path], Path], task: str, roles: list[str], evidence: str, tmp_path: Path

@@ -384,6 +384,19 @@ def test_a_failing_wave_halts_and_its_cause_stays_shown_after_the_rollback(
     assert {"create", "rollback"} <= {m["action"] for m in health["markers"]}
     reported = {v["version"] for v in health["versions"] if v["points"]}
     assert {bundle.rsplit("-", 1)[1] for bundle in serving.values()} <= reported
+    # drift and live accuracy per version (fleet/dashboard/static/drift.js), as the API says
+    versions = [v["version"] for v in fleet.api("GET", "/models?name=digits")]
+    expect(page.locator(".version-health")).to_have_count(len(versions))
+    for version in versions:
+        base = f"/models/digits/versions/{version}"
+        drift, accuracy = fleet.api("GET", f"{base}/drift"), fleet.api("GET", f"{base}/accuracy")
+        panel = page.locator(f".version-health[data-version='{version}']")
+        expect(panel).to_have_attribute("data-reference", str(drift["reference"]).lower())
+        cohorts = ([drift["overall"]] if drift["overall"] else []) + drift["cohorts"]
+        shown = ("cohorts" if cohorts else "empty") if drift["reference"] else "none"
+        expect(panel.locator(f"[data-drift={shown}]")).to_be_visible()
+        labelled = "cohorts" if accuracy["overall"] is not None else "none"
+        expect(panel.locator(f"[data-accuracy={labelled}]")).to_be_visible()
     dashboard.shot(page, "health")
 
     page.get_by_role("link", name="Registry").click()

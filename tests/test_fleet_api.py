@@ -7,6 +7,7 @@ and the cloud inference endpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tarfile
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from agent.runtimes import OnnxRuntime
+from contracts.drift import DRIFT_REFERENCE_FILE, SummaryBuilder, reference_from_samples
 from contracts.mqtt import TelemetryBatch, TelemetryRecord, device_topic, encode_telemetry
 from ota.archive import extract_bundle
 from tests.utils.fleet import RunningFleet, running_fleet, wait_for
@@ -395,3 +397,75 @@ def test_devices_download_bundles_and_fall_back_to_the_production_model(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     unknown = fleet.client.post("/v2/models/unknown/infer", json=request, headers=device_auth)
     assert unknown.status_code == 404
+
+
+# --- model health (docs/model-health.md) ------------------------------------------------
+
+
+def _with_drift_reference(bundle: Path, reference: bytes, out: Path) -> Path:
+    """``bundle`` again with ``reference`` as its drift-reference.json, listed in the
+    manifest with its hash as a compile lists it (bundling refuses a malformed one)."""
+    from ota.archive import write_bundle
+    from ota.manifest import BundleFile
+
+    unpacked = out.with_suffix(".d")
+    manifest = extract_bundle(bundle, unpacked)
+    (unpacked / DRIFT_REFERENCE_FILE).write_bytes(reference)
+    listed = BundleFile(
+        path=DRIFT_REFERENCE_FILE,
+        sha256=hashlib.sha256(reference).hexdigest(),
+        size=len(reference),
+    )
+    files = [f for f in manifest.files if f.path != DRIFT_REFERENCE_FILE] + [listed]
+    changed = manifest.model_copy(update={"files": files})
+    return write_bundle(changed, {f.path: unpacked / f.path for f in files}, out)
+
+
+def test_drift_and_accuracy_from_a_bundles_reference_and_a_devices_telemetry(
+    fleet: RunningFleet, bundles: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The whole path: a malformed reference refuses the upload (400, nothing signed); a
+    good one is kept; a device's shifted summary and its ground truth, published through
+    mosquitto, come out of /drift and /accuracy for its cohort."""
+    upload = "/models/digits/versions/1.0.0/bundles"
+    fleet.api("POST", "/models", json={"name": "digits", "version": "1.0.0"})
+    malformed = b'{"schema": "edgefleet.drift-reference/1", "samples": 0, "features": []}'
+    bad = _with_drift_reference(bundles[0], malformed, tmp_path / "bad.efb")
+    refused = fleet.call("POST", upload, content=bad.read_bytes())
+    assert refused.status_code == 400, refused.text
+    assert DRIFT_REFERENCE_FILE in refused.json()["detail"]
+    targets = json.loads(fleet.client.get("/ota/metadata/timestamp.json").content)
+    assert targets["signed"]["version"] == 1  # nothing was signed
+
+    reference = reference_from_samples({"x": np.random.default_rng(3).normal(size=(2000, 2))})
+    good = _with_drift_reference(bundles[0], reference.to_json_bytes(), tmp_path / "good.efb")
+    fleet.publish(good)
+    (device,) = fleet.enroll(1, prefix="drift", tags=lambda _: ["site-b"])
+    builder = SummaryBuilder(reference)
+    for values in np.random.default_rng(4).normal(loc=1.5, size=(300, 1, 2)):
+        builder.add({"x": values})
+    record = TelemetryRecord(
+        id="h-1",
+        ts=time.time(),
+        bundle="digits-host-1.0.0",
+        inferences=300,
+        extra={"drift": builder.summary().to_extra(), "truth": {"labelled": 20, "correct": 15}},
+    )
+    payload = encode_telemetry(TelemetryBatch(records=[record]))
+    topic = device_topic(device.device_id, "telemetry")
+    assert _pub(fleet, device.device_id, device.password, topic, payload).returncode == 0
+
+    base = "/models/digits/versions/1.0.0"
+    wait_for(lambda: fleet.api("GET", f"{base}/accuracy")["cohorts"], what="ground truth")
+    accuracy = fleet.api("GET", f"{base}/accuracy")
+    assert [(c["cohort"], c["labelled"], c["correct"]) for c in accuracy["cohorts"]] == [
+        ("site-b", 20, 15)
+    ]
+    drift = fleet.api("GET", f"{base}/drift?window_s=3600")
+    assert drift["reference"] is True
+    assert [(c["cohort"], c["samples"], c["verdict"]) for c in drift["cohorts"]] == [
+        ("site-b", 300, "drift")
+    ]
+    assert drift["overall"]["verdict"] == "drift"
+    assert fleet.call("GET", "/models/digits/versions/9.9.9/drift").status_code == 404
+    assert fleet.call("GET", f"{base}/drift?window_s=10").status_code == 422

@@ -184,6 +184,33 @@ def test_a_high_error_rate_rolls_the_first_wave_back(fleet: RunningFleet) -> Non
         observer.close()
 
 
+def test_the_sequential_gate_halts_a_canary_the_fixed_threshold_would_pass(
+    fleet: RunningFleet,
+) -> None:
+    # 4 % errors against 2 %: within the default +2 points, but twice the rate of the
+    # devices still on the previous version over the same soak
+    behaviour = Behaviour(
+        error_rate={V1: 0.02, V2: 0.04}, telemetry_interval_s=0.2, inferences_per_report=50
+    )
+    with _simulate(fleet, 10, behaviour):
+        rollout = _rollout(
+            fleet,
+            fleet.v2["id"],
+            waves=["20", "100"],
+            gate={"soak_s": 0.5, "compare": "baseline", "max_error_rate_increase": 0.02},
+        )
+        done = wait_for(
+            lambda: _state(fleet, rollout["id"], "paused", "completed"), what="the gate"
+        )
+        assert done["state"] == "paused" and done["wave"] == 0
+        [failure] = _failures(done)
+        assert failure["metric"] == "error_rate_vs_baseline"
+        assert failure["value"] < failure["threshold"] == 0.025
+        assert "mixture SPRT" in failure["reason"] and "ratio 2.00x" in failure["reason"]
+        members = _members(fleet, rollout["id"])
+        assert {m["state"] for m in members.values() if m["wave"] == 1} == {"pending"}
+
+
 def test_operators_pause_resume_and_cannot_skip_the_state_machine(fleet: RunningFleet) -> None:
     with _simulate(fleet, 10, Behaviour()):
         rollout = _rollout(

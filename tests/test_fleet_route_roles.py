@@ -49,6 +49,8 @@ MINIMUM: dict[str, str] = {
     "GET /api/v1/models/{name}/versions/{version}": VIEWER,
     "GET /api/v1/models/{name}/stages/{stage}": VIEWER,
     "GET /api/v1/models/{name}/health": VIEWER,
+    "GET /api/v1/models/{name}/versions/{version}/drift": VIEWER,
+    "GET /api/v1/models/{name}/versions/{version}/accuracy": VIEWER,
     "PUT /api/v1/models/{name}/versions/{version}/stage": OPERATOR,
     "POST /api/v1/models/{name}/versions/{version}/bundles": OPERATOR,
     # devices
@@ -61,6 +63,7 @@ MINIMUM: dict[str, str] = {
     "GET /api/v1/devices/{device_id}/history": VIEWER,
     "GET /api/v1/device-summary": VIEWER,
     "POST /api/v1/devices/{device_id}/revoke": ADMIN,
+    "POST /api/v1/devices/{device_id}/ground-truth": OPERATOR,
     # rollouts
     "GET /api/v1/rollouts": VIEWER,
     "POST /api/v1/rollouts": OPERATOR,

@@ -54,7 +54,7 @@ from contracts.mqtt import (
 from fleet.broker import MqttEndpoint, hash_password
 from tests.utils.fleet import RunningFleet, running_fleet, wait_for
 from tests.utils.http import serve_app
-from tests.utils.mqtt import Subscriber, free_port, mqtt_pub
+from tests.utils.mqtt import Subscriber, free_port, mqtt_pub, receipting
 
 DEVICE = "board-1"
 V1, V2 = "1.0.0", "1.1.0"
@@ -118,6 +118,7 @@ class AclBroker:
             "topic readwrite edgefleet/v1/#",
             f"user {DEVICE}",
             f"topic read {device_topic(DEVICE, 'cmd')}",
+            f"topic read {device_topic(DEVICE, 'receipt')}",
             f"topic write {device_topic(DEVICE, 'ack')}",
             f"topic write {device_topic(DEVICE, 'status')}",
             *([f"topic write {device_topic(DEVICE, 'telemetry')}"] if telemetry else []),
@@ -390,6 +391,7 @@ def test_a_refused_telemetry_batch_stays_queued_and_arrives_once_it_is_allowed(
     with (
         caplog.at_level(logging.WARNING, logger="agent.telemetry"),
         Subscriber(acl_broker.fleet, topic) as subscriber,
+        receipting(acl_broker.fleet, DEVICE),
         running_daemon(config) as daemon,
     ):
         subscriber.wait_subscribed()
@@ -444,7 +446,10 @@ def test_a_batch_nobody_subscribed_to_stays_queued_until_the_fleet_is_back(
             what="a PUBACK saying nobody took the batch",
         )
         assert [r.id for r in daemon.queue.peek(10)] == [r.id for r in unheard]
-        with Subscriber(acl_broker.fleet, topic) as subscriber:
+        with (
+            Subscriber(acl_broker.fleet, topic) as subscriber,
+            receipting(acl_broker.fleet, DEVICE),
+        ):
             subscriber.wait_subscribed()
             daemon.sender.wake()
             assert daemon.sender.flush(timeout_s=30)

@@ -45,6 +45,7 @@ def test_the_same_compile_output_gives_the_same_bytes(
         "onnxruntime-fp32.golden.npz",
         "report.json",
         "MODEL_CARD.md",
+        "drift-reference.json",
     }
     artifact = compiled_digits / "onnxruntime-fp32.onnx"
     assert listed["onnxruntime-fp32.onnx"].sha256 == _sha256(artifact)

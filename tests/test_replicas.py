@@ -473,12 +473,22 @@ def test_an_external_broker_is_answered_in_emqx_shapes_from_the_rules_mosquitto_
         "edgefleet/v1/devices/+/telemetry": "deny",  # the same, as EMQX asks about a share
         f"$share/g/{own}/cmd": "deny",
         f"{own}/telemetry": "deny",
+        f"{own}/receipt": "allow",
+        f"{other}/receipt": "deny",
+        "edgefleet/v1/devices/+/receipt": "deny",
+        f"{own}/truth": "allow",
+        f"{other}/truth": "deny",
+        "edgefleet/v1/devices/+/truth": "deny",
     }
     publications = {
         f"{own}/telemetry": "allow",
         f"{own}/ack": "allow",
         f"{own}/status": "allow",
         f"{own}/cmd": "deny",
+        f"{own}/receipt": "deny",  # only the fleet says what it stored
+        f"{other}/receipt": "deny",
+        f"{own}/truth": "deny",  # only the fleet relays labels
+        f"{other}/truth": "deny",
         f"{other}/telemetry": "deny",
         "edgefleet/v1/devices/+/telemetry": "deny",
         "elsewhere": "deny",
@@ -495,6 +505,10 @@ def test_an_external_broker_is_answered_in_emqx_shapes_from_the_rules_mosquitto_
     assert _authz(b, fleet, "subscribe", "#") == "deny"
     assert _authz(b, fleet, "publish", f"{own}/cmd") == "allow"
     assert _authz(b, fleet, "publish", f"{own}/telemetry") == "deny"
+    assert _authz(b, fleet, "publish", f"{own}/receipt") == "allow"
+    assert _authz(b, fleet, "subscribe", f"{own}/receipt") == "deny"
+    assert _authz(b, fleet, "publish", f"{own}/truth") == "allow"
+    assert _authz(b, fleet, "subscribe", f"{own}/truth") == "deny"
 
     client = PahoClient(device, "emqx-dev")  # mosquitto, from the same rules
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from fleet.models import (
     Gate,
@@ -22,6 +23,7 @@ from fleet.models import (
     RolloutDeviceState,
 )
 from fleet.rollouts import WaveCounts, check_failures, evaluate
+from fleet.rollouts.gate import ModelQuality
 
 GATE = Gate(
     min_healthy_ratio=0.9,
@@ -289,3 +291,151 @@ def test_counts_are_taken_from_the_members_states() -> None:
     assert counts == WaveCounts(wave=3, members=10, healthy=4, failed=1)
     assert counts.answered == 5
     assert WaveCounts.of(1, {}) == WaveCounts(wave=1, members=0, healthy=0, failed=0)
+
+
+# --- compare: baseline, the sequential test ---------------------------------------------------
+
+COMPARED = {"compare": "baseline", "alpha": 0.05, "power": 0.8, "min_effect": 2.0}
+# 2 % errors and 4 % fallbacks in the previous version over the soak; the canary has 10 %
+# of the inferences. alpha 0.05 is split over the two rates: 0.025 each.
+SAME = HealthStats(records=20, inferences=2000, errors=40, fallbacks=80, latency_p95_ms=12.0)
+PREVIOUS = HealthStats(
+    records=180, inferences=18000, errors=360, fallbacks=720, latency_p95_ms=10.0
+)
+VS_BASELINE = {GateMetric.ERROR_RATE_VS_BASELINE, GateMetric.FALLBACK_RATE_VS_BASELINE}
+
+
+def test_a_canary_with_twice_the_error_rate_fails_on_the_test_with_its_effect_and_p() -> None:
+    verdict = Case(new=_stats(SAME, errors=80), baseline=PREVIOUS, gate=COMPARED).verdict()
+
+    assert verdict.outcome is GateOutcome.FAILED
+    [failure] = verdict.failures
+    assert failure.metric is GateMetric.ERROR_RATE_VS_BASELINE
+    assert (failure.bound, failure.threshold) == ("min", 0.025)
+    assert failure.value < 0.025  # the always-valid p-value
+    for text in ("error rate vs previous version: p", "< min 0.025", "mixture SPRT", "ratio 2.00x"):
+        assert text in failure.reason
+    # a fixed threshold of +2 points would have let it through: 4 % <= 2 % + 2 %
+    assert Case(new=_stats(SAME, errors=80), baseline=PREVIOUS).verdict().outcome is (
+        GateOutcome.PASSED
+    )
+
+
+def test_a_canary_with_no_change_passes_once_the_test_has_its_sample() -> None:
+    verdict = Case(new=SAME, baseline=PREVIOUS, gate=COMPARED).verdict()
+
+    assert verdict.outcome is GateOutcome.PASSED, verdict.summary
+    metrics = {c.metric for c in verdict.checks}
+    assert metrics >= VS_BASELINE
+    assert not {GateMetric.ERROR_RATE, GateMetric.FALLBACK_RATE} & metrics  # replaced
+    assert GateMetric.LATENCY_P95_MS in metrics  # still a threshold
+    [errors] = [c for c in verdict.checks if c.metric is GateMetric.ERROR_RATE_VS_BASELINE]
+    assert "no regression signal at the minimum sample" in errors.reason
+    assert "needed to pass" in errors.reason
+
+
+def test_a_small_wave_on_a_few_fallbacks_waits_and_says_how_many_events_it_needs() -> None:
+    # 2.4x the fallbacks, on 19 of them: a threshold of +5 points fails it; the test waits
+    new = _stats(SAME, inferences=200, errors=4, fallbacks=19)
+    previous = _stats(PREVIOUS, inferences=1800, errors=36, fallbacks=72)
+    verdict = Case(new=new, baseline=previous, gate=COMPARED).verdict()
+
+    assert verdict.outcome is GateOutcome.WAITING
+    assert "fallback rate vs previous version: too few events to pass" in verdict.waiting
+    assert "91 events" in verdict.waiting and "needed to pass" in verdict.waiting
+    assert "error rate vs previous version" in verdict.waiting
+    assert not VS_BASELINE & {c.metric for c in verdict.checks}
+    assert Case(new=new, baseline=previous).verdict().outcome is GateOutcome.FAILED
+
+
+def test_past_its_patience_a_rate_the_test_cannot_decide_is_held_to_its_threshold() -> None:
+    new = _stats(SAME, inferences=200, errors=4, fallbacks=19)
+    previous = _stats(PREVIOUS, inferences=1800, errors=36, fallbacks=72)
+    verdict = Case(new=new, baseline=previous, gate=COMPARED, soaked_s=661).verdict()
+
+    assert verdict.outcome is GateOutcome.FAILED
+    assert verdict.waiting == ""
+    [failure] = verdict.failures
+    assert failure.metric is GateMetric.FALLBACK_RATE
+    assert failure.reason.startswith("fallback rate 9.5% > max 9.0%")
+    assert "held to the threshold" in failure.reason and "mixture SPRT" in failure.reason
+
+
+# --- drift and live accuracy --------------------------------------------------------------------
+
+QUALITY = {
+    "drift over its limit": (
+        {"max_drift_psi": 0.2},
+        ModelQuality(drift_psi=0.35),
+        GateMetric.DRIFT_PSI,
+        "input drift PSI 0.350 > max 0.200",
+    ),
+    "accuracy under its floor": (
+        {"min_live_accuracy": 0.9, "min_labelled": 100},
+        ModelQuality(labelled=200, correct=170),
+        GateMetric.LIVE_ACCURACY,
+        "live accuracy 85.0% < min 90.0% (170 of 200 labelled predictions right)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("gate", "quality", "metric", "reason"), QUALITY.values(), ids=QUALITY)
+def test_drift_and_live_accuracy_fail_the_gate_when_it_sets_them(
+    gate: dict[str, Any], quality: ModelQuality, metric: GateMetric, reason: str
+) -> None:
+    case = Case(gate=gate)
+    verdict = evaluate(
+        case.counts, NEW, BASELINE, GATE.model_copy(update=gate), shadow=False, soaked_s=60,
+        quality=quality,
+    )  # fmt: skip
+
+    [failure] = verdict.failures
+    assert failure.metric is metric
+    assert failure.reason.startswith(reason)
+
+
+NOT_JUDGED = {
+    "no limits set": ({}, ModelQuality(drift_psi=9.0, labelled=500, correct=0)),
+    "no drift score": ({"max_drift_psi": 0.2}, ModelQuality()),
+    "too few labels": (
+        {"min_live_accuracy": 0.9, "min_labelled": 100},
+        ModelQuality(labelled=99, correct=0),
+    ),
+}
+
+
+@pytest.mark.parametrize(("gate", "quality"), NOT_JUDGED.values(), ids=NOT_JUDGED)
+def test_drift_and_accuracy_are_not_judged_without_a_limit_or_a_figure(
+    gate: dict[str, Any], quality: ModelQuality
+) -> None:
+    verdict = evaluate(
+        COUNTS, NEW, BASELINE, GATE.model_copy(update=gate), shadow=False, soaked_s=60,
+        quality=quality,
+    )  # fmt: skip
+
+    assert verdict.outcome is GateOutcome.PASSED
+    assert not {GateMetric.DRIFT_PSI, GateMetric.LIVE_ACCURACY} & {c.metric for c in verdict.checks}
+
+
+def test_quality_figures_that_cannot_be_are_refused() -> None:
+    with pytest.raises(ValueError, match="not a count of labels"):
+        ModelQuality(labelled=1, correct=2)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"compare": "bayesian"},
+        {"alpha": 0},
+        {"alpha": 0.5},
+        {"power": 1.0},
+        {"min_effect": 1.0},
+        {"max_drift_psi": -1},
+        {"min_live_accuracy": 1.5},
+        {"compar": "baseline"},  # misspelt: would otherwise leave thresholds in force
+    ],
+    ids=str,
+)
+def test_a_gate_spec_out_of_range_or_misspelt_is_refused(spec: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        Gate.model_validate(spec)

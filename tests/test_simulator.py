@@ -45,9 +45,10 @@ from contracts.mqtt import (
     device_id_from_topic,
     device_topic,
 )
+from fleet.broker import MqttEndpoint
 from fleet.simulator import Behaviour, FleetSimulator, SimulatedDeviceSpec, TelemetryLedger
 from fleet.simulator import _protocol as simulator_protocol
-from tests.utils.mqtt import free_port
+from tests.utils.mqtt import free_port, receipting
 
 M = TypeVar("M")
 
@@ -559,6 +560,10 @@ def test_periodic_telemetry_and_record_ids_follow_the_seed(broker: Broker, tmp_p
     assert set(ids(seed=8)).isdisjoint(first)
 
 
+NO_FLEET = Behaviour(compress_telemetry=False, receipt_timeout_s=None)
+"""No fleet behind the broker sends storage receipts: a PUBACK delivers a record."""
+
+
 def _refused(devices: FleetSimulator, times: int) -> TelemetryLedger:
     """The ledger once the broker answered ``times`` batches without delivering them."""
     return wait_until(
@@ -582,7 +587,7 @@ def test_records_nobody_subscribed_to_stay_pending_and_go_with_the_next_report(
     broker: Broker,
 ) -> None:
     # no observer yet: nothing subscribes to telemetry, mosquitto answers PUBACK 0x10
-    with simulated(broker, 1, Behaviour(compress_telemetry=False)) as devices:
+    with simulated(broker, 1, NO_FLEET) as devices:
         assert devices.publish_telemetry() == 1
         (first,) = devices.telemetry_sent("dev-0000")
         ledger = _refused(devices, 1)
@@ -599,11 +604,37 @@ def test_records_nobody_subscribed_to_stay_pending_and_go_with_the_next_report(
             watching.close()
 
 
+def test_records_stay_pending_until_a_storage_receipt_names_them_and_are_sent_again_meanwhile(
+    broker: Broker,
+) -> None:
+    """A PUBACK alone (an observer takes the batch, nobody stores it) does not let go of a
+    record: it is sent again once its receipt is 0.5 s late, and let go of at the receipt
+    a stand-in for the fleet's bridge sends."""
+    watching = Observer(broker)
+    behaviour = Behaviour(compress_telemetry=False, receipt_timeout_s=0.5)
+    try:
+        with simulated(broker, 1, behaviour) as devices:
+            assert devices.publish_telemetry() == 1
+            sent = devices.telemetry_sent("dev-0000")
+            ledger = wait_until(
+                lambda: x if (x := devices.telemetry_ledger("dev-0000")).resent >= 1 else None,
+                what="the record sent again for want of a receipt",
+            )
+            assert (ledger.acknowledged, ledger.pending, ledger.refusals) == ([], sent, 0)
+            assert len(wait_until(lambda: watching.batches("dev-0000"), what="a batch")) >= 1
+            with receipting(MqttEndpoint("127.0.0.1", broker.port), "dev-0000") as receipted:
+                ledger = _drained(devices, timeout_s=30)
+            assert ledger.acknowledged == sent
+            assert set(receipted) == set(sent)
+    finally:
+        watching.close()
+
+
 def test_past_the_bound_the_oldest_pending_records_are_dropped(
     broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(simulator_protocol, "MAX_UNSENT_RECORDS", 3)
-    with simulated(broker, 1, Behaviour(compress_telemetry=False)) as devices:
+    with simulated(broker, 1, NO_FLEET) as devices:
         for n in range(1, 6):
             assert devices.publish_telemetry() == 1
             ledger = _refused(devices, n)
@@ -684,8 +715,7 @@ def test_devices_reconnect_after_the_broker_restarts(tmp_path: Path) -> None:
 def test_pending_records_go_out_as_soon_as_the_device_has_reconnected(tmp_path: Path) -> None:
     port = free_port()
     with mosquitto(tmp_path / "first", port=port) as first:
-        behaviour = Behaviour(compress_telemetry=False)
-        devices = FleetSimulator("127.0.0.1", first.port, _specs(1), behaviour)
+        devices = FleetSimulator("127.0.0.1", first.port, _specs(1), NO_FLEET)
         devices.start()
         assert devices.publish_telemetry() == 1
         assert _refused(devices, 1).pending == devices.telemetry_sent("dev-0000")

@@ -1,5 +1,6 @@
 """The agent benchmark's side of a real mosquitto: device accounts, the fleet's subscriber
-(devices' retained status, telemetry messages counted), and device connections."""
+(devices' retained status, telemetry messages counted and answered with a storage receipt,
+as the fleet's bridge does once it has committed them), and device connections."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from contracts.mqtt import TOPIC_PREFIX
+from contracts.mqtt import (
+    Receipt,
+    TelemetryBatch,
+    decode_payload,
+    device_topic,
+    shared_subscription,
+)
 from fleet.broker import MqttEndpoint
 
 __all__ = ["Account", "FleetSubscriber", "connect_device", "disconnect"]
@@ -34,7 +41,7 @@ class FleetSubscriber:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self._client.username_pw_set(endpoint.username, endpoint.password)
         self._client.on_connect = lambda client, *_: client.subscribe(
-            [(f"{TOPIC_PREFIX}/+/status", 1), (f"{TOPIC_PREFIX}/+/telemetry", 1)]
+            [(shared_subscription("status"), 1), (shared_subscription("telemetry"), 1)]
         )
         self._client.on_subscribe = lambda *_: subscribed.set()
         self._client.on_message = self._message
@@ -48,6 +55,11 @@ class FleetSubscriber:
         with self._lock:
             if channel == "telemetry":
                 self.telemetry += 1
+                batch = decode_payload(bytes(message.payload), TelemetryBatch)
+                receipt = Receipt(stored=[r.id for r in batch.records])
+                self._client.publish(
+                    device_topic(device, "receipt"), receipt.model_dump_json(), qos=1
+                )
             elif message.payload:
                 self.online[device] = bool(json.loads(message.payload).get("online"))
 

@@ -1,6 +1,8 @@
 """Tables 1 and 2 of the agent benchmark: per-request latency of the direct runtime call,
 the Python API and the local HTTP API, and the Python API's fixed cost with the model's
-compute replaced by a stub. Both time paths in interleaved rounds against a peer."""
+compute replaced by a stub. Both time paths in interleaved rounds against a peer. The drift
+table takes its figures from table 2's rounds: the same observed service with and without
+the bundle's drift reference."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from agent.runtimes import Runtime
 from agent.telemetry import InferenceStats
 from contracts import oip
 from contracts.artifacts import RuntimeName
+from contracts.drift import ReferenceProfile, reference_from_samples
 from contracts.tensors import TensorSpec
 
 from .common import (
@@ -37,7 +40,13 @@ from .common import (
     wait_until,
 )
 
-__all__ = ["bench_fixed_cost", "bench_latency", "fixed_cost_table", "latency_table"]
+__all__ = [
+    "bench_fixed_cost",
+    "bench_latency",
+    "drift_table",
+    "fixed_cost_table",
+    "latency_table",
+]
 
 
 class ApiServer:
@@ -221,6 +230,17 @@ def bench_fixed_cost(
     observed = InferenceService()
     observed.set_model(stubbed)
     observed.add_observer(InferenceStats().observe)
+    drift_stats = InferenceStats()
+    drifted = InferenceService()
+    drifted.set_model(
+        LoadedModel(
+            manifest=model.manifest,
+            runtime=stub,
+            directory=model.directory,
+            drift_reference=model.drift_reference or _noise_reference(model),
+        )
+    )
+    drifted.add_observer(drift_stats.observe)
 
     def direct() -> None:
         stub.predict_batch(inputs)
@@ -231,10 +251,13 @@ def bench_fixed_cost(
     def observed_api() -> None:
         observed.infer(inputs)
 
+    def drift_api() -> None:
+        drifted.infer(inputs)
+
     def real_inference() -> None:
         model.runtime.predict_batch(inputs)
 
-    calls = {"direct": direct, "bare": bare_api, "observed": observed_api}
+    calls = {"direct": direct, "bare": bare_api, "observed": observed_api, "drift": drift_api}
     log(f"fixed cost: {name}: {rounds} rounds back to back on a stub runtime")
     warm = interleaved(calls, rounds, warmup=200)
     log(f"fixed cost: {name}: {cold_rounds} rounds, each call after a real inference")
@@ -243,6 +266,7 @@ def bench_fixed_cost(
         "direct": "stub.predict_batch (peer)",
         "bare": "InferenceService.infer",
         "observed": "InferenceService.infer + InferenceStats observer",
+        "drift": "InferenceService.infer + InferenceStats observer + drift summary",
     }
     rows = []
     for key, label in labels.items():
@@ -260,7 +284,70 @@ def bench_fixed_cost(
             None if cold_overhead is None else 100 * cold_overhead / (direct_median_s * 1e6)
         )
         rows.append(row)
+    (record,) = drift_stats.report()
+    summary = json.dumps(record.extra["drift"], separators=(",", ":")).encode()
+    drift_row: dict[str, Any] = {
+        "model": name,
+        "path": "drift summary (vs the observed service)",
+        "summary_bytes": len(summary),
+        "summary_inferences": record.inferences,
+        "reference": "the bundle's" if model.drift_reference else "from noise",
+    }
+    for mode, times in (("warm", warm), ("cold", cold)):
+        added, low, high = paired_overhead(times["drift"], times["observed"])
+        drift_row[f"{mode}_added_us"] = added * 1e6
+        drift_row[f"{mode}_ci_us"] = (low * 1e6, high * 1e6)
+    drift_row["pct_of_direct"] = 100 * drift_row["cold_added_us"] / (direct_median_s * 1e6)
+    rows.append(drift_row)
     return rows
+
+
+def _noise_reference(model: LoadedModel) -> ReferenceProfile:
+    """A reference for a bundle compiled without data (the costs do not depend on the values
+    of its edges): 32 noise samples and the model's outputs on them."""
+    rng = np.random.default_rng(1)
+    batch = {
+        spec.name: rng.random([32, *[1 if d is None else d for d in spec.shape[1:]]]).astype(
+            spec.dtype
+        )
+        for spec in model.runtime.inputs
+    }
+    outputs = model.runtime.predict_batch(batch)
+    return reference_from_samples(batch, outputs[0], classifier=outputs[0].ndim == 2)
+
+
+def drift_table(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        "Drift summaries (contracts/drift.py): what folding each call into its bundle's "
+        "summary adds to the Python API with the InferenceStats observer (median of the "
+        "per-round differences, table 2's rounds), as % of the direct median of table 1 "
+        "(target < 5 %), and the summary's size in the telemetry record's extra, compact "
+        "JSON before zstd (target < 1 KiB)",
+        [
+            "model",
+            "reference",
+            "added back to back µs",
+            "added after an inference µs",
+            "95 % CI µs",
+            "% of direct",
+            "bytes per record",
+            "inferences in it",
+        ],
+        [
+            [
+                r["model"],
+                r["reference"],
+                fmt_us(r["warm_added_us"]),
+                fmt_us(r["cold_added_us"]),
+                fmt_ci(r["cold_ci_us"]),
+                fmt_pct(r["pct_of_direct"]),
+                str(r["summary_bytes"]),
+                str(r["summary_inferences"]),
+            ]
+            for r in rows
+        ],
+        text_columns=2,
+    )
 
 
 def latency_table(rows: list[dict[str, Any]], params: dict[str, int], load: str) -> str:

@@ -78,6 +78,7 @@ def sender_run(
     client.publish = recording_publish  # type: ignore[method-assign]
     delivered = subscriber.telemetry
     sender = TelemetrySender(queue, account.device_id, client, config)
+    client.subscribe(sender.receipt_topic, qos=1)  # before the first publish, on the wire
     try:
         sender.start()
         wait_until(lambda: len(queue) == 0, 600, "the sender to empty the queue", poll=0.01)

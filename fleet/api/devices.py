@@ -11,11 +11,11 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, Field, model_validator
 from sqlmodel import col, select
 
-from contracts.mqtt import TOPIC_PREFIX
+from contracts.mqtt import TOPIC_PREFIX, GroundTruthBatch
 
 from .. import audit, devices
 from ..bounds import MAX_ROW_ID, BundleLabel, DeviceId, Name, Tag
-from ..errors import BrokerError
+from ..errors import BrokerError, ConflictError
 from ..inventory import (
     DeviceFilter,
     DeviceHistory,
@@ -282,3 +282,45 @@ def revoke(device_id: str, server: ServerDep, session: SessionDep, who: Admin) -
             f"not confirm cutting it off: {e}; send the revoke again",
         ) from None
     return DevicePublic.model_validate(device)
+
+
+class TruthRelayed(BaseModel):
+    device_id: str
+    relayed: int
+    """Labels handed to the broker for the device; what they matched, it counts in its
+    telemetry (``extra["truth"]``)."""
+
+
+@router.post("/devices/{device_id}/ground-truth", status_code=202, responses=errors(503))
+def relay_ground_truth(
+    device_id: DeviceId,
+    batch: GroundTruthBatch,
+    server: ServerDep,
+    session: SessionDep,
+    _: Operator,
+) -> TruthRelayed:
+    """True labels of the device's earlier answers, by request id, relayed to it on its
+    ``truth`` topic (QoS 1); it applies them as its local ``POST /v2/ground-truth`` does.
+
+    409: the device is revoked, or offline: the broker keeps no session for a device
+    while it is away, so labels sent then would be lost; send them once ``online`` (as
+    ``GET /devices/ID`` says). A device that drops off between that check and the
+    delivery misses them: the 202 says the broker has them, not that the device did.
+    503: not even this replica's MQTT client queued them; send them again.
+    """
+    device = devices.get_device(session, device_id)
+    if device.state is not DeviceState.ACTIVE:
+        raise ConflictError(f"device {device_id} is {device.state.value}: it takes no labels")
+    if not device.online:
+        raise ConflictError(
+            f"device {device_id} is offline, and the broker keeps nothing for it while it "
+            "is away: send the labels again once it is online"
+        )
+    try:
+        server.bridge.relay_truth(device_id, batch)
+    except BrokerError as e:
+        raise HTTPException(
+            503, f"{e}; send the labels again", headers={"Retry-After": "5"}
+        ) from None
+    log.info("relayed %d ground-truth label(s) to %s", len(batch.labels), device_id)
+    return TruthRelayed(device_id=device_id, relayed=len(batch.labels))

@@ -15,6 +15,7 @@ from sqlmodel import col, select
 from .. import registry
 from ..bounds import Name, Version
 from ..errors import NotFoundError, RequestError
+from ..model_health import AccuracyReport, DriftReport, accuracy_report, drift_report
 from ..models import (
     Bundle,
     BundlePublic,
@@ -127,6 +128,47 @@ def health(
         versions=series,
         markers=rollout_history(session, touched, since=since, actions=_MARKED),
     )
+
+
+_WINDOW_S = Annotated[
+    int, Query(ge=3600, le=31 * 24 * 3600, description="seconds, rounded up to whole hours")
+]
+
+
+@router.get("/{name}/versions/{version}/drift", responses=errors(404))
+def drift(
+    name: Name,
+    version: Version,
+    session: SessionDep,
+    server: ServerDep,
+    _: Viewer,
+    window_s: _WINDOW_S = 24 * 3600,
+) -> DriftReport:
+    """The version's input and output drift per cohort (device tag) and overall, against
+    the reference profile its bundles carry, with the thresholds and each verdict
+    (docs/model-health.md)."""
+    found = registry.get_version(session, name=name, version=version)
+    return drift_report(
+        session,
+        version=found,
+        thresholds=server.settings.drift_thresholds,
+        until=utcnow(),
+        window_s=window_s,
+    )
+
+
+@router.get("/{name}/versions/{version}/accuracy", responses=errors(404))
+def accuracy(
+    name: Name,
+    version: Version,
+    session: SessionDep,
+    _: Viewer,
+    window_s: _WINDOW_S = 24 * 3600,
+) -> AccuracyReport:
+    """The version's live accuracy per cohort and overall, from the ground truth devices
+    reported, with 95 % Wilson intervals (docs/model-health.md)."""
+    found = registry.get_version(session, name=name, version=version)
+    return accuracy_report(session, version=found, until=utcnow(), window_s=window_s)
 
 
 @router.put("/{name}/versions/{version}/stage", responses=errors(400, 404))

@@ -38,7 +38,8 @@ see :mod:`fleet.bridge`):
 - **mosquitto SIGKILL** (or OOM, or a crash): nothing is saved; the supervisor restarts it
   on the same port from the last autosave. Lost: what it held in memory since then and
   had not delivered: devices' messages queued for the fleet's session (only while the
-  bridge was disconnected or slow; devices count them delivered) and messages in flight;
+  bridge was disconnected or slow) and messages in flight; devices send those records
+  again, since no storage receipt named them (``fleet/receipts.py``);
   what the last autosave held and was delivered since comes again (telemetry is stored
   once per record id). Commands and acks are not lost for good: the rollout engine resends every
   command without a final ack when a device comes back online, and a device re-acks a

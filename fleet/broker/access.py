@@ -79,19 +79,22 @@ class TopicRule:
 
 
 _UPLINK: tuple[Channel, ...] = ("status", "ack", "telemetry")
-"""What devices publish and the fleet reads; the fleet publishes ``cmd``."""
+"""What devices publish and the fleet reads; the fleet publishes ``cmd``, ``receipt``
+(storage receipts for telemetry) and ``truth`` (ground-truth labels relayed to the
+device), each device reading only its own."""
+_DOWNLINK: tuple[Channel, ...] = ("cmd", "receipt", "truth")
 _OWN = f"{TOPIC_PREFIX}/{DEVICE}"
 
 RULES: Final[Mapping[AccountKind, tuple[TopicRule, ...]]] = {
     AccountKind.DEVICE: (
-        TopicRule(Action.SUBSCRIBE, f"{_OWN}/cmd"),
-        TopicRule(Action.RECEIVE, f"{_OWN}/cmd"),
+        *(TopicRule(Action.SUBSCRIBE, f"{_OWN}/{channel}") for channel in _DOWNLINK),
+        *(TopicRule(Action.RECEIVE, f"{_OWN}/{channel}") for channel in _DOWNLINK),
         *(TopicRule(Action.PUBLISH, f"{_OWN}/{channel}") for channel in _UPLINK),
     ),
     AccountKind.FLEET: (
         *(TopicRule(Action.SUBSCRIBE, shared_subscription(c)) for c in _UPLINK),
         *(TopicRule(Action.RECEIVE, f"{TOPIC_PREFIX}/+/{c}") for c in _UPLINK),
-        TopicRule(Action.PUBLISH, f"{TOPIC_PREFIX}/+/cmd"),
+        *(TopicRule(Action.PUBLISH, f"{TOPIC_PREFIX}/+/{c}") for c in _DOWNLINK),
         TopicRule(Action.SUBSCRIBE, STORE_BYTES_TOPIC),
         TopicRule(Action.RECEIVE, STORE_BYTES_TOPIC),
     ),

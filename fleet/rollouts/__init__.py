@@ -6,8 +6,11 @@
 - :mod:`.acks`: :func:`handle_acks` and :func:`reconcile_statuses`, how devices' answers
   and statuses move their place in a rollout.
 - :mod:`.gate`: the gate, pure: counts and telemetry in, a :class:`GateVerdict` out.
+- :mod:`.sequential`: the gate's sequential test of a canary's rate against its
+  baseline's (``compare: baseline``), pure: counts in, halt, pass or wait out.
 - :mod:`.decision`: the next step of a rollout, pure: state, counts and verdict in.
 - :mod:`.engine`: :class:`RolloutEngine`, the I/O: queries, commands, one step per tick.
+- :mod:`.commands`: one command per wave, encoded once and filled in per device.
 - :mod:`.public`: rollouts as the API shows them.
 """
 

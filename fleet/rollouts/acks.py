@@ -9,13 +9,16 @@ from a device that does not say, the bundle it serves with its updater idle
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import or_
-from sqlmodel import Session, col, select
+from sqlalchemy import Row, Table, bindparam, or_, update
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, SQLModel, col, select
 
 from contracts.bounded import DETAIL_MAX_CHARS
-from contracts.mqtt import UPDATER_IDLE, Ack, AckState, Command, CommandKind, Status
+from contracts.mqtt import UPDATER_IDLE, Ack, AckState, CommandKind, Status
 
 from ..models import CommandRecord, RolloutDevice, RolloutDeviceState, utcnow
 
@@ -60,51 +63,76 @@ def lock_answered(
     ).all()
 
 
+@dataclass
+class _Member:
+    """A rollout member's row as a batch of answers finds it, and leaves it."""
+
+    rollout_id: str
+    device_id: str
+    state: RolloutDeviceState
+    detail: str
+    last_ack: str | None
+
+    @classmethod
+    def of(cls, row: Row[*tuple[Any, ...]]) -> _Member:
+        """From a row with :data:`_MEMBER_COLUMNS`."""
+        return cls(row.rollout_id, row.device_id, row.state, row.detail, row.last_ack)
+
+
+_MEMBER_COLUMNS = (
+    col(RolloutDevice.rollout_id),
+    col(RolloutDevice.device_id),
+    col(RolloutDevice.state),
+    col(RolloutDevice.detail),
+    col(RolloutDevice.last_ack),
+)
+
+
 def handle_acks(session: Session, acks: Sequence[tuple[str, Ack]]) -> int:
     """Record devices' progress on commands, in arrival order; returns how many acks were
     final answers to commands the fleet knows (those can move a rollout on).
 
-    Two queries for the whole batch, however many acks: at 10,000 devices a wave's acks
-    arrive by the thousand. Both lock their rows (PostgreSQL): replicas split a device's
-    acks between them, and a final ack must not be overwritten by an earlier progress ack
-    another replica read before it landed (:func:`lock_answered` takes the locks first,
-    in one order).
+    Set-based, however many acks (at 10,000 devices a wave's acks arrive by the
+    thousand): one query reads the commands they name, one their members, both locking
+    their rows (PostgreSQL: replicas split a device's acks between them, and a final ack
+    must not be overwritten by an earlier progress ack another replica read before it
+    landed; :func:`lock_answered` takes the locks first, in one order); each row's acks
+    are folded in order in memory, and each table is written with one ``executemany``.
     """
     ids = {ack.command for _, ack in acks}
     commands = {
-        c.id: c
-        for c in session.exec(
-            select(CommandRecord)
+        command: (device_id, CommandKind(kind))
+        for command, device_id, kind in session.exec(
+            select(CommandRecord.id, CommandRecord.device_id, CommandRecord.kind)
             .where(col(CommandRecord.id).in_(ids))
             .order_by(col(CommandRecord.id))
             .with_for_update()
         )
     }
     members = {
-        m.command_id: m
-        for m in session.exec(
-            select(RolloutDevice)
+        row.command_id: _Member.of(row)
+        for row in session.connection().execute(
+            sa_select(col(RolloutDevice.command_id), *_MEMBER_COLUMNS)
             .where(col(RolloutDevice.command_id).in_(ids))
             .order_by(col(RolloutDevice.rollout_id), col(RolloutDevice.device_id))
             .with_for_update()
         )
     }
     final = 0
-    now = utcnow()
+    acked: dict[str, str] = {}
+    moved: dict[str, _Member] = {}
     for device_id, ack in acks:
         command = commands.get(ack.command)
-        if command is None or command.device_id != device_id:
+        if command is None or command[0] != device_id:
             continue  # unknown, or another device's command id: ignored
-        command.last_ack = ack.state.value
-        command.updated_at = now
-        session.add(command)
+        acked[ack.command] = ack.state.value
         final += ack.state.final
-        member = members.get(command.id)
+        member = members.get(ack.command)
         if member is None or member.device_id != device_id:
             continue  # not a rollout's, or the device has since been given another command
-        _apply_ack(member, CommandKind(command.kind), ack)
-        member.updated_at = now
-        session.add(member)
+        _apply_ack(member, command[1], ack)
+        moved[ack.command] = member
+    _store(session, acked, moved.values())
     return final
 
 
@@ -115,51 +143,111 @@ def reconcile_statuses(session: Session, statuses: Sequence[tuple[str, Status]])
     A status finishes its device's member when it names the member's command as the last
     one finished (with that command's final ack state), or when the command is a deploy
     or a rollback, the device's updater is idle and it serves the command's bundle. Give
-    only active devices' online statuses; the last of each device counts.
+    only active devices' online statuses; the last of each device counts. One query
+    reads (and locks) the unfinished members with their commands; each table is written
+    with one ``executemany``.
     """
     latest = {device_id: status for device_id, status in statuses}
-    rows = session.exec(
-        select(RolloutDevice, CommandRecord)
-        .join(CommandRecord, col(CommandRecord.id) == RolloutDevice.command_id)
-        .where(
-            col(RolloutDevice.device_id).in_(latest),
-            col(RolloutDevice.state).in_(_UNFINISHED),
+    rows = (
+        session.connection()
+        .execute(
+            sa_select(
+                col(CommandRecord.id).label("command"),
+                col(CommandRecord.device_id).label("commanded"),
+                col(CommandRecord.kind),
+                col(CommandRecord.payload),
+                *_MEMBER_COLUMNS,
+            )
+            .join(RolloutDevice, col(CommandRecord.id) == RolloutDevice.command_id)
+            .where(
+                col(RolloutDevice.device_id).in_(latest),
+                col(RolloutDevice.state).in_(_UNFINISHED),
+            )
+            .order_by(col(CommandRecord.id))
+            .with_for_update()
         )
-        .order_by(col(CommandRecord.id))
-        .with_for_update()
-    ).all()
-    finished = 0
-    now = utcnow()
-    for member, command in rows:
-        if command.device_id != member.device_id:
+        .all()
+    )
+    acked: dict[str, str] = {}
+    moved: list[_Member] = []
+    for row in rows:
+        member = _Member.of(row)
+        if row.commanded != member.device_id:
             continue
-        ack = _ack_from_status(command, latest[member.device_id])
+        kind = CommandKind(row.kind)
+        ack = _ack_from_status(row.command, kind, row.payload, latest[member.device_id])
         if ack is None:
             continue
-        command.last_ack = ack.state.value
-        command.updated_at = member.updated_at = now
-        _apply_ack(member, CommandKind(command.kind), ack)
-        finished += member.state not in _UNFINISHED
-        session.add(command)
-        session.add(member)
-    return finished
+        acked[row.command] = ack.state.value
+        _apply_ack(member, kind, ack)
+        moved.append(member)
+    _store(session, acked, moved)
+    return sum(member.state not in _UNFINISHED for member in moved)
 
 
-def _ack_from_status(command: CommandRecord, status: Status) -> Ack | None:
-    """The final ack ``status`` vouches for, or ``None`` if it shows ``command`` unfinished."""
-    if status.last_command == command.id and status.last_command_state is not None:
+def _store(session: Session, acked: Mapping[str, str], moved: Iterable[_Member]) -> None:
+    """Write what a batch of answers changed: each command's last ack, each member's
+    place, one ``executemany`` (an UPDATE by primary key) per table."""
+    now = utcnow()
+    connection = session.connection()
+    if acked:
+        commands = _table(CommandRecord)
+        connection.execute(
+            update(commands)
+            .where(commands.c.id == bindparam("b_id"))
+            .values(last_ack=bindparam("b_last_ack"), updated_at=now),
+            [{"b_id": command, "b_last_ack": state} for command, state in acked.items()],
+        )
+    members = [
+        {
+            "b_rollout_id": m.rollout_id,
+            "b_device_id": m.device_id,
+            "b_state": m.state,
+            "b_detail": m.detail,
+            "b_last_ack": m.last_ack,
+        }
+        for m in moved
+    ]
+    if members:
+        table = _table(RolloutDevice)
+        connection.execute(
+            update(table)
+            .where(
+                table.c.rollout_id == bindparam("b_rollout_id"),
+                table.c.device_id == bindparam("b_device_id"),
+            )
+            .values(
+                state=bindparam("b_state"),
+                detail=bindparam("b_detail"),
+                last_ack=bindparam("b_last_ack"),
+                updated_at=now,
+            ),
+            members,
+        )
+
+
+def _table(model: type[SQLModel]) -> Table:
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+def _ack_from_status(
+    command: str, kind: CommandKind, payload: Mapping[str, Any], status: Status
+) -> Ack | None:
+    """The final ack ``status`` vouches for, or ``None`` if it shows ``command`` (of
+    ``kind``, stored as ``payload``) unfinished."""
+    if status.last_command == command and status.last_command_state is not None:
         state = status.last_command_state
         detail = f"from the device's status: it finished this command {state}"
     else:
-        sent = Command.model_validate(command.payload)
-        serving = _SERVING_MEANS.get(sent.kind)
-        bundle = sent.bundle and f"{sent.bundle.name}-{sent.bundle.version}"
+        serving = _SERVING_MEANS.get(kind)
+        ref = payload.get("bundle")
+        bundle = f"{ref.get('name')}-{ref.get('version')}" if isinstance(ref, dict) else None
         if serving is None or status.state != UPDATER_IDLE or status.bundle != bundle:
             return None
         state = serving
         detail = f"from the device's status: it serves {bundle} and has no update in progress"
     return Ack(
-        command=command.id,
+        command=command,
         state=state,
         detail=detail,
         bundle_version=status.bundle,
@@ -171,7 +259,7 @@ _THEN = "; then "
 """Joins the reason a device failed and what a rollback did after it, in a member's detail."""
 
 
-def _apply_ack(member: RolloutDevice, kind: CommandKind, ack: Ack) -> None:
+def _apply_ack(member: _Member, kind: CommandKind, ack: Ack) -> None:
     """A rollback's (or shadow stop's) outcome ends the member there; a deploy's acks move
     it forward, and once it is healthy or failed only another final ack changes that."""
     failed_before = member.state == RolloutDeviceState.FAILED or _THEN in member.detail

@@ -35,14 +35,19 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import Table, and_, func, literal, or_, update
 from sqlalchemy import event as orm_events
 from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
 from contracts.mqtt import BundleRef, Command, CommandKind
@@ -63,6 +68,7 @@ from ..models import (
     utcnow,
 )
 from ..telemetry import health_stats
+from .commands import CommandTemplate, command_id, refreshed
 from .decision import Decision, decide, decide_rollback
 from .gate import WaveCounts, check_failures, evaluate
 from .lease import LeaseKeeper, Term
@@ -72,8 +78,9 @@ __all__ = ["CommandSink", "Link", "RolloutEngine"]
 
 log = logging.getLogger(__name__)
 
-CommandSink = Callable[[str, Command], None]
-"""Sends one command to one device (the MQTT bridge's ``send``)."""
+CommandSink = Callable[[CommandKind, Sequence[tuple[str, bytes]]], None]
+"""Publishes encoded commands of one kind, each ``(device id, payload)`` on its device's
+own topic (the MQTT bridge's ``send_encoded``)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,15 @@ class Link:
 S = RolloutState
 _MOVED = (S.DEPLOYING, S.SOAKING, S.ROLLING_BACK)
 """The states the engine moves on by itself; the others wait for an operator, or ended."""
+_DEPLOY_UNFINISHED = (RolloutDeviceState.COMMANDED, RolloutDeviceState.IN_PROGRESS)
+"""A member commanded that has given no final answer yet."""
+_TOOK = (*_DEPLOY_UNFINISHED, RolloutDeviceState.HEALTHY)
+"""A member that took (or may be taking) the rollout's bundle: what a rollback commands."""
+_REST_PER_TICK = 10.0
+"""After a tick the engine rests at least this many times as long as the tick took, however
+often acks wake it: a tick reads the whole wave, so on a big one the engine takes at most
+a tenth of a core from the bridge storing those acks, at the cost of moving on after the
+last ack of a wave that much later (a tick at 10,000 devices: about 8 ms of CPU)."""
 _MAX_ERROR_CHARS = 500
 _UNLEASED = Term(epoch=0, began=dt.datetime.min.replace(tzinfo=dt.UTC))
 """The term of an engine without a lease: always, unfenced."""
@@ -132,6 +148,8 @@ class RolloutEngine:
         self._lease = lease
         self._actor = actor
         self._resynced: tuple[int, int] | None = None
+        self._resumes_resent: dict[str, tuple[int, dt.datetime]] = {}
+        """Per rollout, the deploying phase (wave, start) whose resume was resent."""
         self._metadata_url = metadata_url
         self._targets_url = targets_url
         self._tick_s = tick_s
@@ -159,12 +177,15 @@ class RolloutEngine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 self.tick()
             except Exception:  # the database is gone, say: try again next tick
                 self.errors += 1
                 log.exception("rollout engine tick failed; retrying next tick")
-            self._wake.wait(self._tick_s)
+            rest_s = min(_REST_PER_TICK * (time.monotonic() - started), self._tick_s)
+            self._stop.wait(rest_s)
+            self._wake.wait(self._tick_s - rest_s)
             self._wake.clear()
 
     def tick(self) -> None:
@@ -292,21 +313,30 @@ class RolloutEngine:
         states = self._wave_states(session, rollout)
         if rollout.state is S.DEPLOYING and in_waves:
             if states[RolloutDeviceState.PENDING]:
-                self._command(
-                    session, rollout, self._pending(session, rollout), _deploy_kind(rollout)
+                commanded = self._command(
+                    session,
+                    rollout,
+                    _deploy_kind(rollout),
+                    members=(
+                        col(RolloutDevice.wave) == rollout.wave,
+                        col(RolloutDevice.state) == RolloutDeviceState.PENDING,
+                    ),
+                    to_state=RolloutDeviceState.COMMANDED,
                 )
+                states[RolloutDeviceState.PENDING] -= commanded
+                states[RolloutDeviceState.COMMANDED] += commanded
             self._resend_after_resume(session, rollout)
             silent_since = _latest(rollout.wave_started_at, listening_since)
             if _seconds_since(silent_since, now) >= gate.deploy_timeout_s:
                 self._time_out_silent(session, rollout, gate.deploy_timeout_s, now)
-            states = self._wave_states(session, rollout)
+                states = self._wave_states(session, rollout)
         counts = WaveCounts.of(rollout.wave, states)
         soaked_s = self._soaked_s(rollout, now)
         soaked = soaked_s is not None and soaked_s >= gate.soak_s
         verdict = None
         if in_waves and counts.members:
             if soaked and soaked_s is not None:
-                new, baseline = self._health(session, rollout, soaked_s, now)
+                new, baseline = self._health(session, rollout, gate, soaked_s, now)
                 shadow = rollout.mode is RolloutMode.SHADOW
                 verdict = evaluate(counts, new, baseline, gate, shadow=shadow, soaked_s=soaked_s)
             else:
@@ -339,36 +369,42 @@ class RolloutEngine:
         listening_since: dt.datetime,
     ) -> Decision:
         """Tell every device that took the bundle to go back; done when all have answered."""
-        took = session.exec(
-            select(RolloutDevice).where(
-                RolloutDevice.rollout_id == rollout.id,
-                col(RolloutDevice.state).in_(
-                    [
-                        RolloutDeviceState.COMMANDED,
-                        RolloutDeviceState.IN_PROGRESS,
-                        RolloutDeviceState.HEALTHY,
-                    ]
-                ),
-            )
+        took = col(RolloutDevice.state).in_(_TOOK)
+        previous_ids = session.exec(
+            select(RolloutDevice.previous_bundle_id)
+            .where(col(RolloutDevice.rollout_id) == rollout.id, took)
+            .distinct()
         ).all()
         kind = (
             CommandKind.SHADOW_STOP if rollout.mode == RolloutMode.SHADOW else CommandKind.ROLLBACK
         )
-        by_previous: dict[int | None, list[RolloutDevice]] = {}
-        for member in took:
-            member.state = RolloutDeviceState.PENDING
-            by_previous.setdefault(member.previous_bundle_id, []).append(member)
-        for previous_id, members in by_previous.items():
+        for previous_id in previous_ids:
+            went_on = (
+                col(RolloutDevice.previous_bundle_id) == previous_id
+                if previous_id is not None
+                else col(RolloutDevice.previous_bundle_id).is_(None)
+            )
             previous = session.get(Bundle, previous_id) if previous_id is not None else None
             if previous is None and kind == CommandKind.ROLLBACK:
-                for member in members:  # nothing to go back to: the device keeps what it has
-                    member.state = RolloutDeviceState.FAILED
-                    member.detail = "no earlier bundle known for this device to roll back to"
+                session.exec(  # nothing to go back to: the device keeps what it has
+                    update(RolloutDevice)
+                    .where(col(RolloutDevice.rollout_id) == rollout.id, took, went_on)
+                    .values(
+                        state=RolloutDeviceState.FAILED,
+                        detail="no earlier bundle known for this device to roll back to",
+                        updated_at=now,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
                 continue
-            self._command(session, rollout, members, kind, bundle=previous)
-            for member in members:
-                member.state = RolloutDeviceState.ROLLING_BACK
-                session.add(member)
+            self._command(
+                session,
+                rollout,
+                kind,
+                members=(took, went_on),
+                to_state=RolloutDeviceState.ROLLING_BACK,
+                bundle=previous,
+            )
         waiting = session.exec(
             select(func.count()).where(
                 RolloutDevice.rollout_id == rollout.id,
@@ -382,21 +418,24 @@ class RolloutEngine:
         )
 
     def _health(
-        self, session: Session, rollout: Rollout, soaked_s: float, now: dt.datetime
+        self, session: Session, rollout: Rollout, gate: Gate, soaked_s: float, now: dt.datetime
     ) -> tuple[HealthStats, HealthStats]:
         """The gate's telemetry: the new version's from the current wave's members since
         the soak began, and the previous version's (the bundles the wave's members served
-        before) from this rollout's members, in any wave, over the health window. Devices
-        outside the rollout never weigh in."""
+        before) from this rollout's members, in any wave, over the health window (with
+        ``compare: baseline``, since the soak began too: the sequential test compares
+        the two over the same window, unless no member served it since, as in the last
+        wave). Devices outside the rollout never weigh in."""
         bundle = _bundle(session, rollout)
         members = sa_select(col(RolloutDevice.device_id)).where(
             col(RolloutDevice.rollout_id) == rollout.id
         )
         wave = members.where(col(RolloutDevice.wave) == rollout.wave)
+        soak_began = now - dt.timedelta(seconds=soaked_s)
         new = health_stats(
             session,
             bundles=[bundle.bundle_name],
-            since=now - dt.timedelta(seconds=soaked_s),
+            since=soak_began,
             device_ids=wave,
             shadow=rollout.mode is RolloutMode.SHADOW,
         )
@@ -410,55 +449,61 @@ class RolloutEngine:
                 )
             )
         ).all()
+        same_window = gate.compare == "baseline"
         baseline = health_stats(
-            session, bundles=previous, since=now - self._health_window, device_ids=members
+            session,
+            bundles=previous,
+            since=soak_began if same_window else now - self._health_window,
+            device_ids=members,
         )
+        if same_window and not baseline.inferences:  # the last wave: nobody left on it
+            baseline = health_stats(
+                session, bundles=previous, since=now - self._health_window, device_ids=members
+            )
         return new, baseline
 
     def _resend_after_resume(self, session: Session, rollout: Rollout) -> None:
         """Send again, once, the unfinished commands of the wave's members commanded before
-        its current deploying phase began: while it was paused, they were not resent."""
+        its current deploying phase began: while it was paused, they were not resent. Once
+        per phase: any member commanded later in it was commanded after it began."""
+        phase = (rollout.wave, _aware(rollout.wave_started_at))
+        if self._resumes_resent.get(rollout.id) == phase:
+            return
+        resumed = (
+            col(RolloutDevice.rollout_id) == rollout.id,
+            col(RolloutDevice.wave) == rollout.wave,
+            col(RolloutDevice.state).in_(_DEPLOY_UNFINISHED),
+            col(RolloutDevice.commanded_at) < rollout.wave_started_at,
+        )
         rows = session.exec(
-            select(RolloutDevice, CommandRecord)
-            .join(CommandRecord, col(CommandRecord.id) == RolloutDevice.command_id)
-            .where(
-                RolloutDevice.rollout_id == rollout.id,
-                RolloutDevice.wave == rollout.wave,
-                col(RolloutDevice.state).in_(
-                    [RolloutDeviceState.COMMANDED, RolloutDeviceState.IN_PROGRESS]
-                ),
-                col(RolloutDevice.commanded_at) < rollout.wave_started_at,
-            )
+            select(CommandRecord.device_id, CommandRecord.kind, CommandRecord.payload)
+            .join(RolloutDevice, col(CommandRecord.id) == RolloutDevice.command_id)
+            .where(*resumed)
         ).all()
         if not rows:
+            self._resumes_resent[rollout.id] = phase
             return
-        now = utcnow()
-        for member, _ in rows:
-            member.commanded_at = now
-            session.add(member)
-        records = [record for _, record in rows]
-        session.commit()  # marked first: a crash now means the next connection's resend
-        for record in records:
-            self._resend(record)
-
-    def _resend(self, record: CommandRecord) -> None:
-        """Send a stored command again, with a fresh ``expires_at``."""
-        command = Command.model_validate(record.payload)
-        expires_at = time.time() + self.command_ttl_s
-        self._send(record.device_id, command.model_copy(update={"expires_at": expires_at}))
-
-    @staticmethod
-    def _pending(session: Session, rollout: Rollout) -> list[RolloutDevice]:
-        """The current wave's devices not yet commanded."""
-        return list(
-            session.exec(
-                select(RolloutDevice).where(
-                    RolloutDevice.rollout_id == rollout.id,
-                    RolloutDevice.wave == rollout.wave,
-                    RolloutDevice.state == RolloutDeviceState.PENDING,
-                )
-            )
+        session.exec(
+            update(RolloutDevice)
+            .where(*resumed)
+            .values(commanded_at=utcnow())
+            .execution_options(synchronize_session=False)
         )
+        session.commit()  # marked first: a crash now means the next connection's resend
+        self._resumes_resent[rollout.id] = phase
+        self._resend(rows)
+
+    def _resend(self, rows: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        """Send stored commands (device id, kind, payload) again, each with a fresh
+        ``expires_at``."""
+        expires_at = time.time() + self.command_ttl_s
+        by_kind: dict[CommandKind, list[tuple[str, bytes]]] = {}
+        for device_id, kind, payload in rows:
+            by_kind.setdefault(CommandKind(kind), []).append(
+                (device_id, refreshed(payload, expires_at))
+            )
+        for kind, messages in by_kind.items():
+            self._send(kind, messages)
 
     @staticmethod
     def _wave_states(session: Session, rollout: Rollout) -> Counter[RolloutDeviceState]:
@@ -475,44 +520,52 @@ class RolloutEngine:
         self,
         session: Session,
         rollout: Rollout,
-        members: Sequence[RolloutDevice],
         kind: CommandKind,
         *,
+        members: Sequence[ColumnElement[bool]],
+        to_state: RolloutDeviceState,
         bundle: Bundle | None = None,
-    ) -> None:
-        """Send ``kind`` to members not yet given it; persisted first, resent until the
-        device gives a final answer."""
-        pending = [m for m in members if m.state == RolloutDeviceState.PENDING]
-        if not pending:
-            return
-        bundle = bundle or _bundle(session, rollout)
+    ) -> int:
+        """Send ``kind`` to the rollout's ``members`` (conditions on their rows), which move
+        to ``to_state``: one statement marks them all and names the devices it marked, one
+        stores their commands, all committed before any is sent (a crash then means a
+        resend, never a loss); then one message per device, from one template. Resent
+        until the device gives a final answer. How many were sent."""
+        template = self._template(rollout, kind, bundle or _bundle(session, rollout))
         now = utcnow()
-        targets = [m.device_id for m in pending]  # read now: the commit expires the rows
-        issued = time.time()
-        commands = [self._build(rollout, device, kind, bundle, issued) for device in targets]
-        ids = [c.id for c in commands]
-        sent_before = set(  # only after an operator undid and redid a step: rare
-            session.exec(select(CommandRecord.id).where(col(CommandRecord.id).in_(ids)))
-        )
-        for member, command in zip(pending, commands, strict=True):
-            member.command_id = command.id
-            member.state = RolloutDeviceState.COMMANDED
-            member.commanded_at = member.updated_at = now
-            session.add(member)
-            record = CommandRecord(
-                id=command.id,
-                device_id=member.device_id,
-                kind=kind.value,
-                rollout_id=rollout.id,
-                payload=command.model_dump(mode="json"),
+        prefix = command_id(rollout.id, kind, "")
+        marked = session.exec(
+            update(RolloutDevice)
+            .where(col(RolloutDevice.rollout_id) == rollout.id, *members)
+            .values(
+                state=to_state,
+                command_id=literal(prefix) + col(RolloutDevice.device_id),
+                commanded_at=now,
+                updated_at=now,
             )
-            if command.id in sent_before:
-                session.merge(record)
-            else:
-                session.add(record)
-        session.commit()  # persisted before any is sent: a crash now means resend, not loss
-        for device, command in zip(targets, commands, strict=True):
-            self._send(device, command)
+            .returning(col(RolloutDevice.device_id))
+            .execution_options(synchronize_session=False)
+        )
+        targets = [device_id for (device_id,) in marked]
+        if not targets:
+            return 0
+        records = [
+            {
+                "id": template.command_id(device_id),
+                "device_id": device_id,
+                "kind": kind.value,
+                "rollout_id": rollout.id,
+                "payload": template.payload(device_id),
+                "last_ack": None,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for device_id in targets
+        ]
+        session.connection().execute(_upsert_records(session), records)
+        session.commit()
+        self._send(kind, [(device_id, template.encoded(device_id)) for device_id in targets])
+        return len(targets)
 
     def resend_unfinished(self, device_ids: Sequence[str] | None = None) -> int:
         """Send again every command of a rollout in progress whose device has given no
@@ -527,16 +580,14 @@ class RolloutEngine:
         Devices re-ack a command id they have seen, so a resend is never installed twice.
         """
         query = (
-            select(CommandRecord)
+            select(CommandRecord.device_id, CommandRecord.kind, CommandRecord.payload)
             .join(RolloutDevice, col(RolloutDevice.command_id) == CommandRecord.id)
             .join(Rollout, col(Rollout.id) == RolloutDevice.rollout_id)
             .where(
                 or_(
                     and_(
                         col(Rollout.state).in_([S.DEPLOYING, S.SOAKING]),
-                        col(RolloutDevice.state).in_(
-                            [RolloutDeviceState.COMMANDED, RolloutDeviceState.IN_PROGRESS]
-                        ),
+                        col(RolloutDevice.state).in_(_DEPLOY_UNFINISHED),
                     ),
                     and_(
                         col(Rollout.state) == S.ROLLING_BACK,
@@ -549,15 +600,14 @@ class RolloutEngine:
             query = query.where(col(CommandRecord.device_id).in_(device_ids))
         with session_scope(self._db) as session:
             waiting = session.exec(query).all()
-            for record in waiting:
-                self._resend(record)
+        self._resend(waiting)
         return len(waiting)
 
-    def _build(
-        self, rollout: Rollout, device_id: str, kind: CommandKind, bundle: Bundle, issued: float
-    ) -> Command:
-        return Command(
-            id=f"{rollout.id}:{kind.value}:{device_id}",
+    def _template(self, rollout: Rollout, kind: CommandKind, bundle: Bundle) -> CommandTemplate:
+        """The command every member gets (its id aside), valid as the contract says."""
+        issued = time.time()
+        command = Command(
+            id=command_id(rollout.id, kind, "template"),
             kind=kind,
             rollout=rollout.id,
             bundle=BundleRef(
@@ -573,6 +623,7 @@ class RolloutEngine:
             issued_at=issued,
             expires_at=issued + self.command_ttl_s,
         )
+        return CommandTemplate.of(command)
 
     @staticmethod
     def _time_out_silent(
@@ -594,6 +645,29 @@ class RolloutEngine:
                 updated_at=now,
             )
         )
+
+
+_REPLACED = ("device_id", "kind", "rollout_id", "payload", "last_ack", "created_at", "updated_at")
+"""A command record's columns a command sent again under its id replaces."""
+
+
+def _upsert_records(session: Session) -> UpdateBase:
+    """An insert of command records that replaces one already there: an operator undid and
+    redid a step (rare), and the command goes out again under its id."""
+    dialect = session.get_bind().dialect.name
+    table = cast(Table, CommandRecord.__table__)  # type: ignore[attr-defined]
+    key = [table.c.id]
+    if dialect == "sqlite":
+        lite = sqlite_insert(table)
+        return lite.on_conflict_do_update(
+            index_elements=key, set_={name: lite.excluded[name] for name in _REPLACED}
+        )
+    if dialect == "postgresql":
+        pg = postgresql_insert(table)
+        return pg.on_conflict_do_update(
+            index_elements=key, set_={name: pg.excluded[name] for name in _REPLACED}
+        )
+    raise RuntimeError(f"the fleet stores commands in SQLite or PostgreSQL, not {dialect}")
 
 
 def _bundle(session: Session, rollout: Rollout) -> Bundle:

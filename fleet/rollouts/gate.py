@@ -21,6 +21,17 @@ and, once there are enough inferences:
 - ``latency_p95_ms``: at most ``max_latency_ratio`` times the previous version's;
 - shadow rollouts instead: ``agreement`` at least ``min_agreement``.
 
+With ``compare: baseline`` the error and fallback rates are judged instead by the
+sequential test of :mod:`.sequential` against the previous version's devices over the
+same window (``error_rate_vs_baseline``, ``fallback_rate_vs_baseline``: its always-valid
+p-value at least ``alpha`` / 2, one half per rate). Until the test has its minimum sample
+the verdict waits; past ``soak_s + deploy_timeout_s`` without it (rates too low to tell
+apart), the rate falls back to its ``threshold`` check, and the reason says so.
+
+When the engine read them (:class:`ModelQuality`, :mod:`.quality`): ``drift_psi`` at most
+``max_drift_psi``, and ``live_accuracy`` at least ``min_live_accuracy`` once
+``min_labelled`` labels came; both unset by default, and not judged.
+
 A figure nobody reported (no inferences, no latency, no baseline latency) is not judged.
 
 The verdict's types (``GateVerdict``, ``GateCheck``, ``HealthStats``) live in
@@ -42,8 +53,9 @@ from ..models import (
     HealthStats,
     RolloutDeviceState,
 )
+from .sequential import Arm, Design, Outcome, compare
 
-__all__ = ["WaveCounts", "check_failures", "evaluate"]
+__all__ = ["ModelQuality", "WaveCounts", "check_failures", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,22 @@ class WaveCounts:
         return self.healthy + self.failed
 
 
+@dataclass(frozen=True)
+class ModelQuality:
+    """What the new version's model shows in the field, from the wave's devices: its input
+    drift score (``None``: no reference or no summaries) and its ground-truth labels."""
+
+    drift_psi: float | None = None
+    labelled: int = 0
+    correct: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.correct <= self.labelled:
+            raise ValueError(
+                f"{self.correct} correct of {self.labelled} labelled is not a count of labels"
+            )
+
+
 def check_failures(counts: WaveCounts, gate: Gate) -> GateVerdict:
     """The check that applies at any time: the share of the wave's devices that failed."""
     return GateVerdict(wave=counts.wave, checks=[_failure_ratio(counts, gate)])
@@ -90,10 +118,12 @@ def evaluate(
     *,
     shadow: bool,
     soaked_s: float,
+    quality: ModelQuality | None = None,
 ) -> GateVerdict:
     """The full gate, for a wave that has soaked ``soaked_s`` seconds (at least
     ``gate.soak_s``). ``new``: the new version's telemetry from the wave's members since
-    the soak began; ``baseline``: the previous version's, from the rollout's members."""
+    the soak began; ``baseline``: the previous version's, from the rollout's members
+    (with ``compare: baseline``, over the same window); ``quality``: drift and labels."""
     checks = [_failure_ratio(counts, gate), _healthy_ratio(counts, gate)]
     seen = new.shadow_compared if shadow else new.inferences
     patience_s = gate.soak_s + gate.deploy_timeout_s
@@ -117,8 +147,14 @@ def evaluate(
             waiting = inferences.reason
     elif shadow:
         checks += _agreement(new, gate)
+    elif gate.compare == "baseline":
+        rates, undecided = _compared(new, baseline, gate, patient=soaked_s <= patience_s)
+        checks += rates + _latency(new, baseline, gate)
+        waiting = "; ".join(undecided)
     else:
         checks += _health(new, baseline, gate)
+    if quality is not None:
+        checks += _quality(quality, gate)
     return GateVerdict(wave=counts.wave, checks=checks, waiting=waiting, new=new, baseline=baseline)
 
 
@@ -161,6 +197,96 @@ def _agreement(new: HealthStats, gate: Gate) -> list[GateCheck]:
     return [check]
 
 
+def _compared(
+    new: HealthStats, baseline: HealthStats, gate: Gate, *, patient: bool
+) -> tuple[list[GateCheck], list[str]]:
+    """Error and fallback rates by the sequential test: the checks it decided, and why
+    the others still wait. Once the gate's patience is spent, a rate the test cannot yet
+    decide is held to its fixed threshold instead."""
+    design = Design(alpha=gate.alpha / len(_COMPARED), power=gate.power, min_effect=gate.min_effect)
+    checks, undecided = [], []
+    for rate in _COMPARED:
+        canary, previous = rate.arm(new), rate.arm(baseline)
+        comparison = compare(canary, previous, design)
+        label = rate.threshold_metric.value.replace("_", " ")
+        if comparison.outcome is not Outcome.WAIT:
+            passed = comparison.outcome is Outcome.PASS
+            checks.append(
+                GateCheck(
+                    metric=rate.metric,
+                    value=comparison.p_value,
+                    threshold=design.alpha,
+                    bound="min",
+                    passed=passed,
+                    reason=f"{label} vs previous version: p {comparison.p_value:.2g} "
+                    f"{_OPERATOR['min', passed]} min {design.alpha:g} "
+                    f"({comparison.test}: {comparison.reason})",
+                )
+            )
+        elif patient:
+            undecided.append(f"{label} vs previous version: {comparison.reason}")
+        elif canary.rate is not None:
+            held = _rate(rate.threshold_metric, canary.rate, previous.rate, rate.allowed(gate))
+            reason = (
+                f"{held.reason}; held to the threshold, the {comparison.test} could not "
+                f"decide in time: {comparison.reason}"
+            )
+            checks.append(held.model_copy(update={"reason": reason}))
+    return checks, undecided
+
+
+@dataclass(frozen=True)
+class _ComparedRate:
+    """A rate ``compare: baseline`` tests: the test's metric, the rate's fixed-threshold
+    metric and allowed increase, and which count of a :class:`HealthStats` it is."""
+
+    metric: GateMetric
+    threshold_metric: GateMetric
+    events: Literal["errors", "fallbacks"]
+
+    def arm(self, stats: HealthStats) -> Arm:
+        return Arm(getattr(stats, self.events), stats.inferences)
+
+    def allowed(self, gate: Gate) -> float:
+        return float(getattr(gate, f"max_{self.threshold_metric.value}_increase"))
+
+
+_COMPARED = (
+    _ComparedRate(GateMetric.ERROR_RATE_VS_BASELINE, GateMetric.ERROR_RATE, "errors"),
+    _ComparedRate(GateMetric.FALLBACK_RATE_VS_BASELINE, GateMetric.FALLBACK_RATE, "fallbacks"),
+)
+
+
+def _quality(quality: ModelQuality, gate: Gate) -> list[GateCheck]:
+    """Drift and live accuracy, where the gate sets a limit and the figure exists."""
+    checks = []
+    if gate.max_drift_psi is not None and quality.drift_psi is not None:
+        checks.append(
+            _check(
+                GateMetric.DRIFT_PSI,
+                quality.drift_psi,
+                gate.max_drift_psi,
+                "max",
+                label="input drift PSI",
+                shown="{:.3f}".format,
+                detail="the new version's inputs against its reference profile",
+            )
+        )
+    if gate.min_live_accuracy is not None and quality.labelled >= max(gate.min_labelled, 1):
+        checks.append(
+            _check(
+                GateMetric.LIVE_ACCURACY,
+                quality.correct / quality.labelled,
+                gate.min_live_accuracy,
+                "min",
+                label="live accuracy",
+                shown="{:.1%}".format,
+                detail=f"{quality.correct} of {quality.labelled} labelled predictions right",
+            )
+        )
+    return checks
+
+
 def _health(new: HealthStats, baseline: HealthStats, gate: Gate) -> list[GateCheck]:
     """Error rate, fallback rate and p95 latency against the previous version's."""
     checks = []
@@ -182,6 +308,11 @@ def _health(new: HealthStats, baseline: HealthStats, gate: Gate) -> list[GateChe
                 gate.max_fallback_rate_increase,
             )
         )
+    return checks + _latency(new, baseline, gate)
+
+
+def _latency(new: HealthStats, baseline: HealthStats, gate: Gate) -> list[GateCheck]:
+    checks = []
     if new.latency_p95_ms is not None and baseline.latency_p95_ms:
         checks.append(
             _check(

@@ -17,12 +17,22 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
+from sqlalchemy import Table, insert
 from sqlmodel import Session, select
 
 from .. import audit
 from ..errors import ConflictError, NotFoundError, RequestError
-from ..models import Bundle, Device, DeviceState, Rollout, RolloutCreate, RolloutDevice
+from ..models import (
+    Bundle,
+    Device,
+    DeviceState,
+    Rollout,
+    RolloutCreate,
+    RolloutDevice,
+    RolloutDeviceState,
+)
 
 __all__ = ["WavePlan", "create_rollout", "is_cohort", "plan_rollout"]
 
@@ -101,17 +111,23 @@ def create_rollout(session: Session, *, data: RolloutCreate, actor: str) -> Roll
     }
     session.add(rollout)
     session.flush()
-    for wave, devices in enumerate(plan.waves):
-        for device in devices:
-            session.add(
-                RolloutDevice(
-                    rollout_id=rollout.id,
-                    device_id=device.id,
-                    wave=wave,
-                    rank=_rank(rollout.id, device.id),
-                    previous_bundle_id=bundle_ids.get(device.bundle or ""),
-                )
-            )
+    members = [
+        {
+            "rollout_id": rollout.id,
+            "device_id": device.id,
+            "wave": wave,
+            "rank": _rank(rollout.id, device.id),
+            "state": RolloutDeviceState.PENDING,
+            "previous_bundle_id": bundle_ids.get(device.bundle or ""),
+            "detail": "",
+            "updated_at": rollout.created_at,
+        }
+        for wave, devices in enumerate(plan.waves)
+        for device in devices
+    ]
+    if members:  # one executemany, however many devices
+        table = cast(Table, RolloutDevice.__table__)  # type: ignore[attr-defined]
+        session.connection().execute(insert(table), members)
     audit.record(
         session,
         actor=actor,

@@ -23,7 +23,7 @@ class Phase(enum.Enum):
     CONNECTING = "connecting"
     """TCP up and CONNECT sent; waiting for CONNACK and SUBACK."""
     READY = "ready"
-    """Subscribed to its ``cmd`` topic."""
+    """Subscribed to its ``cmd`` and ``receipt`` topics."""
     LOST = "lost"
     """The connection dropped; a reconnect is scheduled."""
     REFUSED = "refused"
@@ -42,7 +42,9 @@ class Device:
     except the observed fields, which are guarded by the simulator's lock."""
 
     __slots__ = (
+        "acked_at",
         "acks",
+        "awaiting",
         "bundle",
         "client",
         "cmd_topic",
@@ -55,9 +57,12 @@ class Device:
         "last_ack",
         "phase",
         "previous",
+        "receipt_check",
+        "receipt_wait_s",
         "reconnects",
         "refusals",
         "reports",
+        "resent",
         "shadow",
         "sock",
         "spec",
@@ -99,6 +104,16 @@ class Device:
         """Report numbers of records dropped, unacknowledged, to keep ``unsent`` bounded."""
         self.refusals = 0
         """PUBACKs that did not deliver a batch: a refusal or "no matching subscribers"."""
+        self.awaiting: dict[int, TelemetryRecord] = {}
+        """Records the broker PUBACKed, by report number, until a storage receipt names them."""
+        self.acked_at: dict[int, float] = {}
+        """When the PUBACK of each record in :attr:`awaiting` came (monotonic)."""
+        self.receipt_wait_s = 0.0
+        """The current wait for a receipt before the records awaiting one are sent again."""
+        self.receipt_check = False
+        """Whether a check of the records awaiting a receipt is scheduled."""
+        self.resent = 0
+        """Records sent again because no receipt named them in time."""
 
 
 def seeded_digest(seed: int, device_id: str, purpose: str, size: int) -> bytes:

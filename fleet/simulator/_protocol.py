@@ -11,7 +11,10 @@ ack, and one telemetry record per report with the error rate, latency and shadow
 :class:`Behaviour` sets per bundle.
 
 Telemetry is kept as the agent keeps it (agent/telemetry.py): a record counts as delivered
-only once a PUBACK accepts the batch that carried it. A PUBACK that refuses it (reason
+only once the fleet's storage receipt names it (:attr:`Behaviour.receipt_timeout_s`; with
+``None``, once a PUBACK accepts the batch that carried it). Records PUBACKed and not
+receipted in time are sent again, the wait doubling up to :data:`MAX_RECEIPT_WAIT_S` while
+no receipt comes. A PUBACK that refuses it (reason
 ``>= 0x80``) or says "no matching subscribers" (``0x10``: the fleet's subscription is not
 there, e.g. a broker restarted before the fleet subscribed again) puts its records back
 among the unsent ones, which go out with the device's next report and when it has
@@ -44,6 +47,7 @@ from contracts.mqtt import (
     Command,
     CommandKind,
     PayloadError,
+    Receipt,
     Status,
     TelemetryBatch,
     TelemetryRecord,
@@ -55,12 +59,20 @@ from contracts.mqtt import (
 from ._device import GONE, Device, Phase, seeded_digest, seeded_fraction
 from .specs import DEFAULT_LATENCY_MS, Behaviour
 
-__all__ = ["MAX_UNSENT_RECORDS", "DeviceProtocol", "TelemetryLedger", "record_id"]
+__all__ = [
+    "MAX_RECEIPT_WAIT_S",
+    "MAX_UNSENT_RECORDS",
+    "DeviceProtocol",
+    "TelemetryLedger",
+    "record_id",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_UNSENT_RECORDS = 1000
 """Records a device keeps waiting for a retry; the oldest beyond are dropped."""
+MAX_RECEIPT_WAIT_S = 600.0
+"""The longest wait for a storage receipt before records are sent again."""
 _NO_MATCHING_SUBSCRIBERS = 0x10
 """MQTT 5 PUBACK reason code: the broker accepted the message and delivered it to nobody."""
 
@@ -70,13 +82,17 @@ class TelemetryLedger:
     """Where one device's telemetry records stand, by record id, each in order."""
 
     acknowledged: list[str]
-    """Accepted by a PUBACK that delivered them: the fleet owes these."""
+    """Named by a storage receipt (or, without receipts, accepted by a PUBACK that
+    delivered them): the fleet owes these, the device has let go of them."""
     pending: list[str]
-    """Not yet: waiting for a retry, or in a batch whose PUBACK has not come."""
+    """Not yet: waiting for a retry, in a batch whose PUBACK has not come, or PUBACKed and
+    awaiting a receipt."""
     dropped: list[str]
     """Given up unacknowledged, beyond :data:`MAX_UNSENT_RECORDS`."""
     refusals: int
     """PUBACKs that refused a batch or reached no subscriber: its records were re-sent."""
+    resent: int = 0
+    """Records sent again because no receipt named them in time."""
 
 
 class DeviceProtocol:
@@ -299,10 +315,59 @@ class DeviceProtocol:
             device.refusals += 1
             device.unsent = dict(sorted({**batch, **device.unsent}.items()))
             _bound_unsent(device)
+            return
+        timeout = self.behaviour.receipt_timeout_s
+        if timeout is None:
+            return
+        device.receipt_wait_s = device.receipt_wait_s or timeout
+        now = time.monotonic()
+        device.awaiting.update(batch)
+        device.acked_at.update(dict.fromkeys(batch, now))
+        if not device.receipt_check:
+            device.receipt_check = True
+            self._call_later(device.receipt_wait_s, functools.partial(self._check, device))
+
+    def on_receipt(self, client: mqtt.Client, device: Device, message: mqtt.MQTTMessage) -> None:
+        """A storage receipt: the records it names, stored or refused, are let go of."""
+        try:
+            receipt = decode_payload(bytes(message.payload), Receipt)
+        except PayloadError as e:
+            log.info(
+                "simulated device %s: ignoring a malformed receipt: %s", device.spec.device_id, e
+            )
+            return
+        named = {*receipt.stored, *receipt.refused}
+        ids = functools.partial(record_id, self.seed, device.spec.device_id)
+        gone = [n for n in device.acked_at if ids(n) in named]
+        for n in gone:
+            del device.awaiting[n], device.acked_at[n]
+        for held in (device.unsent, *device.in_flight.values()):
+            for n in [n for n in held if ids(n) in named]:
+                del held[n]
+        device.receipt_wait_s = self.behaviour.receipt_timeout_s or 0.0
+
+    def _check(self, device: Device) -> None:
+        """The oldest record awaiting a receipt has waited its time out: send every record
+        awaiting one again; else wait on until it has (receipts for newer records do not put
+        it off)."""
+        device.receipt_check = False
+        if not device.awaiting or device.phase in GONE:
+            return
+        left = min(device.acked_at.values()) + device.receipt_wait_s - time.monotonic()
+        if left <= 0:
+            device.resent += len(device.awaiting)
+            device.unsent = dict(sorted({**device.awaiting, **device.unsent}.items()))
+            device.awaiting, device.acked_at = {}, {}
+            _bound_unsent(device)
+            device.receipt_wait_s = min(device.receipt_wait_s * 2, MAX_RECEIPT_WAIT_S)
+            self.send_unsent(device)
+            return
+        device.receipt_check = True
+        self._call_later(left, functools.partial(self._check, device))
 
     def ledger(self, device: Device) -> TelemetryLedger:
         """Every record the device made so far: acknowledged, pending or dropped."""
-        pending = set(device.unsent).union(*device.in_flight.values())
+        pending = set(device.unsent).union(device.awaiting, *device.in_flight.values())
         dropped = set(device.dropped)
         ids = functools.partial(record_id, self.seed, device.spec.device_id)
         return TelemetryLedger(
@@ -314,6 +379,7 @@ class DeviceProtocol:
             pending=[ids(n) for n in sorted(pending)],
             dropped=[ids(n) for n in device.dropped],
             refusals=device.refusals,
+            resent=device.resent,
         )
 
 

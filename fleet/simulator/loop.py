@@ -481,6 +481,9 @@ class FleetSimulator:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._protocol.on_message
+        client.message_callback_add(
+            device_topic(spec.device_id, "receipt"), self._protocol.on_receipt
+        )
         client.on_publish = self._protocol.on_publish
         return client
 
@@ -541,15 +544,16 @@ class FleetSimulator:
         if reason.is_failure:
             self._refused(device, f"CONNACK {reason}")
             return
-        _, device.sub_mid = client.subscribe(device.cmd_topic, qos=1)
+        receipts = device_topic(device.spec.device_id, "receipt")
+        _, device.sub_mid = client.subscribe([(device.cmd_topic, 1), (receipts, 1)])
 
     def _on_subscribe(
         self, client: mqtt.Client, device: Device, mid: int, reasons: list[ReasonCode], props: Any
     ) -> None:
         if mid != device.sub_mid:
             return
-        if reasons[0].is_failure:
-            self._refused(device, f"SUBACK {reasons[0]} for {device.cmd_topic}")
+        if refused := [r for r in reasons if r.is_failure]:
+            self._refused(device, f"SUBACK {refused[0]} for its cmd and receipt topics")
             return
         device.reconnects = 0
         self._protocol.publish_status(device)  # online only once commands can reach it

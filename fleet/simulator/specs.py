@@ -47,6 +47,11 @@ class Behaviour:
     """Fraction of a shadow bundle's predictions that agree with the serving one; 1 if not
     named."""
     compress_telemetry: bool = True
+    receipt_timeout_s: float | None = 30.0
+    """A record stays with the device until the fleet's storage receipt names it, as the
+    agent keeps it (agent/telemetry.py); one PUBACKed and not receipted within this (doubling
+    while none comes, up to ten minutes) is sent again. ``None``: the PUBACK delivers it (a
+    broker with no fleet behind it)."""
 
     def __post_init__(self) -> None:
         for name, rates in (
@@ -64,5 +69,7 @@ class Behaviour:
             raise ValueError(
                 f"telemetry_interval_s must be > 0 or None, got {self.telemetry_interval_s}"
             )
+        if self.receipt_timeout_s is not None and self.receipt_timeout_s <= 0:
+            raise ValueError(f"receipt_timeout_s must be > 0 or None, got {self.receipt_timeout_s}")
         if self.install_delay_s < 0:
             raise ValueError(f"install_delay_s must be >= 0, got {self.install_delay_s}")

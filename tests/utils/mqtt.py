@@ -254,3 +254,35 @@ class PahoClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+@contextmanager
+def receipting(endpoint: MqttEndpoint, device_id: str) -> Iterator[list[str]]:
+    """A stand-in for the fleet's bridge where no fleet runs (it stores nothing): answers
+    each telemetry batch of ``device_id`` with a storage receipt naming its records, as the
+    bridge does after its commit. Yields the record ids receipted, in order."""
+    from contracts.mqtt import Receipt, TelemetryBatch, decode_payload, device_topic
+
+    receipted: list[str] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if endpoint.username:
+        client.username_pw_set(endpoint.username, endpoint.password)
+
+    def on_message(client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        ids = [r.id for r in decode_payload(bytes(message.payload), TelemetryBatch).records]
+        receipted.extend(ids)
+        receipt = Receipt(stored=ids).model_dump_json()
+        client.publish(device_topic(device_id, "receipt"), receipt, qos=1)
+
+    client.on_connect = lambda c, *_: c.subscribe(device_topic(device_id, "telemetry"), qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = on_message
+    client.connect(endpoint.host, endpoint.port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10), "the receipting stand-in could not subscribe"
+        yield receipted
+    finally:
+        client.disconnect()
+        client.loop_stop()

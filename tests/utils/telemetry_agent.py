@@ -76,7 +76,8 @@ def main() -> int:
         queue, args.device_id, client, TelemetryConfig(batch_records=args.batch_records)
     )
 
-    def on_connect(*_: Any) -> None:
+    def on_connect(client: mqtt.Client, *_: Any) -> None:
+        client.subscribe(sender.receipt_topic, qos=1)
         sender.wake()
 
     def on_publish(_client: Any, _userdata: Any, mid: int, reason: ReasonCode, _props: Any) -> None:

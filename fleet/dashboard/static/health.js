@@ -4,7 +4,8 @@
 import { useEffect, useRef, useState } from "preact/hooks";
 
 import { api, query } from "./api.js";
-import { Empty, html, useContentMark, usePoll } from "./ui.js";
+import { ModelHealth } from "./drift.js";
+import { Empty, html, loadChart, useContentMark, usePoll } from "./ui.js";
 
 const WINDOWS = [
   [900, "15 min"],
@@ -14,14 +15,6 @@ const WINDOWS = [
   [7 * 86400, "7 days"],
 ];
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563"];
-
-let chartLibrary = null;
-
-/** Chart.js, loaded the first time a chart is drawn (its UMD build sets globalThis.Chart). */
-function loadChart() {
-  chartLibrary ??= import("./vendor/chart.umd.min.js").then(() => globalThis.Chart);
-  return chartLibrary;
-}
 
 export function HealthPage({ params }) {
   const [models] = usePoll(() => api("/models"), [], 30000);
@@ -50,6 +43,7 @@ export function HealthPage({ params }) {
       </form>
     </div>
     ${models === null ? null : model ? html`<${HealthCharts} model=${model} windowS=${windowS} />` : html`<${Empty}>No model registered yet.<//>`}
+    ${model ? html`<${ModelHealth} model=${model} versions=${(models ?? []).filter((m) => m.name === model).map((m) => m.version)} />` : null}
   </section>`;
 }
 

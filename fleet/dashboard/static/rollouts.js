@@ -68,6 +68,11 @@ const METRICS = {
   fallback_rate: ["Fallback rate", (v) => percent(v, 2)],
   latency_p95_ms: ["p95 latency", (v) => `${v.toFixed(1)} ms`],
   agreement: ["Shadow agreement", percent],
+  // compare: baseline: the sequential test's always-valid p-value against the gate's alpha
+  error_rate_vs_baseline: ["Error rate vs previous (p)", (v) => v.toPrecision(2)],
+  fallback_rate_vs_baseline: ["Fallback rate vs previous (p)", (v) => v.toPrecision(2)],
+  drift_psi: ["Input drift (PSI)", (v) => v.toFixed(3)],
+  live_accuracy: ["Live accuracy", (v) => percent(v, 1)],
 };
 
 const STOPPED = ["paused", "rolling_back", "rolled_back", "aborted"];

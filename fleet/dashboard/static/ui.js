@@ -1,11 +1,20 @@
 // What every page shares: the html template tag, the signed-in user and the error tray
-// (contexts), polling, and small components (badges, stacked bars, a confirmation dialog).
+// (contexts), polling, the chart library, and small components (badges, stacked bars, a
+// confirmation dialog).
 
 import { createContext, h } from "preact";
 import { useCallback, useContext, useEffect, useRef, useState } from "preact/hooks";
 import htm from "htm";
 
 export const html = htm.bind(h);
+
+let chartLibrary = null;
+
+/** Chart.js, loaded the first time a chart is drawn (its UMD build sets globalThis.Chart). */
+export function loadChart() {
+  chartLibrary ??= import("./vendor/chart.umd.min.js").then(() => globalThis.Chart);
+  return chartLibrary;
+}
 
 const POLL_MS = 2000;
 
