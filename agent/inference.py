@@ -35,10 +35,11 @@ queues at most one more; a call arriving while both places are taken is not shad
 (``shadow_agreed`` is ``None``), so the challenger never slows the champion down beyond a
 copy of the inputs. A challenger that raises counts as disagreeing.
 
-Drift: when the model's bundle carries a drift reference, each answered call's outcome
-holds a few hundred values copied out of its inputs (and its first output, when the local
-model answered) for :class:`~agent.telemetry.InferenceStats` to bin into the bundle's
-drift summary (``contracts/drift.py``).
+Drift: when the model's bundle carries a drift reference, an answered call's outcome holds
+a few hundred values copied out of its inputs (and its first output, when the local model
+answered) for :class:`~agent.telemetry.InferenceStats` to bin into the bundle's drift
+summary (``contracts/drift.py``): every call, or for a model so fast that summarising
+would cost more than 2 % of its time, a random share of them (``agent/drift_sampling.py``).
 
 Every call, served or failed, emits one :class:`~agent.telemetry.InferenceOutcome` to the
 observers: a shadowed call's outcome is emitted by the worker once the challenger has run,
@@ -62,6 +63,7 @@ import numpy as np
 from contracts.drift import drift_sample
 
 from .config import FallbackConfig
+from .drift_sampling import COST_SHARE, DriftSampling, summary_cost_s
 from .errors import FallbackError, LocalInferenceError, NoModelError
 from .fallback import CloudFallback
 from .model import LoadedModel
@@ -149,8 +151,14 @@ class InferenceService:
     """
 
     def __init__(
-        self, config: FallbackConfig | None = None, *, cloud: CloudFallback | None = None
+        self,
+        config: FallbackConfig | None = None,
+        *,
+        cloud: CloudFallback | None = None,
+        drift_share: float | None = COST_SHARE,
     ) -> None:
+        """``drift_share``: what summarising calls for drift may cost, as a share of the
+        model's time (``agent/drift_sampling.py``); ``None`` summarises every call."""
         if config is not None and cloud is not None and config != cloud.config:
             raise ValueError("pass the fallback config or a CloudFallback made from it, not both")
         self.config = cloud.config if cloud is not None else config or FallbackConfig()
@@ -163,6 +171,9 @@ class InferenceService:
         self._observers: list[Observer] = []
         self._jobs: queue.Queue[_ShadowJob | None] = queue.Queue(maxsize=1)
         self._worker: threading.Thread | None = None
+        self._drift_share = drift_share
+        self._sampling: tuple[LoadedModel, DriftSampling] | None = None
+        """The model the drift coin was made for, and the coin (``agent/drift_sampling.py``)."""
 
     # --- configuration -----------------------------------------------------------------
 
@@ -230,10 +241,30 @@ class InferenceService:
             local_error=trace.local_error,
             fallback_reason=result.fallback_reason,
             predicted_class=_first_class(result.outputs),
-            drift=_drift(model, inputs, result),
+            drift=self._drift(model, inputs, result),
         )
         self._emit_or_shadow(outcome, challenger, inputs, result.outputs)
         return result
+
+    def _drift(
+        self, model: LoadedModel | None, inputs: Mapping[str, np.ndarray], result: InferenceResult
+    ) -> DriftObservation | None:
+        """The call's drift values when its bundle has a reference and the call is one
+        :class:`~agent.drift_sampling.DriftSampling` picks: its inputs, and its first output
+        when the local model gave it (a cloud model's outputs would read as drift)."""
+        reference = model.drift_reference if model is not None else None
+        if model is None or reference is None:
+            return None
+        local = result.served_by == "local" and result.outputs and reference.has_output_norm()
+        first_output = result.outputs[0] if local else None
+        if self._drift_share is not None:
+            sampling = self._sampling
+            if sampling is None or sampling[0] is not model:  # the first call of this model
+                cost_s = summary_cost_s(reference, inputs, first_output)
+                sampling = self._sampling = (model, DriftSampling(cost_s, self._drift_share))
+            if not sampling[1].take(result.latency_ms / 1000.0):
+                return None
+        return DriftObservation(reference, drift_sample(inputs, first_output))
 
     def _answer(
         self,
@@ -396,18 +427,6 @@ class InferenceService:
 
 def _elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
-
-
-def _drift(
-    model: LoadedModel | None, inputs: Mapping[str, np.ndarray], result: InferenceResult
-) -> DriftObservation | None:
-    """The call's drift values when its bundle has a reference: its inputs, and its first
-    output when the local model gave it (a cloud model's outputs would read as drift)."""
-    reference = model.drift_reference if model is not None else None
-    if reference is None:
-        return None
-    local = result.served_by == "local" and result.outputs and reference.has_output_norm()
-    return DriftObservation(reference, drift_sample(inputs, result.outputs[0] if local else None))
 
 
 def _first_class(outputs: list[np.ndarray]) -> int | None:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from contracts.bounded import MAX_MILLISECONDS
 from contracts.drift import DriftSample, ReferenceProfile, SummaryBuilder
 from contracts.mqtt import (
     MAX_PAYLOAD_BYTES,
@@ -175,7 +176,9 @@ class InferenceStats:
                     tally.drift = SummaryBuilder(outcome.drift.reference)
                 local_class = outcome.predicted_class if outcome.served_by == "local" else None
                 tally.drift.add_sample(outcome.drift.sample, local_class)
-            latency = outcome.latency_ms
+            # A call that hung past a day counts as a day: the record's bound, which would
+            # otherwise refuse the whole interval's record.
+            latency = min(outcome.latency_ms, MAX_MILLISECONDS)
             tally.histogram[bisect.bisect_left(LATENCY_BUCKETS_MS, latency)] += 1
             if len(tally.latencies) < _MAX_LATENCY_SAMPLES:
                 tally.latencies.append(latency)

@@ -162,10 +162,11 @@ def _strategy(trials: int) -> str:
     return "evolutionary" if trials >= _EVOLUTIONARY_MIN_TRIALS else "replay-trace"
 
 
-def _trials_per_round(trials: int, tasks: int) -> int:
+def _trials_per_round(trials: int, tasks: int, *, timed: bool = False) -> int:
     """Spread the budget over every task: MetaSchedule's default of 64 a round would spend
-    a budget of 64 on one operator of a 30-operator network and leave the rest untuned."""
-    return max(1, min(64, trials // max(tasks, 1)))
+    a budget of 64 on one operator of a 30-operator network and leave the rest untuned.
+    A time budget is checked between rounds, so there rounds are short (at most 8)."""
+    return max(1, min(8 if timed else 64, trials // max(tasks, 1)))
 
 
 def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
@@ -236,8 +237,9 @@ class _Progress:
         elapsed = time.monotonic() - self.start
         if self.time_budget_s is not None and elapsed >= self.time_budget_s:
             self.stopped_early = True
-            for task_id in range(len(scheduler.tasks_)):
-                scheduler.terminate_task(task_id)
+            for task_id, task in enumerate(scheduler.tasks_):
+                if not task.is_terminated:  # terminating one twice fails a check in TVM
+                    scheduler.terminate_task(task_id)
         if self.echo is not None and (elapsed - self._said >= 5.0 or self.done >= self.trials):
             self._said = elapsed
             self.echo(self.line(elapsed))
@@ -363,12 +365,17 @@ def _tune(
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         extracted, work_dir=str(work), strategy=_strategy(trials), seed=0
     )
+    timed = progress.time_budget_s is not None
     ms.tune.tune_tasks(
         tasks=contexts,
         task_weights=weights,
         work_dir=str(work),
         max_trials_global=trials,
-        num_trials_per_iter=_trials_per_round(trials, len(contexts)),
+        num_trials_per_iter=_trials_per_round(trials, len(contexts), timed=timed),
+        # The gradient scheduler's first rounds visit every task in turn, terminated or
+        # not, so a time budget spent before then would stop TVM on a check; round-robin
+        # skips terminated tasks.
+        task_scheduler="round-robin" if timed else "gradient",
         builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120),
         runner=runner,
         database=ms.database.JSONDatabase(work_dir=str(work)),

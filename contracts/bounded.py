@@ -21,6 +21,7 @@ __all__ = [
     "JSON_DOCUMENT",
     "MAX_COUNT",
     "MAX_DOCUMENT_BYTES",
+    "MAX_MILLISECONDS",
     "MAX_VERSION_NUMBER",
     "NO_CONTROL",
     "TS_MAX",
@@ -50,7 +51,9 @@ MAX_VERSION_NUMBER = 2**53 - 1
 Timestamp = Annotated[float, Field(ge=TS_MIN, le=TS_MAX, allow_inf_nan=False)]
 """Seconds since the epoch, before 2100."""
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-Milliseconds = Annotated[float, Field(ge=0, le=86_400_000, allow_inf_nan=False)]
+MAX_MILLISECONDS = 86_400_000.0
+"""A day: the longest duration a message may report."""
+Milliseconds = Annotated[float, Field(ge=0, le=MAX_MILLISECONDS, allow_inf_nan=False)]
 VersionNumber = Annotated[int, Field(ge=1, le=MAX_VERSION_NUMBER)]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

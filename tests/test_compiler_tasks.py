@@ -362,6 +362,26 @@ def test_a_second_model_reuses_the_profiles_tuning_database_for_shared_layers(
     assert again.reused and again.trials == 0 and again.tasks_reused == again.tasks
 
 
+def test_a_time_budget_spent_in_the_first_rounds_stops_the_tune_cleanly(tmp_path: Path) -> None:
+    """A budget that runs out before every task had its first round: TVM's gradient
+    scheduler would then pick a terminated task and stop on a check (the first end-to-end
+    `--tune-time` run did); the tune ends with what it measured, and says it was timed."""
+    from compiler.importers import import_model
+    from compiler.tune import TIME_ONLY_TRIALS, tune_model
+
+    model = task_models.classifier(tmp_path)
+    result = tune_model(
+        model,
+        load_profile("host"),
+        inputs=import_model(model, tmp_path).inputs,
+        trials=TIME_ONLY_TRIALS,
+        cache_root=tmp_path / "cache",
+        time_budget_s=0.1,
+    )
+    assert 0 < result.trials < result.tasks * 8 and result.time_budget_s == 0.1
+    assert result.records == result.trials
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("20m", 1200.0), ("90s", 90.0), ("1.5h", 5400.0), ("45", 45.0)]
 )

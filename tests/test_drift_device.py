@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from agent.drift_sampling import COST_SHARE, DriftSampling
 from agent.inference import InferenceService
 from agent.model import load_installed, unpack_bundle
 from agent.telemetry import DriftObservation, InferenceOutcome, InferenceStats
@@ -216,7 +218,7 @@ def test_the_bundle_carries_the_reference_and_the_agent_scores_its_own_inference
             validation = np.asarray(data["image"][300:])  # the half the compile validated on
         for images, drifted in ((validation, False), (1.0 - validation, True)):
             stats = InferenceStats()
-            with InferenceService() as service:
+            with InferenceService(drift_share=None) as service:
                 service.add_observer(stats.observe)
                 service.set_model(model)
                 for image in images:
@@ -252,7 +254,7 @@ def test_a_broken_drift_reference_is_never_signed_and_on_a_device_costs_only_dri
         assert model.drift_reference is None
         assert "no drift summaries" in caplog.text and DRIFT_REFERENCE_FILE in caplog.text
         stats = InferenceStats()
-        with InferenceService() as service:
+        with InferenceService(drift_share=None) as service:
             service.add_observer(stats.observe)
             service.set_model(model)
             service.infer({"image": np.zeros((1, 8, 8, 1), dtype=np.float32)})
@@ -286,7 +288,7 @@ def test_a_regressors_bundle_folds_the_local_output_norm(tmp_path: Path) -> None
     try:
         assert loaded.drift_reference is not None and loaded.drift_reference.has_output_norm()
         stats = InferenceStats()
-        with InferenceService() as service:
+        with InferenceService(drift_share=None) as service:
             service.add_observer(stats.observe)
             service.set_model(loaded)
             with np.load(model.with_suffix(".npz")) as data:
@@ -297,5 +299,30 @@ def test_a_regressors_bundle_folds_the_local_output_norm(tmp_path: Path) -> None
         summary = DriftSummary.from_extra(record.extra["drift"])
         assert sum(summary.features[OUTPUT_NORM]) == 20
         assert summary.classes == {}
+
+        # Where summarising may cost next to nothing of the model's time, no call is
+        # summarised; the calls themselves are all counted.
+        with InferenceService(drift_share=1e-12) as service:
+            service.add_observer(stats.observe)
+            service.set_model(loaded)
+            for row in rows:
+                service.infer({"x": row[np.newaxis]})
+        (record,) = stats.report()
+        assert record.inferences == 20 and "drift" not in record.extra
     finally:
         loaded.close()
+
+
+@pytest.mark.parametrize(
+    ("cost_s", "call_s", "probability"),
+    [(0.0, 1e-4, 1.0), (20e-6, 70e-3, 1.0), (20e-6, 1e-3, 1.0), (20e-6, 1e-4, 0.1)],
+)
+def test_summaries_are_drawn_at_the_rate_that_keeps_their_cost_to_its_share(
+    cost_s: float, call_s: float, probability: float
+) -> None:
+    """At 2 %: a 70 ms or a 1 ms model has every call summarised, a 0.1 ms one whose
+    summaries cost 20 µs a tenth of them, drawn by a coin that never sees the call."""
+    sampling = DriftSampling(cost_s, COST_SHARE, random.Random(7))
+    assert sampling.probability(call_s) == pytest.approx(probability)
+    taken = sum(sampling.take(call_s) for _ in range(20_000))
+    assert taken == pytest.approx(20_000 * probability, rel=0.05)

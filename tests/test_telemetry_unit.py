@@ -21,6 +21,7 @@ from agent.telemetry import (
     _fit,
     _percentile,
 )
+from contracts.bounded import MAX_MILLISECONDS
 from contracts.mqtt import MAX_PAYLOAD_BYTES, TelemetryBatch, TelemetryRecord
 
 V1, V2, SHADOW = "digits-host-1.0.0", "digits-host-1.1.0", "digits-host-2.0.0"
@@ -116,6 +117,15 @@ def test_latencies_fall_in_the_bucket_whose_edge_they_do_not_pass() -> None:
     assert counts[len(LATENCY_BUCKETS_MS) - 1] == 1  # (2000, 5000]
     assert counts[-1] == 2  # slower than every edge
     assert sum(counts) == 6
+
+
+def test_a_call_that_hung_past_a_day_counts_as_a_day_and_the_record_is_still_made() -> None:
+    stats = InferenceStats()
+    for latency in (2.0, 1e12):
+        stats.observe(_outcome(latency_ms=latency))
+    (record,) = stats.report()
+    assert record.inferences == 2
+    assert record.latency_p95_ms == pytest.approx(0.95 * MAX_MILLISECONDS, rel=0.06)
 
 
 def test_truth_is_counted_with_the_bundles_inferences() -> None:
