@@ -122,3 +122,15 @@ def bundles(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.getbasetemp() / "fleet-bundles"
     out.mkdir(exist_ok=True)
     return make_bundle(compiled_digits, out, "1.0.0"), make_bundle(compiled_digits, out, "1.1.0")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One throwaway PostgreSQL server for the whole run (started by the first test that
+    asks); each test makes a database of its own on it."""
+    from tests.utils.postgres import postgres_available, postgres_server
+
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries not found (install the postgresql package)")
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
+        yield url

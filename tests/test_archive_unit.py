@@ -4,7 +4,6 @@ each with the exact message a user reads. ``make mutate`` runs these (.ci/mutate
 
 from __future__ import annotations
 
-import datetime as dt
 import gzip
 import hashlib
 import io
@@ -19,34 +18,10 @@ from ota.errors import ArchiveError, BundleIntegrityError
 from ota.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
-    BundleFile,
-    GoldenVectors,
-    Manifest,
-    ModelInfo,
 )
+from tests.utils.bundles import toy_manifest
 
 CONTENTS = {"model.onnx": b"the model bytes", "golden.npz": b"golden", "lib/x/extra.bin": b"x" * 9}
-
-
-def _manifest(contents: dict[str, bytes]) -> Manifest:
-    return Manifest(
-        name="digits-host",
-        version="1.0.0",
-        version_number=1_000_000,
-        model=ModelInfo(name="digits", version="1"),
-        profile="host",
-        runtime="onnxruntime",
-        precision="fp32",
-        device="cpu",
-        artifact="model.onnx",
-        files=[
-            BundleFile(path=name, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-            for name, data in contents.items()
-        ],
-        min_agent_version="0.1.0",
-        created=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
-        golden_vectors=GoldenVectors(path="golden.npz", count=1, atol=0.0, rtol=0.0, top1=True),
-    )
 
 
 def _sources(directory: Path, contents: dict[str, bytes]) -> dict[str, Path]:
@@ -61,7 +36,7 @@ def _sources(directory: Path, contents: dict[str, bytes]) -> dict[str, Path]:
 
 def _bundle(directory: Path, contents: dict[str, bytes] = CONTENTS) -> Path:
     out = directory / "built" / "here" / "digits.efb"
-    return write_bundle(_manifest(contents), _sources(directory, contents), out)
+    return write_bundle(toy_manifest(contents), _sources(directory, contents), out)
 
 
 def _member(
@@ -85,7 +60,7 @@ def _crafted(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
 
 def _good_members(contents: dict[str, bytes] = CONTENTS) -> list[tuple[tarfile.TarInfo, bytes]]:
     return [
-        _member(MANIFEST_NAME, _manifest(contents).to_json()),
+        _member(MANIFEST_NAME, toy_manifest(contents).to_json()),
         *(_member(name, data) for name, data in contents.items()),
     ]
 
@@ -97,7 +72,7 @@ def test_a_bundle_round_trips_into_a_new_directory(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path)
     assert bundle == tmp_path / "built" / "here" / "digits.efb"
     assert _bundle(tmp_path) == bundle  # written again beside itself, replaced whole
-    manifest = _manifest(CONTENTS)
+    manifest = toy_manifest(CONTENTS)
     assert read_manifest(bundle) == manifest
     assert verify_bundle(bundle) == manifest
     dest = tmp_path / "deep" / "er" / "slot"
@@ -122,7 +97,7 @@ def test_the_archive_is_deterministic_ustar_with_the_manifest_first(tmp_path: Pa
             assert (member.mtime, member.mode, member.uid, member.gid) == (0, 0o644, 0, 0)
             assert (member.uname, member.gname, member.pax_headers) == ("", "", {})
         manifest = tar.extractfile(members[0])
-        assert manifest is not None and manifest.read() == _manifest(contents).to_json()
+        assert manifest is not None and manifest.read() == toy_manifest(contents).to_json()
     raw = first.read_bytes()
     assert raw[257:263] == b"ustar\x00"  # a plain ustar header, no pax extension entries
     assert b"PaxHeader" not in raw and b"path=" not in raw
@@ -133,7 +108,7 @@ def test_sources_that_do_not_match_the_manifest_are_refused(tmp_path: Path) -> N
     del sources["golden.npz"]
     sources["other.bin"] = sources["model.onnx"]
     with pytest.raises(ValueError) as raised:
-        write_bundle(_manifest(CONTENTS), sources, tmp_path / "out.efb")
+        write_bundle(toy_manifest(CONTENTS), sources, tmp_path / "out.efb")
     assert str(raised.value) == (
         "sources ['lib/x/extra.bin', 'model.onnx', 'other.bin'] do not match the manifest's "
         "['golden.npz', 'lib/x/extra.bin', 'model.onnx']"
@@ -149,7 +124,7 @@ def test_reading_the_manifest_reads_no_file_and_verifying_reads_all(tmp_path: Pa
     members = _good_members(CONTENTS)
     members[1] = _member("model.onnx", altered["model.onnx"])
     bundle = _crafted(tmp_path / "altered.efb", members)
-    assert read_manifest(bundle) == _manifest(CONTENTS)
+    assert read_manifest(bundle) == toy_manifest(CONTENTS)
     with pytest.raises(BundleIntegrityError) as raised:
         verify_bundle(bundle)
     listed = hashlib.sha256(CONTENTS["model.onnx"]).hexdigest()
@@ -237,11 +212,11 @@ def test_the_first_entry_must_be_the_manifest_as_a_file(
 
 
 def test_a_manifest_over_1_mib_is_refused_before_it_is_read(tmp_path: Path) -> None:
-    data = _manifest(CONTENTS).to_json()
+    data = toy_manifest(CONTENTS).to_json()
     exact = data + b" " * (MAX_MANIFEST_BYTES - len(data))
     members = _good_members()
     members[0] = _member(MANIFEST_NAME, exact)
-    assert verify_bundle(_crafted(tmp_path / "exact.efb", members)) == _manifest(CONTENTS)
+    assert verify_bundle(_crafted(tmp_path / "exact.efb", members)) == toy_manifest(CONTENTS)
     members[0] = _member(MANIFEST_NAME, exact + b" ")
     with pytest.raises(ArchiveError) as raised:
         read_manifest(_crafted(tmp_path / "big.efb", members))
@@ -337,7 +312,7 @@ def test_files_are_hashed_and_copied_in_chunks_not_read_whole(tmp_path: Path) ->
 
 def test_a_stream_that_ends_early_is_truncated(tmp_path: Path) -> None:
     """tarfile raises its own error for a short archive first; this is the guard behind it."""
-    entry = _manifest(CONTENTS).files[0]
+    entry = toy_manifest(CONTENTS).files[0]
     out = tmp_path / "copy"
     with out.open("wb") as sink, pytest.raises(ArchiveError) as raised:
         _copy_and_hash(io.BytesIO(b"the model"), entry, lambda _: sink, "short.efb")

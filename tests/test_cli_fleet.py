@@ -8,7 +8,6 @@ fleet; the exit-code checks of ``fleet serve`` run the installed script.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from edgefleet.cli import app
 from fleet import cli as fleet_cli
 from fleet.models import RolloutCreate, RolloutState, Stage
 from ota.archive import write_bundle
-from ota.manifest import BundleFile, GoldenVectors, Manifest, ModelInfo
+from tests.utils.bundles import toy_manifest
 from tests.utils.http import serve_app
 from tests.utils.mqtt import free_port
 from tests.utils.served_fleet import EDGEFLEET, ServedFleet, serve_fleet
@@ -170,24 +169,7 @@ def _bundle(directory: Path) -> Path:
     contents = {"model.onnx": b"not really a model", "golden.npz": b"golden vectors"}
     for name, data in contents.items():
         (directory / name).write_bytes(data)
-    manifest = Manifest(
-        name="digits-host",
-        version="1.0.0",
-        version_number=1_000_000,
-        model=ModelInfo(name="digits", version="1.0.0"),
-        profile="host",
-        runtime="onnxruntime",
-        precision="fp32",
-        device="cpu",
-        artifact="model.onnx",
-        files=[
-            BundleFile(path=name, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-            for name, data in contents.items()
-        ],
-        min_agent_version="0.1.0",
-        created=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-        golden_vectors=GoldenVectors(path="golden.npz", count=1, atol=0.0, rtol=0.0, top1=True),
-    )
+    manifest = toy_manifest(contents, model_version="1.0.0", year=2026)
     return write_bundle(
         manifest, {name: directory / name for name in contents}, directory / "digits.efb"
     )

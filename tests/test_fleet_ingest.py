@@ -5,8 +5,6 @@ in the windows the health queries cut on the fleet's clock."""
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,36 +12,18 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from contracts.mqtt import TelemetryRecord
-from fleet.db import make_engine
-from fleet.migrate import upgrade
 from fleet.models import TelemetryRecordRow
 from fleet.telemetry import health_stats, ingest
-from tests.utils.postgres import postgres_available, postgres_server
+from tests.utils.postgres import migrated_engine
 
 BUNDLE = "digits-host-1.0.0"
 
 
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries not found (install the postgresql package)")
-    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    else:
-        url: str = request.getfixturevalue("postgres_url")
-        name = f"ingest_{uuid.uuid4().hex}"
-        server = make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        server.dispose()
-        engine = make_engine(f"{url.rsplit('/', 1)[0]}/{name}")
-    upgrade(engine)
+    engine = migrated_engine(
+        request.param, lambda: request.getfixturevalue("postgres_url"), tmp_path
+    )
     request.addfinalizer(engine.dispose)
     return engine
 

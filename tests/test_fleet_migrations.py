@@ -41,12 +41,6 @@ from fleet.models import (
     Stage,
     TelemetryRecordRow,
 )
-from tests.utils.postgres import postgres_available, postgres_server
-
-NO_POSTGRES = (
-    "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin "
-    "or on PATH; install the postgresql package to run the PostgreSQL migration tests"
-)
 
 
 @pytest.fixture
@@ -54,15 +48,6 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
     yield engine
     engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One server for the module; each test gets a database of its own on it."""
-    if not postgres_available():
-        pytest.skip(NO_POSTGRES)
-    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
 
 
 @pytest.fixture

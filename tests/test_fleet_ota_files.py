@@ -8,8 +8,6 @@ refresher runs as an asyncio task against real short-lived metadata.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import hashlib
 import http.client
 import json
 import os
@@ -34,8 +32,8 @@ from ota.client import OtaClient, TrustState
 from ota.download import part_path
 from ota.errors import DownloadError
 from ota.keys import KeyStore
-from ota.manifest import BundleFile, GoldenVectors, Manifest, ModelInfo
 from ota.repository import ExpiryPolicy, OtaRepository
+from tests.utils.bundles import toy_manifest
 from tests.utils.tcp_proxy import CuttingProxy
 
 PASSPHRASE = b"correct horse battery staple"
@@ -50,24 +48,7 @@ def _bundle(directory: Path) -> Path:
     contents = {"model.onnx": os.urandom(300_000), "golden.npz": b"golden vectors"}
     for name, data in contents.items():
         (directory / name).write_bytes(data)
-    manifest = Manifest(
-        name="digits-host",
-        version="1.0.0",
-        version_number=1_000_000,
-        model=ModelInfo(name="digits", version="1"),
-        profile="host",
-        runtime="onnxruntime",
-        precision="fp32",
-        device="cpu",
-        artifact="model.onnx",
-        files=[
-            BundleFile(path=name, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-            for name, data in contents.items()
-        ],
-        min_agent_version="0.1.0",
-        created=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
-        golden_vectors=GoldenVectors(path="golden.npz", count=1, atol=0.0, rtol=0.0, top1=True),
-    )
+    manifest = toy_manifest(contents)
     return write_bundle(
         manifest, {name: directory / name for name in contents}, directory / "bundle.efb"
     )

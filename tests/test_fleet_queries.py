@@ -4,7 +4,6 @@ matched inside the JSON list of tags, and telemetry bucketed by time in SQL."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,36 +11,18 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from fleet.db import make_engine
 from fleet.inventory import DeviceFilter, device_summary, find_devices
-from fleet.migrate import upgrade
 from fleet.models import Device, TelemetryRecordRow
 from fleet.telemetry import health_series
-from tests.utils.postgres import postgres_available, postgres_server
+from tests.utils.postgres import migrated_engine
 
 
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries not found (install the postgresql package)")
-    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated, empty database of each kind."""
-    if request.param == "sqlite":
-        found = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    else:
-        url = request.getfixturevalue("postgres_url")
-        name = re.sub(r"\W", "_", request.node.name)[:63].lower()
-        server = make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        server.dispose()
-        found = make_engine(f"{url.rsplit('/', 1)[0]}/{name}")
-    upgrade(found)
+    found = migrated_engine(
+        request.param, lambda: request.getfixturevalue("postgres_url"), tmp_path
+    )
     yield found
     found.dispose()
 

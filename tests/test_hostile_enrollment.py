@@ -32,19 +32,8 @@ from fleet.db import make_engine
 from tests.utils.fleet import RunningFleet, device_endpoint, running_fleet, wait_for
 from tests.utils.http import serve_app
 from tests.utils.mqtt import REFUSED, PahoClient, free_port, mqtt_pub
-from tests.utils.postgres import postgres_available, postgres_server
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
-NO_POSTGRES = "PostgreSQL is not installed (apt-get install postgresql)"
-
-
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One server for the module; each test gets a database of its own on it."""
-    if not postgres_available():
-        pytest.skip(NO_POSTGRES)
-    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -18,7 +18,6 @@ import socket
 import sqlite3
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from fleet.models import CommandRecord, Device, Quarantine, TelemetryRecordRow, 
 from fleet.telemetry import health_stats, ingest
 from tests.utils.fleet import wait_for
 from tests.utils.mqtt import free_port
-from tests.utils.postgres import postgres_available, postgres_server
+from tests.utils.postgres import migrated_engine
 
 GOOD = ("good-0", "good-1", "good-2")
 HOSTILE = "hostile-1"
@@ -93,30 +92,11 @@ _POSTGRES_TRIGGERS = [
 # --- databases ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
-    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
-
-
 def _fresh_engine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
     """An empty database of ``kind`` at head, with the devices, their commands and the
     triggers that refuse the poisoned device's rows."""
-    if kind == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-        triggers = _SQLITE_TRIGGERS
-    else:
-        url: str = request.getfixturevalue("postgres_url")
-        name = f"hostile_{uuid.uuid4().hex}"
-        server = make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        server.dispose()
-        engine = make_engine(f"{url.rsplit('/', 1)[0]}/{name}")
-        triggers = _POSTGRES_TRIGGERS
-    upgrade(engine)
+    engine = migrated_engine(kind, lambda: request.getfixturevalue("postgres_url"), tmp_path)
+    triggers = _SQLITE_TRIGGERS if kind == "sqlite" else _POSTGRES_TRIGGERS
     with Session(engine) as session:
         for device, command in COMMANDS.items():
             session.add(Device(id=device, profile="host"))

@@ -16,7 +16,6 @@ import json
 import tarfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,15 +36,14 @@ from contracts.drift import (
 from contracts.mqtt import TelemetryBatch, TelemetryRecord, device_topic, encode_telemetry
 from fleet.bridge import MqttBridge
 from fleet.broker import MqttEndpoint
-from fleet.db import make_engine, session_scope
+from fleet.db import session_scope
 from fleet.drift import read_reference
 from fleet.drift_alerts import DriftWatch, judge_drift
 from fleet.errors import RequestError
 from fleet.metrics import FleetMetrics
-from fleet.migrate import upgrade
 from fleet.model_health import DriftVerdict, accuracy_report, drift_report, wilson_interval
 from fleet.models import AuditEntry, Bundle, Device, ModelVersion, TelemetryRecordRow, utcnow
-from tests.utils.postgres import postgres_available, postgres_server
+from tests.utils.postgres import migrated_engine
 
 BUNDLE = "digits-1.0.0"
 FEATURES = 3
@@ -56,26 +54,8 @@ DRIFT_WITHIN = 400
 """The shifted cohort must be judged drifting once it sent this many inferences."""
 
 
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries not found (install the postgresql package)")
-    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
-
-
 def _engine(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
-    if kind == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
-    else:
-        url: str = request.getfixturevalue("postgres_url")
-        name = f"health_{uuid.uuid4().hex}"
-        server = make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        server.dispose()
-        engine = make_engine(f"{url.rsplit('/', 1)[0]}/{name}")
-    upgrade(engine)
+    engine = migrated_engine(kind, lambda: request.getfixturevalue("postgres_url"), tmp_path)
     request.addfinalizer(engine.dispose)
     return engine
 

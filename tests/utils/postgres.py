@@ -16,13 +16,18 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.utils.mqtt import free_port
 
-__all__ = ["postgres_available", "postgres_server"]
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+__all__ = ["migrated_engine", "postgres_available", "postgres_server"]
 
 USER = "postgres"
 """The cluster's superuser; loopback connections are trusted, so no password."""
@@ -102,3 +107,24 @@ def _bin_dir() -> Path | None:
         return installed[-1].parent
     on_path = shutil.which("initdb")
     return Path(on_path).resolve().parent if on_path else None
+
+
+def migrated_engine(kind: str, postgres_url: Callable[[], str], directory: Path) -> Engine:
+    """An empty fleet database at head: SQLite in ``directory``, or (``kind`` "postgresql")
+    a new database on the server ``postgres_url()`` gives (asked only then, so a SQLite
+    test never starts one). The caller disposes of the engine."""
+    from fleet.db import make_engine
+    from fleet.migrate import upgrade
+
+    if kind == "sqlite":
+        engine = make_engine(f"sqlite:///{directory / 'fleet.db'}")
+    else:
+        server = postgres_url()
+        name = f"test_{uuid.uuid4().hex}"
+        admin = make_engine(server).execution_options(isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        admin.dispose()
+        engine = make_engine(f"{server.rsplit('/', 1)[0]}/{name}")
+    upgrade(engine)
+    return engine
