@@ -74,8 +74,14 @@ TARGETS = {
     ),
     "telemetry-queue": Target(
         ("agent/telemetry_queue.py",),
-        ("tests/test_telemetry_queue_unit.py",),
+        ("tests/test_telemetry_queue_unit.py", "tests/test_telemetry_receipts.py"),
         budget_s=150,
+        recheck=False,
+    ),
+    "telemetry-resend": Target(
+        ("agent/telemetry_resend.py",),
+        ("tests/test_telemetry_receipts.py",),
+        budget_s=30,
         recheck=False,
     ),
     "telemetry": Target(
@@ -117,7 +123,7 @@ TARGETS = {
                 )
             ),
         ),
-        budget_s=360,
+        budget_s=330,
     ),
     "compiler-validate": Target(
         ("compiler/validate.py",),

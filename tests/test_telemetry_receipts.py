@@ -67,6 +67,7 @@ def test_resend_schedule_waits_from_the_oldest_record_backs_off_and_resets_on_a_
     assert not s.due(109.9, oldest_seq=1) and s.due(110.0, oldest_seq=1)
     s.receipted()  # receipts for newer records do not put off the oldest one's resend
     assert s.due(110.0, oldest_seq=3)
+    assert s.due(110.0, oldest_seq=5)  # the first batch's last record still waits
     assert not s.due(110.0, oldest_seq=6)  # the first batch all receipted: the second's wait
     assert s.due(114.0, oldest_seq=6)
     assert not s.due(1e9, oldest_seq=None)  # everything receipted
@@ -86,6 +87,15 @@ def test_resend_schedule_waits_from_the_oldest_record_backs_off_and_resets_on_a_
 def test_resend_schedule_refuses_timeouts_that_cannot_work(timeout_s: float, max_s: float) -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         ResendSchedule(timeout_s, max_s)
+
+
+@pytest.mark.parametrize(("timeout_s", "max_s"), [(0.5, 1), (1, 1)])
+def test_resend_schedule_takes_a_short_timeout_and_one_equal_to_its_bound(
+    timeout_s: float, max_s: float
+) -> None:
+    s = ResendSchedule(timeout_s, max_s)
+    s.resend()
+    assert s.timeout_s == min(2 * timeout_s, max_s)
 
 
 # --- the queue: numbers never reused, what is in flight counted -------------------------------
