@@ -114,8 +114,7 @@ class HealthConfig(_Section):
 
 class GroundTruthConfig(_Section):
     """The prediction log true labels are matched against (agent/ground_truth.py), held in
-    memory: about 280 bytes a prediction with a UUID request id (tracemalloc), so under
-    3 MiB at the default bound."""
+    memory and bounded by count and age."""
 
     max_predictions: int = Field(default=10_000, ge=1, le=1_000_000)
     """Past this many the oldest predictions are forgotten."""

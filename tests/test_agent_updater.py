@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,16 +19,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from agent.config import HealthConfig, OtaConfig
-from agent.model import LoadedModel, load_installed
+from agent.model import load_installed
 from agent.slots import Slots
 from agent.updater import (
     ACKS,
@@ -46,6 +44,7 @@ from contracts.mqtt import Ack, AckState, BundleRef, Command, CommandKind
 from ota.bundle import bundle_compile_output
 from tests.utils.fleet import RunningFleet, make_bundle, running_fleet
 from tests.utils.http import ServedApp, serve_app
+from tests.utils.updater_harness import UpdaterRecorder, bundle_label, golden_broken, provision
 
 ROOT = Path(__file__).resolve().parents[1]
 V1, V2, BAD_GOLDEN, TAMPERED = "1.0.0", "1.1.0", "1.2.0", "1.3.0"
@@ -82,23 +81,12 @@ class Fleet:
         return [r for p, r in self.served.requests[since:] if p.startswith("/ota/targets/")]
 
 
-def _golden_broken(compiled: Path, out: Path) -> Path:
-    """The compile output with every golden output off by 1.0: a model that "regressed"."""
-    copy = out / "broken-golden"
-    shutil.copytree(compiled, copy)
-    golden = copy / "onnxruntime-fp32.golden.npz"
-    with np.load(golden) as data:
-        arrays = {key: data[key] for key in data.files}
-    np.savez(golden, **{k: v + 1.0 if k.startswith("output:") else v for k, v in arrays.items()})
-    return copy
-
-
 @pytest.fixture(scope="module")
 def bundles(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("updater-bundles")
     bad = out / f"digits-{BAD_GOLDEN}.efb"
     bundle_compile_output(
-        _golden_broken(compiled_digits, out),
+        golden_broken(compiled_digits, out),
         version=BAD_GOLDEN,
         out=bad,
         artifact_id="onnxruntime:fp32",
@@ -116,10 +104,6 @@ def _ref(attached: dict[str, Any]) -> BundleRef:
         sha256=attached["sha256"],
         length=attached["length"],
     )
-
-
-def _label(version: str) -> str:
-    return f"digits-host-{version}"
 
 
 @contextmanager
@@ -153,14 +137,6 @@ def fleet(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
 # --- devices -----------------------------------------------------------------------------------
 
 
-def _provision(data_dir: Path, bundle: Path) -> Path:
-    """A device as flashed at the factory: ``bundle`` in slot a, serving."""
-    slots = Slots(data_dir)
-    slots.stage(bundle)
-    slots.switch()
-    return data_dir
-
-
 def _serves(data_dir: Path, version: str) -> None:
     """From the outside: the slot pointer names ``version``; it loads and answers right."""
     active = Slots(data_dir).active()
@@ -175,14 +151,11 @@ def _serves(data_dir: Path, version: str) -> None:
 
 
 @dataclass
-class Device:
+class Device(UpdaterRecorder):
     """An in-process updater with the acks it sent and the models it handed out."""
 
     data_dir: Path
     fleet: Fleet
-    acks: list[Ack] = field(default_factory=list)
-    activated: list[str | None] = field(default_factory=list)
-    model: LoadedModel | None = None
 
     def start(self, **options: Any) -> Updater:
         self.http = httpx.Client(
@@ -200,30 +173,16 @@ class Device:
         self.updater.recover()
         return self.updater
 
-    def _activate(self, model: LoadedModel | None) -> None:
-        if self.model is not None:
-            self.model.close()
-        self.model = model
-        self.activated.append(model.bundle if model else None)
-
-    def acked(self, command: Command) -> list[AckState]:
-        return [a.state for a in self.acks if a.command == command.id]
-
-    def detail(self, command: Command, state: AckState) -> str:
-        return next(a.detail for a in self.acks if a.command == command.id and a.state == state)
-
     def close(self) -> None:
         self.updater.close()
         self.http.close()
-        if self.model is not None:
-            self.model.close()
-            self.model = None
+        self.close_model()
 
 
 @pytest.fixture
 def device(tmp_path: Path, fleet: Fleet, bundles: dict[str, Path]) -> Iterator[Device]:
     """A device serving 1.0.0, its updater recovered."""
-    made = Device(_provision(tmp_path / "device", bundles[V1]), fleet)
+    made = Device(provision(tmp_path / "device", bundles[V1]), fleet)
     made.start()
     yield made
     made.close()
@@ -249,7 +208,7 @@ def test_a_deploy_acks_each_state_and_the_new_model_serves(device: Device, fleet
     # the fleet is told what the health check waits for
     assert f"the first {WATCH} inferences (at most 20% failing)" in device.detail(command, _I)
     assert device.updater.state is State.HEALTH_CHECK
-    assert device.activated == [_label(V1), _label(V2)]  # serving while it is watched
+    assert device.activated == [bundle_label(V1), bundle_label(V2)]  # serving while it is watched
     for _ in range(WATCH):
         device.updater.observe(local_error=False)
     assert device.acked(command) == [_D, _V, _I, _H]
@@ -272,7 +231,7 @@ def test_a_rollback_command_returns_to_the_previous_bundle_once(
     rollback = fleet.command(CommandKind.ROLLBACK, V1)
     device.updater.handle(rollback)
     assert device.acked(rollback) == [_R]
-    assert device.activated[-1] == _label(V1)
+    assert device.activated[-1] == bundle_label(V1)
     _serves(device.data_dir, V1)
     again = fleet.command(CommandKind.ROLLBACK, None)
     device.updater.handle(again)
@@ -287,7 +246,7 @@ def test_a_rollback_command_changes_nothing_unless_it_names_the_bundle_before(
     already = fleet.command(CommandKind.ROLLBACK, V1)
     device.updater.handle(already)  # serving 1.0.0, nothing before it
     assert device.acked(already) == [_R]
-    assert device.detail(already, _R) == f"{_label(V1)} is already serving"
+    assert device.detail(already, _R) == f"{bundle_label(V1)} is already serving"
     nothing = fleet.command(CommandKind.ROLLBACK, V2)
     device.updater.handle(nothing)
     assert device.acked(nothing) == [_F]
@@ -300,9 +259,10 @@ def test_a_rollback_command_changes_nothing_unless_it_names_the_bundle_before(
     device.updater.handle(wrong)
     assert device.acked(wrong) == [_F]
     assert device.detail(wrong, _F) == (
-        f"the bundle before this one was {_label(V1)}, not {_label(BAD_GOLDEN)}: nothing changed"
+        f"the bundle before this one was {bundle_label(V1)}, "
+        f"not {bundle_label(BAD_GOLDEN)}: nothing changed"
     )
-    assert device.activated == [_label(V1), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2)]
     _serves(device.data_dir, V2)
     assert device.updater.state is State.IDLE
 
@@ -316,7 +276,7 @@ def test_a_rollback_command_during_the_health_check_undoes_the_deploy(
     device.updater.handle(rollback)
     assert device.acked(deploy) == [_D, _V, _I, _F, _R]
     assert device.acked(rollback) == [_R]
-    assert device.activated == [_label(V1), _label(V2), _label(V1)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2), bundle_label(V1)]
     _serves(device.data_dir, V1)
 
 
@@ -326,8 +286,8 @@ def test_failing_golden_vectors_roll_back_by_themselves(device: Device, fleet: F
     assert device.acked(command) == [_D, _V, _I, _F, _R]
     assert "golden vectors" in device.detail(command, _F)
     assert "outside tolerance" in device.detail(command, _F)
-    assert f"{_label(V1)} is serving again" in device.detail(command, _R)
-    assert device.activated == [_label(V1), _label(V1)]  # the broken model never served
+    assert f"{bundle_label(V1)} is serving again" in device.detail(command, _R)
+    assert device.activated == [bundle_label(V1), bundle_label(V1)]  # the broken model never served
     assert device.updater.state is State.IDLE
     _serves(device.data_dir, V1)
 
@@ -339,7 +299,7 @@ def test_a_high_error_rate_on_the_first_inferences_rolls_back(device: Device, fl
     device.updater.observe(local_error=True)  # 1 of 3 is above 20%, whatever comes next
     assert device.acked(command) == [_D, _V, _I, _F, _R]
     assert "error rate" in device.detail(command, _F)
-    assert device.activated == [_label(V1), _label(V2), _label(V1)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2), bundle_label(V1)]
     _serves(device.data_dir, V1)
 
 
@@ -347,7 +307,7 @@ def test_a_health_check_without_traffic_commits_on_its_golden_vectors(
     tmp_path: Path, fleet: Fleet, bundles: dict[str, Path]
 ) -> None:
     now = [0.0]
-    device = Device(_provision(tmp_path / "device", bundles[V1]), fleet)
+    device = Device(provision(tmp_path / "device", bundles[V1]), fleet)
     updater = device.start(clock=lambda: now[0])
     try:
         command = fleet.deploy(V2)
@@ -380,7 +340,7 @@ def test_a_first_install_that_fails_leaves_no_model_and_the_next_one_serves(
         for _ in range(WATCH):
             updater.observe(local_error=False)
         assert device.acked(working) == [_D, _V, _I, _H]
-        assert device.activated == [None, None, _label(V1)]
+        assert device.activated == [None, None, bundle_label(V1)]
         _serves(device.data_dir, V1)
     finally:
         device.close()
@@ -397,7 +357,7 @@ def test_a_tampered_bundle_is_refused_and_the_old_model_untouched(
     device.updater.handle(command)
     assert device.acked(command) == [_D, _F]
     assert "length and hash" in device.detail(command, _F)
-    assert device.activated == [_label(V1)]
+    assert device.activated == [bundle_label(V1)]
     assert (device.data_dir / "slots" / "pointer.json").read_bytes() == pointer
     assert not (device.data_dir / "slots" / "b").exists()
     assert not (device.data_dir / "ota" / "downloads").exists()
@@ -407,7 +367,7 @@ def test_a_tampered_bundle_is_refused_and_the_old_model_untouched(
 def test_an_older_bundle_is_refused_before_download_and_the_same_one_is_not_reinstalled(
     tmp_path: Path, fleet: Fleet, bundles: dict[str, Path]
 ) -> None:
-    device = Device(_provision(tmp_path / "device", bundles[V2]), fleet)
+    device = Device(provision(tmp_path / "device", bundles[V2]), fleet)
     updater = device.start()
     try:
         since = len(fleet.served.requests)
@@ -422,7 +382,7 @@ def test_an_older_bundle_is_refused_before_download_and_the_same_one_is_not_rein
         assert device.acked(same) == [_H]
         assert "already serving" in device.detail(same, _H)
         assert fleet.target_requests(since) == []
-        assert device.activated == [_label(V2)]
+        assert device.activated == [bundle_label(V2)]
         _serves(device.data_dir, V2)
     finally:
         device.close()
@@ -438,7 +398,7 @@ def test_expired_metadata_refuses_deploys_and_the_running_model_keeps_serving(
         timestamp_expiry_s=1,
         timestamp_refresh_interval_s=3600,
     ) as fleet:
-        device = Device(_provision(tmp_path / "device", bundles[V1]), fleet)
+        device = Device(provision(tmp_path / "device", bundles[V1]), fleet)
         updater = device.start()
         try:
             time.sleep(1.5)  # the timestamp expires and nobody re-signs it
@@ -447,7 +407,7 @@ def test_expired_metadata_refuses_deploys_and_the_running_model_keeps_serving(
             assert device.acked(command) == [_D, _F]
             assert "metadata_expired" in device.detail(command, _F)
             assert updater.trust is not None and not updater.trust.can_install
-            assert device.activated == [_label(V1)]
+            assert device.activated == [bundle_label(V1)]
             _serves(device.data_dir, V1)
         finally:
             device.close()
@@ -470,7 +430,7 @@ def test_a_resent_command_is_acked_again_but_never_installed_twice(
     device.updater.handle(command)
     assert device.acked(command) == [_D, _V, _I, _I, _H, _H, _H]
     assert len(fleet.target_requests(since)) == 1
-    assert device.activated == [_label(V1), _label(V2), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2), bundle_label(V2)]
     _serves(device.data_dir, V2)
 
 
@@ -598,7 +558,7 @@ def test_a_kill_at_any_state_leaves_a_working_model_after_recovery(
     bundles: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    data_dir = _provision(tmp_path / "device", bundles[V1])
+    data_dir = provision(tmp_path / "device", bundles[V1])
     command = fleet.deploy(deployed)
     since = len(fleet.served.requests)
     code, before, stderr = _drive(fleet, data_dir, command, crash_at=crash_at)
@@ -607,7 +567,7 @@ def test_a_kill_at_any_state_leaves_a_working_model_after_recovery(
     code, after, stderr = _drive(fleet, data_dir)
     assert code == 0, stderr
     activated = [x["activate"] for x in after if "activate" in x]
-    assert activated and activated[-1] == _label(serving), activated
+    assert activated and activated[-1] == bundle_label(serving), activated
     assert after[-1] == {"end": "idle"}
     assert _acks(before + after, command)[-1] == outcome
     _serves(data_dir, serving)
@@ -638,7 +598,7 @@ def test_a_deployment_that_keeps_crashing_is_given_up_on(
 ) -> None:
     """A boot loop: the agent dies at the same point at every start. Past the cap of state
     saves the deployment takes its failure edge instead of being tried again."""
-    data_dir = _provision(tmp_path / "device", bundles[V1])
+    data_dir = provision(tmp_path / "device", bundles[V1])
     command = fleet.deploy(V2)
     lines: list[dict[str, Any]] = []
     for start in range(starts):

@@ -128,6 +128,23 @@ def test_a_3_channel_classifier_summary_is_well_under_1_kib() -> None:
     assert DriftSummary.from_extra(json.loads(encoded)) == summary
 
 
+def test_a_3_channel_classifiers_summary_stays_under_1_kib_at_every_counts_bound() -> None:
+    """The worst case whatever the traffic: every bin and class count at 2^31 - 1, the
+    tracked classes given 5-digit ids (README "Benchmarks" quotes the size)."""
+    summary = _fed(_reference(classes=1000), 5000)
+    worst = {
+        "count": 2**31 - 1,
+        "features": {n: [2**31 - 1] * len(c) for n, c in summary.features.items()},
+        "classes": {
+            str(OTHER_CLASS if k == OTHER_CLASS else 10_000 + k): 2**31 - 1 for k in summary.classes
+        },
+    }
+    assert set(summary.to_extra()) == set(worst)
+    encoded = json.dumps(worst, separators=(",", ":")).encode()
+    print(f"worst-case summary: {len(encoded)} bytes")
+    assert len(encoded) < 1024
+
+
 def test_the_reference_file_round_trips() -> None:
     reference = _reference()
     data = reference.to_json_bytes()

@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from agent.config import HealthConfig, OtaConfig
-from agent.model import LoadedModel
 from agent.origin import Origin
 from agent.slots import Slots
 from agent.updater import (
@@ -45,6 +43,7 @@ from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
 from tests.utils.fleet import make_bundle
 from tests.utils.http_files import FileServer, serve_directory
+from tests.utils.updater_harness import UpdaterRecorder, bundle_label, golden_broken, provision
 
 V1, V2, V3, BAD = "1.0.0", "1.1.0", "1.3.0", "1.2.0"
 WATCH = 3
@@ -57,10 +56,6 @@ _D, _V, _I, _H, _F, _R = (
     AckState.FAILED,
     AckState.ROLLED_BACK,
 )
-
-
-def _label(version: str) -> str:
-    return f"digits-host-{version}"
 
 
 # --- a served TUF repository with four bundles --------------------------------------------
@@ -94,17 +89,6 @@ class Repo:
         return self.command(CommandKind.ROLLBACK, version)
 
 
-def _golden_broken(compiled: Path, out: Path) -> Path:
-    """The compile output with every golden output off by 1.0: a model that "regressed"."""
-    broken = out / "broken-golden"
-    shutil.copytree(compiled, broken)
-    golden = broken / "onnxruntime-fp32.golden.npz"
-    with np.load(golden) as data:
-        arrays = {key: data[key] for key in data.files}
-    np.savez(golden, **{k: v + 1.0 if k.startswith("output:") else v for k, v in arrays.items()})
-    return broken
-
-
 _YEAR_S = 365 * 86400
 _BUILT = ".built"
 _MODELS_CACHE_ENV = "EDGEFLEET_TEST_MODELS"  # tests/conftest.py's MODELS_CACHE_ENV
@@ -113,7 +97,7 @@ _MODELS_CACHE_ENV = "EDGEFLEET_TEST_MODELS"  # tests/conftest.py's MODELS_CACHE_
 def _build_repository(compiled: Path, out: Path) -> None:
     bundles = {v: make_bundle(compiled, out, v) for v in (V1, V2, V3)}
     bundle_compile_output(
-        _golden_broken(compiled, out),
+        golden_broken(compiled, out),
         version=BAD,
         out=out / f"digits-{BAD}.efb",
         artifact_id="onnxruntime:fp32",
@@ -162,12 +146,9 @@ class _SimulatedCrash(Exception):
 
 
 @dataclass
-class Device:
+class Device(UpdaterRecorder):
     data_dir: Path
     repo: Repo
-    acks: list[Ack] = field(default_factory=list)
-    activated: list[str | None] = field(default_factory=list)
-    model: LoadedModel | None = None
     crash_at: AckState | None = None
     clock_s: float = 1000.0
     options: dict[str, Any] = field(default_factory=dict)
@@ -199,18 +180,6 @@ class Device:
         if ack.state is self.crash_at:
             raise _SimulatedCrash(ack.state)
 
-    def _activate(self, model: LoadedModel | None) -> None:
-        if self.model is not None:
-            self.model.close()
-        self.model = model
-        self.activated.append(model.bundle if model else None)
-
-    def acked(self, command: Command) -> list[AckState]:
-        return [a.state for a in self.acks if a.command == command.id]
-
-    def detail(self, command: Command, state: AckState) -> str:
-        return next(a.detail for a in self.acks if a.command == command.id and a.state == state)
-
     def saved(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.data_dir / STATE_FILE).read_text())
         return data
@@ -222,23 +191,13 @@ class Device:
     def close(self) -> None:
         self.updater.close()
         self.http.close()
-        if self.model is not None:
-            self.model.close()
-            self.model = None
-
-
-def _provision(data_dir: Path, *bundles: Path) -> Path:
-    slots = Slots(data_dir)
-    for bundle in bundles:
-        slots.stage(bundle)
-        slots.switch()
-    return data_dir
+        self.close_model()
 
 
 @pytest.fixture
 def device(tmp_path: Path, repo: Repo) -> Iterator[Device]:
     """A device serving 1.0.0 (slot a), its updater recovered."""
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start()
     yield made
     made.close()
@@ -281,7 +240,7 @@ def test_a_deploy_acks_each_state_then_commits_after_the_watch(device: Device, r
         "health check: golden vectors, then the first 3 inferences (at most 20% failing) or "
         "60 s, whichever comes first"
     )
-    assert {a.bundle_version for a in device.acks} == {_label(V2)}
+    assert {a.bundle_version for a in device.acks} == {bundle_label(V2)}
     assert device.updater.state is State.HEALTH_CHECK
     saved = device.saved()
     assert (saved["state"], saved["slot"], saved["fallback"], saved["saves"]) == (
@@ -292,7 +251,7 @@ def test_a_deploy_acks_each_state_then_commits_after_the_watch(device: Device, r
     )
     assert saved["command"]["id"] == command.id
     assert saved["target"]["length"] == repo.refs[V2].length
-    assert device.activated == [_label(V1), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2)]
     device.updater.observe(local_error=False)
     device.updater.observe(local_error=False)
     assert device.acked(command) == [_D, _V, _I]
@@ -326,9 +285,9 @@ def test_inferences_that_fail_in_the_watch_roll_back(device: Device, repo: Repo)
     assert device.acked(command) == [_D, _V, _I, _F, _R]
     failed = "1 of the first 1 inferences failed: the error rate over 3 is above the 20% allowed"
     assert device.detail(command, _F) == failed
-    assert device.detail(command, _R) == f"{failed}; {_label(V1)} is serving again"
-    assert all(a.bundle_version == _label(V2) for a in device.acks)
-    assert device.activated == [_label(V1), _label(V2), _label(V1)]
+    assert device.detail(command, _R) == f"{failed}; {bundle_label(V1)} is serving again"
+    assert all(a.bundle_version == bundle_label(V2) for a in device.acks)
+    assert device.activated == [bundle_label(V1), bundle_label(V2), bundle_label(V1)]
     assert device.serving_version() == V1
     assert device.updater.state is State.IDLE
     assert device.updater.last_outcome is not None
@@ -336,7 +295,7 @@ def test_inferences_that_fail_in_the_watch_roll_back(device: Device, repo: Repo)
 
 
 def test_a_watch_of_one_error_in_five_commits(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(health=HealthConfig(watch_inferences=5, max_error_rate=0.2, watch_timeout_s=60))
     try:
         command = repo.deploy(V2)
@@ -369,7 +328,7 @@ def test_a_quiet_watch_commits_when_its_time_is_up(device: Device, repo: Repo) -
 
 
 def test_no_watch_commits_on_the_golden_vectors(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(health=HealthConfig(watch_inferences=0))
     try:
         command = repo.deploy(V2)
@@ -389,10 +348,10 @@ def test_failing_golden_vectors_roll_back_and_the_broken_model_never_serves(
     device.updater.handle(command)
     assert device.acked(command) == [_D, _V, _I, _F, _R]
     assert device.detail(command, _F).startswith(
-        f"health check of {_label(BAD)} failed: golden vectors: "
+        f"health check of {bundle_label(BAD)} failed: golden vectors: "
     )
-    assert device.detail(command, _R).endswith(f"; {_label(V1)} is serving again")
-    assert device.activated == [_label(V1), _label(V1)]
+    assert device.detail(command, _R).endswith(f"; {bundle_label(V1)} is serving again")
+    assert device.activated == [bundle_label(V1), bundle_label(V1)]
     assert device.serving_version() == V1
     previous = Slots(device.data_dir).previous()
     assert previous is None or previous.manifest().version != BAD
@@ -425,8 +384,8 @@ def test_the_serving_bundle_is_already_healthy(device: Device, repo: Repo) -> No
     command = repo.deploy(V1)
     device.updater.handle(command)
     assert device.acked(command) == [_H]
-    assert device.detail(command, _H) == f"{_label(V1)} is already serving"
-    assert device.acks[-1].bundle_version == _label(V1)
+    assert device.detail(command, _H) == f"{bundle_label(V1)} is already serving"
+    assert device.acks[-1].bundle_version == bundle_label(V1)
     assert device.updater.state is State.IDLE
     assert device.saved()["acks"][command.id]["state"] == "healthy"
 
@@ -506,7 +465,7 @@ def test_a_resent_command_is_only_acked_again(device: Device, repo: Repo) -> Non
 def test_commands_naming_another_origin_are_refused_before_any_fetch(
     tmp_path: Path, repo: Repo
 ) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(origin=Origin.of(repo.served.url))
     try:
         since = len(repo.served.requests)
@@ -553,11 +512,11 @@ def test_a_command_without_urls_and_no_configured_repository_fails(
         "sets no ota.metadata_url/ota.targets_url"
     )
     assert device.updater.state is State.IDLE
-    assert device.activated == [_label(V1)]
+    assert device.activated == [bundle_label(V1)]
 
 
 def test_urls_from_the_config_stand_in_for_the_commands(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(
         ota=OtaConfig(
             trusted_root=repo.root,
@@ -574,7 +533,7 @@ def test_urls_from_the_config_stand_in_for_the_commands(tmp_path: Path, repo: Re
 
 
 def test_no_trusted_root_fails_the_download(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(ota=OtaConfig())
     try:
         command = repo.deploy(V2)
@@ -620,7 +579,7 @@ def test_a_command_that_disagrees_with_the_signed_target_is_refused(
 
 
 def test_an_older_bundle_than_the_installed_one_is_refused(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V2]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V2]), repo)
     made.start()
     try:
         command = repo.deploy(V1)
@@ -636,14 +595,14 @@ def test_an_older_bundle_than_the_installed_one_is_refused(tmp_path: Path, repo:
 
 
 def test_a_deployment_that_saves_too_often_is_failed(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(max_state_saves=2)
     try:
         command = repo.deploy(V2)
         made.updater.handle(command)
         assert made.acked(command) == [_D, _F]
         assert made.detail(command, _F) == (
-            f"gave up on {_label(V2)} after 2 state saves (the agent keeps restarting during "
+            f"gave up on {bundle_label(V2)} after 2 state saves (the agent keeps restarting during "
             "the update?), instead of entering staged"
         )
         assert made.serving_version() == V1
@@ -654,7 +613,7 @@ def test_a_deployment_that_saves_too_often_is_failed(tmp_path: Path, repo: Repo)
 
 
 def test_five_saves_are_allowed_for_a_clean_deploy(tmp_path: Path, repo: Repo) -> None:
-    made = Device(_provision(tmp_path / "device", repo.bundles[V1]), repo)
+    made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
     made.start(max_state_saves=5)
     try:
         command = repo.deploy(V2)
@@ -674,9 +633,9 @@ def test_a_rollback_command_returns_to_the_bundle_before(device: Device, repo: R
     rollback = repo.rollback(V1)
     device.updater.handle(rollback)
     assert device.acked(rollback) == [_R]
-    assert device.detail(rollback, _R) == f"{_label(V1)} is serving again"
-    assert device.acks[-1].bundle_version == _label(V1)
-    assert device.activated[-1] == _label(V1)
+    assert device.detail(rollback, _R) == f"{bundle_label(V1)} is serving again"
+    assert device.acks[-1].bundle_version == bundle_label(V1)
+    assert device.activated[-1] == bundle_label(V1)
     assert device.serving_version() == V1
     assert device.updater.state is State.IDLE
     again = repo.rollback(None)
@@ -702,7 +661,7 @@ def test_a_rollback_command_changes_nothing_unless_it_names_the_bundle_before(
     already = repo.rollback(V1)
     device.updater.handle(already)
     assert device.acked(already) == [_R]
-    assert device.detail(already, _R) == f"{_label(V1)} is already serving"
+    assert device.detail(already, _R) == f"{bundle_label(V1)} is already serving"
     nothing = repo.rollback(V2)
     device.updater.handle(nothing)
     assert device.acked(nothing) == [_F]
@@ -713,9 +672,10 @@ def test_a_rollback_command_changes_nothing_unless_it_names_the_bundle_before(
     device.updater.handle(wrong)
     assert device.acked(wrong) == [_F]
     assert device.detail(wrong, _F) == (
-        f"the bundle before this one was {_label(V1)}, not {_label(BAD)}: nothing changed"
+        f"the bundle before this one was {bundle_label(V1)}, "
+        f"not {bundle_label(BAD)}: nothing changed"
     )
-    assert device.activated == [_label(V1), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2)]
     assert device.serving_version() == V2
 
 
@@ -729,10 +689,10 @@ def test_a_rollback_command_during_the_health_check_undoes_the_deploy(
     assert device.acked(deploy) == [_D, _V, _I, _F, _R]
     reason = f"rollback command {rollback.id} arrived during the health check"
     assert device.detail(deploy, _F) == reason
-    assert device.detail(deploy, _R) == f"{reason}; {_label(V1)} is serving again"
+    assert device.detail(deploy, _R) == f"{reason}; {bundle_label(V1)} is serving again"
     assert device.acked(rollback) == [_R]
-    assert device.detail(rollback, _R) == f"{reason}; {_label(V1)} is serving again"
-    assert device.activated == [_label(V1), _label(V2), _label(V1)]
+    assert device.detail(rollback, _R) == f"{reason}; {bundle_label(V1)} is serving again"
+    assert device.activated == [bundle_label(V1), bundle_label(V2), bundle_label(V1)]
     assert device.serving_version() == V1
     assert device.updater.state is State.IDLE
     # the watch is over: inferences no longer decide anything
@@ -793,7 +753,7 @@ def test_unreadable_state_is_kept_aside_and_the_device_starts_idle(
     assert device.updater.state is State.IDLE
     assert (device.data_dir / f"{STATE_FILE}.unreadable").read_text().startswith('{"format": 2')
     assert not (device.data_dir / STATE_FILE).exists()
-    assert device.activated == [_label(V1), _label(V1)]
+    assert device.activated == [bundle_label(V1), bundle_label(V1)]
 
 
 def test_a_slot_that_does_not_load_at_start_serves_nothing(device: Device) -> None:
@@ -802,7 +762,7 @@ def test_a_slot_that_does_not_load_at_start_serves_nothing(device: Device) -> No
     assert active is not None
     (active.path / "manifest.json").unlink()
     device.start()
-    assert device.activated == [_label(V1), None]
+    assert device.activated == [bundle_label(V1), None]
     assert device.updater.serving is None
 
 
@@ -820,7 +780,7 @@ def test_a_crash_while_downloading_resumes_the_download(device: Device, repo: Re
     device.restart()
     assert device.acked(command) == [_D, _D, _V, _I]
     assert device.saved()["saves"] == 6
-    assert device.activated == [_label(V1), _label(V1), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V1), bundle_label(V2)]
 
 
 def test_a_crash_after_staging_checks_the_slot_and_switches(device: Device, repo: Repo) -> None:
@@ -829,7 +789,7 @@ def test_a_crash_after_staging_checks_the_slot_and_switches(device: Device, repo
     assert device.saved()["state"] == "staged"
     device.restart()
     assert device.acked(command) == [_D, _V, _V, _I]
-    assert device.activated == [_label(V1), _label(V1), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V1), bundle_label(V2)]
     _watch_through(device)
     assert device.serving_version() == V2
 
@@ -901,12 +861,13 @@ def test_a_crash_before_the_pointer_moved_undoes_the_switch(device: Device, repo
     device.restart()
     assert device.acked(command) == [_D, _V, _F, _R]
     stopped = (
-        f"the agent stopped during switching of {_label(V2)} (a crash, a kill or a power cut): "
+        f"the agent stopped during switching of {bundle_label(V2)} "
+        "(a crash, a kill or a power cut): "
         "counted as a failure, so the update was undone"
     )
     assert device.detail(command, _F) == stopped
-    assert device.detail(command, _R) == f"{stopped}; {_label(V1)} is serving again"
-    assert device.activated == [_label(V1), _label(V1)]
+    assert device.detail(command, _R) == f"{stopped}; {bundle_label(V1)} is serving again"
+    assert device.activated == [bundle_label(V1), bundle_label(V1)]
     assert device.serving_version() == V1
 
 
@@ -932,7 +893,7 @@ def test_a_crash_after_the_pointer_moved_goes_on_to_the_health_check(
     Slots(device.data_dir).switch()
     device.restart()
     assert device.acked(command) == [_D, _V, _I]
-    assert device.activated == [_label(V1), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2)]
     _watch_through(device)
     assert device.acked(command) == [_D, _V, _I, _H]
     assert device.serving_version() == V2
@@ -944,9 +905,9 @@ def test_a_crash_during_the_health_check_rolls_back(device: Device, repo: Repo) 
     device.restart()
     assert device.acked(command) == [_D, _V, _I, _F, _R]
     assert device.detail(command, _F).startswith(
-        f"the agent stopped during health_check of {_label(V2)} "
+        f"the agent stopped during health_check of {bundle_label(V2)} "
     )
-    assert device.activated == [_label(V1), _label(V1)]
+    assert device.activated == [bundle_label(V1), bundle_label(V1)]
     assert device.serving_version() == V1
 
 
@@ -960,7 +921,7 @@ def test_a_crash_after_the_outcome_finishes_it(device: Device, repo: Repo) -> No
     device.restart()
     assert device.acked(command) == [_D, _V, _I, _H, _H]
     assert device.updater.state is State.IDLE
-    assert device.activated == [_label(V1), _label(V2), _label(V2)]
+    assert device.activated == [bundle_label(V1), bundle_label(V2), bundle_label(V2)]
     assert not (device.data_dir / "ota" / "downloads").exists()
 
 
@@ -974,7 +935,7 @@ def test_a_crash_while_rolling_back_rolls_back_again(device: Device, repo: Repo)
     device.restart()
     assert device.acked(command) == [_D, _V, _I, _F, _F, _R]
     assert device.serving_version() == V1
-    assert device.activated[-1] == _label(V1)
+    assert device.activated[-1] == bundle_label(V1)
 
 
 def test_a_rollback_that_cannot_find_its_slot_fails(device: Device, repo: Repo) -> None:
