@@ -180,7 +180,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedFleet]:
     """A served fleet with six enrolled host devices (two tagged ``canary``) and the
     ``digits`` 1.0.0 bundle published."""
     root = tmp_path_factory.mktemp("cli-fleet")
-    fleet = serve_fleet(root / "fleet-data", free_port())
+    fleet = serve_fleet(root / "fleet-data", None)
     try:
         grant = fleet.ok("POST", "/enrollment-tokens", json={"profile": "host", "uses": DEVICES})
         for i in range(DEVICES):

@@ -21,7 +21,6 @@ from typing import Any
 
 from fleet.db import make_engine
 from tests.utils.fleet import wait_for
-from tests.utils.mqtt import free_port
 from tests.utils.served_fleet import EDGEFLEET, ServedFleet, serve_fleet
 
 __all__ = ["BROKER_SECRET", "Cluster", "fresh_database", "replica_cluster"]
@@ -96,7 +95,7 @@ def replica_cluster(
         for replica in replica_ids:
             cluster.replicas[replica] = serve_fleet(
                 cluster.data_dir,
-                free_port(),
+                None,
                 "--replica-id", replica,
                 "--database-url", database_url,
                 "--mqtt-url", f"mqtt://127.0.0.1:{cluster.broker_port}",
@@ -105,6 +104,10 @@ def replica_cluster(
                 "--broker-auth-secret-file", str(secret),
             )  # fmt: skip
         yield cluster
+    except BaseException:
+        if cluster is not None:
+            _print_logs(cluster)  # pytest shows it beside the failure
+        raise
     finally:
         for replica in cluster.replicas.values() if cluster else []:
             if replica.process.poll() is None:
@@ -113,3 +116,16 @@ def replica_cluster(
         broker.terminate()
         broker.wait(30)
         log.close()
+
+
+_NOTABLE = re.compile(
+    r" (WARNING|ERROR|CRITICAL) | INFO fleet\.(rollouts|bridge|server)|Traceback|^\S*Error"
+)
+
+
+def _print_logs(cluster: Cluster) -> None:
+    """Each replica's warnings and errors, for a failure read only from CI's output."""
+    for name, replica in cluster.replicas.items():
+        lines = [line for line in replica.log().splitlines() if _NOTABLE.search(line)]
+        print(f"--- replica {name}: {len(lines)} notable log lines (the last 60)")
+        print("\n".join(lines[-60:]))

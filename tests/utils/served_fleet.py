@@ -117,8 +117,25 @@ class ServedFleet:
         self.process.wait(30)
 
 
-def serve_fleet(data_dir: Path, port: int, *options: str) -> ServedFleet:
-    """Start ``edgefleet fleet serve`` on loopback ``port`` and wait until it answers."""
+def serve_fleet(data_dir: Path, port: int | None, *options: str) -> ServedFleet:
+    """Start ``edgefleet fleet serve`` on loopback ``port`` and wait until it answers.
+
+    ``None``: a free port, and another one if some other process takes it between the
+    choice and the server's bind (an outgoing connection can be given any free port)."""
+    attempts = _PORT_ATTEMPTS if port is None else 1
+    for _ in range(attempts):
+        fleet = _serve(data_dir, free_port() if port is None else port, options)
+        if fleet is not None:
+            return fleet
+    raise AssertionError(f"fleet serve found its port in use {attempts} times")
+
+
+_PORT_ATTEMPTS = 3
+_PORT_TAKEN = "the port is in use"
+
+
+def _serve(data_dir: Path, port: int, options: tuple[str, ...]) -> ServedFleet | None:
+    """The server answering on ``port``; ``None`` if it exited because the port was taken."""
     stamp = time.time_ns()
     stdout = data_dir.parent / f"serve-{stamp}.out"
     stderr = data_dir.parent / f"serve-{stamp}.log"
@@ -130,11 +147,14 @@ def serve_fleet(data_dir: Path, port: int, *options: str) -> ServedFleet:
     fleet = ServedFleet(process, data_dir, port, stdout, stderr)
 
     def answers() -> bool:
-        assert process.poll() is None, f"fleet serve exited:\n{fleet.log()[-3000:]}"
+        if process.poll() is not None:
+            if _PORT_TAKEN in fleet.log():
+                return True
+            raise AssertionError(f"fleet serve exited:\n{fleet.log()[-3000:]}")
         return fleet.health("live") == 200
 
     wait_for(answers, timeout_s=60, what="fleet serve to answer")
-    return fleet
+    return None if process.poll() is not None else fleet
 
 
 def enroll_simulated(
