@@ -28,6 +28,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ COPIED = (*PACKAGES, "tests", "examples")
 PYTEST_ARGS = ("-p", "no:cacheprovider", "-x", "-q", "--timeout=300")
 RECHECK_TIMEOUT_S = 600
 RECHECK_MIN_S = 30
+TMPFS = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class Target:
     """Whether mutmut's survivors are run again with every test in a fresh process: only
     for tests that reach the code from a subprocess or at import time. ``False`` where the
     tests run it all in their own process, so mutmut's verdict is final."""
+    pytest_args: tuple[str, ...] = ()
+    """More pytest options for every run of this target's tests (after ``PYTEST_ARGS``)."""
+    scratch_in_memory: bool = False
+    """Whether the tests' temporary files (``TMPDIR``, so ``tmp_path``) go to tmpfs, where
+    there is one: for tests whose time goes to fsync and to deleting files, not to what
+    they check (the code still calls fsync; only the disk's latency is gone)."""
+    children_per_core: int = 1
+    """mutmut's workers per core (``--children`` times this): more than one for tests that
+    spend their time waiting on a broker and on the sender's pauses, not on the CPU."""
+    autoload_plugins: bool = True
+    """``False``: pytest loads only the plugins ``pytest_args`` names (``-p MODULE``), not
+    every installed one (schemathesis, hypothesis, anyio hook each session)."""
 
 
 TARGETS = {
@@ -71,12 +86,31 @@ TARGETS = {
         ("tests/test_updater_unit.py",),
         budget_s=420,
         recheck=False,
+        # pytest's unraisable-exception hook runs gc.collect() at every session's end: in a
+        # child forked from mutmut's warmed process that is ~0.5 s a mutant, and such an
+        # exception is only a warning here (pyproject.toml sets no "error" filter); the
+        # installed plugins' session hooks cost ~0.25 s a mutant (docs/mutation.md)
+        pytest_args=("-p", "no:unraisableexception", "-p", "pytest_timeout"),
+        scratch_in_memory=True,
+        autoload_plugins=False,
     ),
     "telemetry-queue": Target(
         ("agent/telemetry_queue.py",),
-        ("tests/test_telemetry_queue_unit.py", "tests/test_telemetry_receipts.py"),
+        (
+            "tests/test_telemetry_queue_unit.py",
+            # the receipts file's queue cases: its broker and bridge cases take 3.5 s a mutant
+            *(
+                f"tests/test_telemetry_receipts.py::{test}"
+                for test in (
+                    "test_queue_numbers_are_never_reused_once_the_newest_records_are_receipted",
+                    "test_a_queue_from_before_receipts_is_renumbered_without_losing_a_record",
+                )
+            ),
+        ),
         budget_s=150,
         recheck=False,
+        pytest_args=("-p", "no:unraisableexception"),
+        scratch_in_memory=True,
     ),
     "telemetry-resend": Target(
         ("agent/telemetry_resend.py",),
@@ -86,14 +120,15 @@ TARGETS = {
     ),
     "telemetry": Target(
         ("agent/telemetry.py",),
-        # the in-process statistics first (mutmut runs the fastest mutants first); the
-        # sender's mutants need the real broker of the slower two
-        (
-            "tests/test_telemetry_unit.py",
-            "tests/test_agent_telemetry.py",
-            "tests/test_hostile_agent.py",
-        ),
+        # the statistics, and the sender's thread against one real mosquitto, all in the
+        # test's process: tests/test_agent_telemetry.py's SIGKILLed agents take minutes per
+        # surviving mutant
+        ("tests/test_telemetry_unit.py",),
         budget_s=210,
+        recheck=False,
+        pytest_args=("-p", "no:unraisableexception"),
+        scratch_in_memory=True,
+        children_per_core=2,
     ),
     "authorisation": Target(
         ("fleet/api/deps.py", "fleet/security.py"),
@@ -170,7 +205,7 @@ def prepare(name: str, target: Target) -> None:
         "only_mutate": list(target.files),
         "also_copy": ["examples/"],
         "pytest_add_cli_args_test_selection": list(target.tests),
-        "pytest_add_cli_args": list(PYTEST_ARGS),
+        "pytest_add_cli_args": [*PYTEST_ARGS, *target.pytest_args],
         "use_git_change_detection": False,
         # log calls: their wording is for people, and no test reads it (docs/mutation.md)
         "do_not_mutate_patterns": [r"\blog\.(debug|info|warning|error|exception)\("],
@@ -187,7 +222,27 @@ def statuses(work: Path, file: str) -> dict[str, str]:
     return {mutant: status_by_exit_code[code] for mutant, code in meta["exit_code_by_key"].items()}
 
 
-def recheck(work: Path, target: Target, mutant: str, deadline: float) -> str:
+@contextmanager
+def runs_environment(name: str, target: Target) -> Iterator[dict[str, str]]:
+    """The environment of the target's test runs: without plugin autoloading if the target
+    says so, and ``TMPDIR`` a folder on tmpfs, removed afterwards, if the target asks for
+    it and the machine has one."""
+    env = dict(os.environ)
+    if not target.autoload_plugins:
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    if not (target.scratch_in_memory and TMPFS.is_dir()):
+        yield env
+        return
+    scratch = TMPFS / f"edgefleet-mutation-{name}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield {**env, "TMPDIR": str(scratch)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def recheck(work: Path, target: Target, mutant: str, deadline: float, env: dict[str, str]) -> str:
     """Run the target's whole test selection against ``mutant``, subprocesses included;
     the output goes to ``rechecks/MUTANT.log``. Only a run given its full time can time out:
     one cut short by the target's budget is "not rechecked"."""
@@ -195,13 +250,13 @@ def recheck(work: Path, target: Target, mutant: str, deadline: float) -> str:
     if limit < RECHECK_MIN_S:
         return "not rechecked (budget spent)"
     mutants = work / "mutants"
-    env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(mutants)}
+    env = {**env, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(mutants)}
     log = work / "rechecks" / f"{mutant}.log"
     log.parent.mkdir(exist_ok=True)
     with log.open("w") as sink:
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "pytest", *PYTEST_ARGS, *target.tests],
+                [sys.executable, "-m", "pytest", *PYTEST_ARGS, *target.pytest_args, *target.tests],
                 cwd=mutants,
                 env=env,
                 stdout=sink,
@@ -246,7 +301,7 @@ HEADER = (
 )
 
 
-def mutmut_run(work: Path, children: int, timeout_s: float) -> bool:
+def mutmut_run(work: Path, children: int, timeout_s: float, env: dict[str, str]) -> bool:
     """``mutmut run`` in ``work``, its output in ``mutmut.log``; whether it finished in
     time (if not, it and its workers are stopped, and what it judged so far stands)."""
     command = [
@@ -257,7 +312,12 @@ def mutmut_run(work: Path, children: int, timeout_s: float) -> bool:
     ]
     with (work / "mutmut.log").open("a") as sink:
         process = subprocess.Popen(
-            command, cwd=work, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=work,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             code = process.wait(timeout_s)
@@ -278,20 +338,24 @@ def run(name: str, target: Target, children: int, *, resume: bool) -> dict[str, 
     work = WORK / name
     if not (resume and (work / "mutants").is_dir()):
         prepare(name, target)
-    try:
-        finished = mutmut_run(work, children, target.budget_s)
-    except subprocess.CalledProcessError:
-        failed = Score(error=f"mutmut failed (do the tests pass unmutated?): see {work}/mutmut.log")
-        return dict.fromkeys(target.files, failed)
-    if not all((work / "mutants" / f"{file}.meta").is_file() for file in target.files):
-        late = Score(error=f"the budget ran out before any verdict: see {work}/mutmut.log")
-        return dict.fromkeys(target.files, late)
-    equivalent = equivalents()
-    found = {file: statuses(work, file) for file in target.files}
-    for verdicts in found.values():
-        for mutant, status in sorted(verdicts.items()):
-            if target.recheck and status in ("survived", "no tests") and mutant not in equivalent:
-                verdicts[mutant] = recheck(work, target, mutant, deadline)
+    with runs_environment(name, target) as env:
+        try:
+            workers = children * target.children_per_core
+            finished = mutmut_run(work, workers, target.budget_s, env)
+        except subprocess.CalledProcessError:
+            log = f"{work}/mutmut.log"
+            failed = Score(error=f"mutmut failed (do the tests pass unmutated?): see {log}")
+            return dict.fromkeys(target.files, failed)
+        if not all((work / "mutants" / f"{file}.meta").is_file() for file in target.files):
+            late = Score(error=f"the budget ran out before any verdict: see {work}/mutmut.log")
+            return dict.fromkeys(target.files, late)
+        equivalent = equivalents()
+        found = {file: statuses(work, file) for file in target.files}
+        for verdicts in found.values():
+            for mutant, status in sorted(verdicts.items()):
+                rechecked = target.recheck and mutant not in equivalent
+                if rechecked and status in ("survived", "no tests"):
+                    verdicts[mutant] = recheck(work, target, mutant, deadline, env)
     seconds = time.monotonic() - started
     scores = {}
     for file, verdicts in found.items():

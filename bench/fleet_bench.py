@@ -4,7 +4,7 @@ and a rollout, on this machine.
     python bench/fleet_bench.py [--databases sqlite,postgresql] [--shapes single,batch50]
         [--messages 60000] [--batches 4000] [--publishers 2] [--repeat 3]
         [--burst 150000] [--rollout-devices 2000[,10000...]] [--waves 100 [--waves ...]]
-        [--json FILE]
+        [--ingest-workers 2[,4...]] [--json FILE]
 
 Everything runs on a fresh mosquitto started as the fleet starts it (``MosquittoBroker``:
 the fleet's config, dynamic-security). The bench adds its own accounts through the
@@ -26,15 +26,20 @@ records per message, zstd, as agents send):
   NOTHING``), 5,000 rows a transaction, the peer for the fleet's records per second; and
   **fleet**, the fleet's MQTT bridge (``fleet.bridge.MqttBridge``, its own process, its
   replica account and persistent session) storing the same publishes: timed from the first
-  publish to the last record committed, with the bridge process's CPU time.
+  publish to the last record committed, with the bridge process's CPU time; and with
+  each of ``--ingest-workers`` N, **fleet with N ingest workers**: the same bridge plus N
+  worker processes as ``fleet serve --ingest-workers N`` runs them
+  (``fleet.ingest_workers.IngestWorkers``, each with its own account), measured right
+  after the bridge alone, with the ratio to it and the CPU time of all the processes.
 
 Then a **burst** (``--burst`` one-record messages as fast as the generator goes, SQLite):
 sent, acknowledged by the broker, stored by the fleet, lost (acknowledged and never
 stored), and what the broker logged about dropping; and **rollouts**: ``edgefleet fleet
 serve`` with each of ``--rollout-devices`` simulated devices (``fleet.simulator``, in the
 bench's process), for each ``--waves`` (default one wave of 100 %), soak 0: devices per
-second from ``POST /rollouts`` to every device healthy, with the fleet process's CPU time
-per device over that span.
+second from ``POST /rollouts`` to every device healthy, with the CPU time per device over
+that span of the fleet process, of the bench's own process (the simulated devices: if it
+neared one core, the load would be what is measured) and of mosquitto.
 
 Each figure is the median of ``--repeat`` runs (the burst and each rollout run once).
 Everything started is stopped on the way out, Ctrl-C included. Nothing here is a test.
@@ -57,7 +62,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,6 +84,8 @@ from fleet.broker.access import AccountKind
 from fleet.broker.credential import replica_username
 from fleet.broker.security import service_account_commands
 from fleet.db import make_engine, session_scope
+from fleet.ingest_workers import IngestWorkers, IngestWorkerSpec, ingest_client_id
+from fleet.metrics import FleetMetrics
 from fleet.migrate import upgrade
 from fleet.models import Device, EnrollmentTokenCreate, Rollout
 from fleet.server import ADMIN_TOKEN_FILE
@@ -475,18 +482,51 @@ def fleet_bridge(database_url: str, endpoint: MqttEndpoint) -> Iterator[int]:
             process.join()
 
 
+@contextmanager
+def ingest_workers(bench: BenchBroker, database_url: str, count: int) -> Iterator[list[int]]:
+    """``count`` ingest worker processes as ``fleet serve --ingest-workers`` runs them,
+    each with its account added to the broker, connected and subscribed; their pids."""
+    if not count:
+        yield []
+        return
+    password = secrets.token_urlsafe(24)
+    names = [ingest_client_id(str(bench.fleet.username), k) for k in range(1, count + 1)]
+    bench.broker.control(
+        [c for n in names for c in service_account_commands(n, AccountKind.FLEET, password)]
+    )
+    offset = bench.broker.log_path.stat().st_size
+    specs = [
+        IngestWorkerSpec(k, replace(bench.fleet, username=name, password=password), database_url,
+                         session_expiry_s=3600, idle_in_transaction_s=60.0)
+        for k, name in enumerate(names, start=1)
+    ]  # fmt: skip
+    workers = IngestWorkers(specs, FleetMetrics())
+    workers.start()
+    try:
+        wait_until(
+            lambda: all(f" as {n} " in bench.broker.log_path.read_text()[offset:] for n in names),
+            120,
+            "the ingest workers to connect",
+        )
+        time.sleep(1.0)  # their SUBSCRIBE follows the CONNECT at once
+        yield [pid for pid in workers.pids().values() if pid is not None]
+    finally:
+        workers.stop()
+
+
 @dataclass(frozen=True)
 class FleetRun:
     messages_per_s: float
     records_per_s: float
     cpu_per_message_s: float
+    """Of the bridge's process and every ingest worker's."""
 
 
 def fleet_ingest(
-    work: Path, url: str, db: Engine, shape: str, args: argparse.Namespace
+    work: Path, url: str, db: Engine, shape: str, args: argparse.Namespace, workers: int = 0
 ) -> FleetRun:
-    """The fleet storing every message of the load: from the first publish to the last
-    record committed."""
+    """The fleet (its bridge and ``workers`` ingest workers) storing every message of the
+    load: from the first publish to the last record committed."""
     messages = _messages(shape, args)
     records = messages * SHAPES[shape].records
     empty(db)
@@ -495,13 +535,15 @@ def fleet_ingest(
             Path(tempfile.mkdtemp(prefix="broker-fleet-", dir=work)), args.publishers
         ) as bench,
         fleet_bridge(url, bench.fleet) as pid,
+        ingest_workers(bench, url, workers) as worker_pids,
         publishers(bench, shape, messages, args.publishers) as run,
     ):
-        cpu_before = cpu_s(pid)
+        pids = [pid, *worker_pids]
+        cpu_before = sum(map(cpu_s, pids))
         load = run()
         wait_until(lambda: stored(db) >= records, 900, "the fleet to store every record")
         elapsed = time.monotonic() - load.started
-        cpu = cpu_s(pid) - cpu_before
+        cpu = sum(map(cpu_s, pids)) - cpu_before
     return FleetRun(messages / elapsed, records / elapsed, cpu / messages)
 
 
@@ -680,6 +722,11 @@ class RolloutRun:
     """From ``POST /rollouts`` to every device healthy on the new bundle."""
     fleet_cpu_s: float
     """The fleet server's CPU time over those seconds."""
+    simulator_cpu_s: float
+    """The bench's own process (the simulated devices' thread) over those seconds: the
+    load side; were it near the seconds themselves, the simulator would be what limits."""
+    broker_cpu_s: float
+    """mosquitto's CPU time over those seconds."""
 
     @property
     def devices_per_s(self) -> float:
@@ -709,7 +756,8 @@ def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
         simulator = stack.enter_context(FleetSimulator("127.0.0.1", mqtt_port, specs, Behaviour()))
         simulator.start(connect_timeout_s=300)
         wait_until(lambda: online(db) == devices, 300, "every device online")
-        cpu_before = cpu_s(fleet_pid)
+        broker_pid = int((data_dir / "mosquitto" / "mosquitto.pid").read_text())
+        cpu_before = cpu_s(fleet_pid), cpu_s(os.getpid()), cpu_s(broker_pid)
         start = time.perf_counter()
         created = api(
             client,
@@ -723,7 +771,10 @@ def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
             "the rollout to finish",
         )
         elapsed = time.perf_counter() - start
-        fleet_cpu = cpu_s(fleet_pid) - cpu_before
+        fleet_cpu, simulator_cpu, broker_cpu = (
+            cpu_s(pid) - before
+            for pid, before in zip((fleet_pid, os.getpid(), broker_pid), cpu_before, strict=True)
+        )
         final = api(client, "GET", f"/rollouts/{created['id']}")
         if final["state"] != "completed":
             raise RuntimeError(f"the rollout ended {final['state']}: {final['reason']}")
@@ -731,7 +782,7 @@ def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
         if on_new != devices:
             raise RuntimeError(f"only {on_new} of {devices} devices run the new bundle")
     db.dispose()
-    return RolloutRun(devices, waves, elapsed, fleet_cpu)
+    return RolloutRun(devices, waves, elapsed, fleet_cpu, simulator_cpu, broker_cpu)
 
 
 def rollout_state(db: Engine, rollout_id: str) -> str:
@@ -779,6 +830,31 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {fleet['records_per_s'] / row['database_rows_per_s']:.3f} "
             f"| {cpu:,.0f} µs/{per} |"
         )
+    if results.get("ingest_workers"):
+        lines += [
+            "",
+            "Machine load (1, 5, 15 min) at the start: "
+            f"{results['load_average'][0]}; at the end: {results['load_average'][1]}",
+            "",
+            "| database | payload | ingest workers | fleet stores | ratio to the bridge alone "
+            "| fleet CPU (all processes) |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        shown = set()
+        for row in results["ingest_workers"]:
+            shape = SHAPES[row["shape"]]
+            fleet, alone = row["fleet"], row["alone"]
+            per = "msg" if shape.records == 1 else "rec"
+            peer = [] if (row["database"], row["shape"]) in shown else [(0, alone)]
+            shown.add((row["database"], row["shape"]))
+            for workers, measured in (*peer, (row["workers"], fleet)):
+                lines.append(
+                    f"| {row['database']} | {shape.name} | {workers} "
+                    f"| {measured['messages_per_s']:,.0f} msgs/s "
+                    f"({measured['records_per_s']:,.0f} rec/s) "
+                    f"| {measured['records_per_s'] / alone['records_per_s']:.2f} "
+                    f"| {measured['cpu_per_message_s'] / shape.records * 1e6:,.0f} µs/{per} |"
+                )
     if "burst" in results:
         b = results["burst"]
         lines += [
@@ -793,14 +869,18 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             "",
             "| rollout (SQLite, `fleet serve`, soak 0) | devices | seconds | devices/s "
-            "| fleet CPU |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| fleet CPU | simulator CPU | mosquitto CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for run in results["rollouts"]:
+            per_device = {
+                side: f"{run[f'{side}_cpu_s'] / run['devices'] * 1e6:,.0f} µs/device"
+                for side in ("fleet", "simulator", "broker")
+            }
             lines.append(
                 f"| waves {','.join(run['waves'])} | {run['devices']:,} | {run['seconds']:.1f} "
-                f"| {run['devices'] / run['seconds']:,.0f} "
-                f"| {run['fleet_cpu_s'] / run['devices'] * 1e6:,.0f} µs/device |"
+                f"| {run['devices'] / run['seconds']:,.0f} | {per_device['fleet']} "
+                f"| {per_device['simulator']} | {per_device['broker']} |"
             )
     return "\n".join(lines)
 
@@ -818,6 +898,7 @@ def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
         )
         log(f"  {results['broker'][shape]:,.0f} msgs/s")
     results["ingest"] = []
+    results["ingest_workers"] = []
     for database in filter(None, args.databases.split(",")):
         with ExitStack() as stack:
             if database == "sqlite":
@@ -848,6 +929,21 @@ def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
                         "fleet": fleet.__dict__,
                     }
                 )
+                for workers in args.ingest_workers:
+                    log(f"[{database}] {SHAPES[shape].name}: fleet with {workers} ingest workers")
+                    scaled = median_of(
+                        args.repeat, partial(fleet_ingest, work, url, db, shape, args, workers)
+                    )
+                    log(f"  {scaled}")
+                    results["ingest_workers"].append(
+                        {
+                            "database": database,
+                            "shape": shape,
+                            "workers": workers,
+                            "fleet": scaled.__dict__,
+                            "alone": fleet.__dict__,
+                        }
+                    )
     if args.burst:
         log(f"burst of {args.burst:,} messages into the fleet")
         results["burst"] = {**burst(work, args).__dict__}
@@ -859,6 +955,10 @@ def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
             run = rollout(work, devices, waves)
             log(f"  {run.seconds:.1f} s, {run.devices_per_s:,.0f} devices/s")
             results["rollouts"].append(run.__dict__)
+
+
+def _load_average() -> str:
+    return ", ".join(f"{load:.2f}" for load in os.getloadavg())
 
 
 def main() -> None:
@@ -876,14 +976,21 @@ def main() -> None:
     parser.add_argument(
         "--waves", action="append", help="a rollout's waves, e.g. 25,50,75,100 (repeat for more)"
     )
+    parser.add_argument(
+        "--ingest-workers",
+        default="",
+        help="comma-separated worker counts measured against the bridge alone, e.g. 2,4",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
+    args.ingest_workers = [int(n) for n in args.ingest_workers.split(",") if n and int(n)]
     args.rollout_devices = [int(n) for n in args.rollout_devices.split(",") if int(n)]
     args.waves = [waves.split(",") for waves in args.waves or ["100"]]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind as on Ctrl-C
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"load_average": [_load_average()]}
     with tempfile.TemporaryDirectory(prefix="edgefleet-fleet-bench-") as tmp:
         run(Path(tmp), args, results)
+    results["load_average"].append(_load_average())
     print(markdown(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import hashlib
 import logging
 import queue
@@ -175,7 +176,10 @@ class MqttBridge:
     reconciled from their statuses), ``on_final_ack`` when an ack or a status finished
     a rollout member.
     ``drain``: take over another replica's session to empty it (:func:`drain_session`):
-    unsubscribe rather than subscribe, and never reconnect.
+    unsubscribe rather than subscribe, and never reconnect. ``channels``: what it
+    subscribes to; an ingest worker's bridge takes ``("telemetry",)`` alone
+    (:mod:`fleet.ingest_workers`), and only a bridge taking all three watches the broker's
+    queue for the alarm.
     """
 
     def __init__(
@@ -195,8 +199,12 @@ class MqttBridge:
         retry_max_s: float = 30.0,
         queue_alarm_bytes: int = MAX_QUEUED_BYTES // 4,
         drain: bool = False,
+        channels: Sequence[Channel] = _CHANNELS,
     ) -> None:
+        if not channels or not set(channels) <= set(_CHANNELS):
+            raise ValueError(f"channels must be some of {_CHANNELS}, not {tuple(channels)}")
         self._endpoint = endpoint
+        self._channels = tuple(channels)
         self._takeover = drain
         self._last_arrival = time.monotonic()
         self._db = db
@@ -224,6 +232,7 @@ class MqttBridge:
         self._link_lock = threading.Lock()
         self._link: Link | None = None
         self._connections = 0
+        self._session_present = False
         self._worker: threading.Thread | None = None
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -381,6 +390,7 @@ class MqttBridge:
         with self._link_lock:
             self._connections += 1
             self._link = Link(self._connections, utcnow())
+            self._session_present = flags.session_present
         if self._takeover:
             client.unsubscribe([shared_subscription(c) for c in _CHANNELS])
             return
@@ -388,11 +398,14 @@ class MqttBridge:
             log.log(
                 logging.INFO if self._connections == 1 else logging.WARNING,
                 "the MQTT broker kept no session for the fleet (a first start, or it expired "
-                "or was lost with the broker): what devices sent meanwhile is gone; the rollout "
-                "engine reconciles from their statuses and resends unfinished commands",
+                "or was lost with the broker): what devices sent meanwhile is gone; %s",
+                "the rollout engine reconciles from their statuses and resends unfinished commands"
+                if self._channels == _CHANNELS
+                else "devices resend the telemetry no storage receipt named",
             )
-        client.subscribe([(shared_subscription(c), 1) for c in _CHANNELS])
-        _, self._store_mid = client.subscribe(STORE_BYTES_TOPIC, 0)
+        client.subscribe([(shared_subscription(c), 1) for c in self._channels])
+        if self._channels == _CHANNELS:
+            _, self._store_mid = client.subscribe(STORE_BYTES_TOPIC, 0)
 
     def _on_subscribe(
         self,
@@ -551,10 +564,15 @@ class MqttBridge:
     def _write(self, batch: Sequence[mqtt.MQTTMessage]) -> None:
         """Decode ``batch`` and store every message that decodes; ``_Stopping`` if the
         bridge stops while the database is down."""
-        for label, count in collections.Counter(map(_channel_label, batch)).items():
+        labels = [_channel_label(m) for m in batch]
+        for label, count in collections.Counter(labels).items():
             self._metrics.messages.labels(label).inc(count)
         now = (utcnow(), time.monotonic())
-        received = [r for m in batch if (r := self._decode(m, now)) is not None]
+        received = [
+            r
+            for m, label in zip(batch, labels, strict=True)
+            if (r := self._decode(m, label, now)) is not None
+        ]
         pending: list[Sequence[_Received]] = [received] if received else []  # the next last
         while pending:
             chunk = pending.pop()
@@ -584,14 +602,14 @@ class MqttBridge:
             self._notify(online, final_acks)
 
     def _decode(
-        self, message: mqtt.MQTTMessage, now: tuple[dt.datetime, float]
+        self, message: mqtt.MQTTMessage, label: str, now: tuple[dt.datetime, float]
     ) -> _Received | None:
         """The message decoded, or ``None`` when it breaks the contract (counted).
-        ``now``: the fleet's clock and the monotonic one, read once per batch."""
-        label = _channel_label(message)
+        ``label``: its :func:`_channel_label`; ``now``: the fleet's clock and the monotonic
+        one, read once per batch."""
         device_id = channel = ""
         try:
-            device_id, channel = device_id_from_topic(message.topic)
+            device_id, channel = _device_topic(message.topic)
             model = _MODELS.get(channel)
             if model is None:
                 raise PayloadError(f"devices do not publish on {channel[:32]!r}")
@@ -627,10 +645,13 @@ class MqttBridge:
                     device_ids={d for d, s in statuses if s.online},
                     command_ids={a.command for _, a in acks},
                 )
+            # Acks first: a status stands in for a lost final ack, so it finishes only what
+            # the acks left unfinished; the final ack it names is most often in this batch,
+            # just before it, and then the status finds nothing left to do.
+            final_acks = handle_acks(session, acks) if acks else 0
             applied = apply_statuses(session, statuses) if statuses else None
             reports = applied.online if applied else []
-            final_acks = reconcile_statuses(session, reports) if reports else 0
-            final_acks += handle_acks(session, acks) if acks else 0
+            final_acks += reconcile_statuses(session, reports) if reports else 0
             health_refused = fold(session, telemetry) if telemetry else 0  # first: skips resends
             stored = ingest(session, telemetry) if telemetry else 0
         self._metrics.telemetry_records.inc(stored)
@@ -726,13 +747,16 @@ def drain_session(
     timeout_s: float = 300.0,
     on_final_ack: Callable[[], None] = lambda: None,
     on_online: Callable[[list[str]], None] = lambda _devices: None,
+    if_present: bool = False,
 ) -> bool:
     """Take over ``client_id``'s session (``endpoint`` holds its credentials), store what
     it held, and leave it without subscriptions (see the module's docstring).
 
     Done once the session has been quiet for ``quiet_s`` with everything stored; ``False``
     when it did not finish (the connection was refused or taken back by its owner, or
-    ``timeout_s`` passed): what is left stays in the session.
+    ``timeout_s`` passed): what is left stays in the session. ``if_present``: done at once
+    when the broker held no session for ``client_id`` (a probe for sessions that may not
+    exist: the one the connection made has no subscription, and expires).
     """
     bridge = MqttBridge(
         endpoint,
@@ -751,6 +775,8 @@ def drain_session(
         return False
     deadline = time.monotonic() + timeout_s
     try:
+        if if_present and not bridge._session_present:
+            return True
         while bridge.quiet_s() < quiet_s or bridge.pending():
             if bridge.link() is None or time.monotonic() > deadline:
                 return False
@@ -808,6 +834,11 @@ def _received_at(message: mqtt.MQTTMessage, now: tuple[dt.datetime, float]) -> d
     wall, monotonic = now
     age_s = monotonic - message.timestamp if message.timestamp else 0.0
     return wall - dt.timedelta(seconds=max(0.0, age_s))
+
+
+_device_topic = functools.lru_cache(maxsize=1 << 16)(device_id_from_topic)
+""":func:`device_id_from_topic`, remembered: each device publishes on its few topics again
+and again, and only a topic that passed is kept (a refused one raises)."""
 
 
 def _channel_label(message: mqtt.MQTTMessage) -> str:

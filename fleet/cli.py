@@ -168,6 +168,15 @@ def serve(
         str | None,
         typer.Option(help="POST drift alerts here as JSON (docs/model-health.md)."),
     ] = None,
+    ingest_workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=32,
+            help="Extra processes storing telemetry through the shared subscription "
+            "(docs/scale.md); 0: the server's own bridge alone.",
+        ),
+    ] = 0,
 ) -> None:
     """Run the fleet server (embedded defaults: a SQLite file and a local mosquitto).
 
@@ -208,6 +217,7 @@ def serve(
             max_inference_bytes=max_inference_bytes,
             metrics_public=metrics_public,
             drift_webhook_url=drift_webhook_url,
+            ingest_workers=ingest_workers,
         )
     except ValidationError as e:
         fail("; ".join(_setting_error(error) for error in e.errors()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from contracts.drift import DISTANCE_ALERT, MIN_COUNT, PSI_ALERT, DriftThresholds
 from ota.keys import PASSPHRASE_ENV
 
+from .broker.credential import REPLICA_ID
 from .broker.endpoint import MqttEndpoint, is_loopback, public_endpoint
 
 __all__ = ["DEFAULT_REPLICA_ID", "FleetSettings"]
@@ -108,6 +110,9 @@ class FleetSettings(BaseModel):
     """Largest cloud inference request (``/v2/.../infer``), which is read whole."""
     metrics_public: bool = False
     """Serve ``/metrics`` without a token (by default it needs an API token, any role)."""
+    ingest_workers: int = Field(default=0, ge=0, le=32)
+    """Processes storing telemetry beside the replica's own bridge (fleet/ingest_workers.py);
+    0: the bridge alone. On SQLite they take turns at its one write lock."""
 
     @field_validator("replica_id")
     @classmethod
@@ -119,12 +124,53 @@ class FleetSettings(BaseModel):
             )
         return replica_id
 
+    @field_validator("replica_id")
+    @classmethod
+    def _not_an_ingest_worker(cls, replica_id: str) -> str:
+        if re.search(r"-ingest-[0-9]+$", replica_id):
+            raise ValueError(
+                f"replica id {replica_id!r} ends like an ingest worker's account "
+                "(REPLICA-ingest-K, fleet/ingest_workers.py): choose another"
+            )
+        return replica_id
+
     @field_validator("mqtt_public_url")
     @classmethod
     def _device_address(cls, url: str | None) -> str | None:
         if url is not None:
             public_endpoint(url)
         return url
+
+    @model_validator(mode="after")
+    def _ingest_workers_can_connect(self) -> FleetSettings:
+        """Each ingest worker needs a broker account of its own and the same database."""
+        if not self.ingest_workers:
+            return self
+        if self.mqtt_url is None and self.mqtt_tls:
+            raise ValueError(
+                "--ingest-workers needs password accounts on the embedded broker, and "
+                "--mqtt-tls makes every account a certificate: drop one of the two"
+            )
+        if self.mqtt_url is not None and self.mqtt_credential_file is None:
+            raise ValueError(
+                "--ingest-workers with an external broker needs --mqtt-credential-file: each "
+                "worker logs in as edgefleet-fleet-REPLICA-ingest-K with the replicas' password"
+            )
+        if self.mqtt_url is not None and not REPLICA_ID.fullmatch(
+            last := f"{self.replica_id}-ingest-{self.ingest_workers}"
+        ):
+            raise ValueError(
+                f"--ingest-workers {self.ingest_workers}: the broker would be asked about "
+                f"edgefleet-fleet-{last}, longer than a replica's account may be (32 "
+                "characters after edgefleet-fleet-): choose a shorter --replica-id"
+            )
+        url = self.db_url
+        if url.startswith("sqlite") and (url.rstrip("/") == "sqlite:" or "memory" in url):
+            raise ValueError(
+                "--ingest-workers cannot share an in-memory SQLite database with the server: "
+                "give --database-url a file or postgresql://"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_plaintext_on_the_network(self) -> FleetSettings:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from sqlalchemy import Table, bindparam, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -329,12 +330,15 @@ def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> 
     status) does not.
     """
     ids = {device_id for device_id, _ in statuses}
-    online = dict(
-        session.exec(
-            select(Device.id, Device.online).where(
-                col(Device.id).in_(ids), Device.state == DeviceState.ACTIVE
+    online: dict[str, bool] = dict(
+        session.connection()
+        .execute(
+            sa_select(col(Device.id), col(Device.online)).where(
+                col(Device.id).in_(ids), col(Device.state) == DeviceState.ACTIVE
             )
-        ).all()
+        )
+        .tuples()
+        .all()
     )
     reported: list[tuple[str, Status]] = []
     came_online: dict[str, None] = {}

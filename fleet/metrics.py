@@ -125,6 +125,19 @@ class FleetMetrics:
             "Dead replicas' MQTT sessions this replica took over and emptied.",
             registry=self.registry,
         )
+        self.ingest_worker_records = Counter(
+            "edgefleet_ingest_worker_records",
+            "Telemetry records stored by each ingest worker process (fleet/ingest_workers.py; "
+            "also counted in edgefleet_telemetry_records_total).",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.ingest_worker_restarts = Counter(
+            "edgefleet_ingest_worker_restarts",
+            "Ingest worker processes that exited and were restarted, by worker.",
+            ["worker"],
+            registry=self.registry,
+        )
         self.timestamp_refresh_failures = Gauge(
             "edgefleet_timestamp_refresh_failures",
             "Failed attempts to re-sign the TUF timestamp since start.",

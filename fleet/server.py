@@ -36,7 +36,15 @@ from ota.repository import ExpiryPolicy, OtaRepository
 
 from . import registry
 from .bridge import MqttBridge, drain_session
-from .broker import BrokerSupervisor, DeviceCredential, MosquittoBroker, MqttEndpoint
+from .broker import (
+    BrokerSupervisor,
+    DeviceCredential,
+    MosquittoBroker,
+    MqttEndpoint,
+    ServiceAccount,
+    hash_password,
+)
+from .broker.access import AccountKind
 from .broker.credential import BrokerCredential, replica_admin_username, replica_username
 from .broker.endpoint import advertised_host, is_loopback, is_wildcard, public_endpoint
 from .broker.remote import DeviceAccounts, RemoteAccounts
@@ -45,7 +53,14 @@ from .config import DEFAULT_REPLICA_ID, FleetSettings
 from .db import make_engine, session_scope
 from .devices import broker_credentials, set_all_offline
 from .drift_alerts import DriftWatch
+from .errors import StartupError
 from .inference import CloudModel, CloudModels
+from .ingest_workers import (
+    IngestWorkers,
+    IngestWorkerSpec,
+    drain_ingest_sessions,
+    ingest_client_id,
+)
 from .metrics import FleetMetrics
 from .migrate import upgrade
 from .models import ApiToken, Device, Role, Rollout, RolloutState
@@ -110,6 +125,8 @@ class FleetServer:
         self.bridge: MqttBridge
         self.rollouts: RolloutEngine
         self.drift_watch: DriftWatch
+        self.ingest: IngestWorkers | None = None
+        """``--ingest-workers``: the processes storing telemetry beside the bridge."""
         self._draining: dict[str, float] = {}
         """Replicas whose session is being (or was, without success) taken over: when to
         try again."""
@@ -126,6 +143,11 @@ class FleetServer:
             self.credential = BrokerCredential.load(settings.mqtt_credential_file)
         if settings.broker_auth_secret_file is not None:
             self.broker_auth_secret = _read_secret(settings.broker_auth_secret_file)
+        if settings.ingest_workers and self.credential and self.credential.admin_password:
+            raise StartupError(
+                "--ingest-workers is not supported with a standalone mosquitto (`fleet "
+                "broker`), which makes accounts for replicas only: run more replicas instead"
+            )
         self.db = make_engine(settings.db_url)
         upgrade(self.db)
         self.background_db = make_engine(
@@ -155,6 +177,9 @@ class FleetServer:
             session_expiry_s=settings.mqtt_session_expiry_s,
         )
         self.bridge.start()
+        if settings.ingest_workers:
+            self.ingest = IngestWorkers(self._ingest_specs(), self.metrics)
+            self.ingest.start()
         self.rollouts = RolloutEngine(  # it resends unfinished commands once connected
             self.background_db,
             self.bridge.send_encoded,
@@ -188,6 +213,7 @@ class FleetServer:
             getattr(self, "drift_watch", None) and self.drift_watch.stop,
             getattr(self, "rollouts", None) and self.rollouts.stop,
             getattr(self, "lease", None) and self.lease.stop,
+            self.ingest and self.ingest.stop,
             getattr(self, "bridge", None) and self.bridge.stop,
             self._remote and self._remote.close,
             self.supervisor and self.supervisor.stop,
@@ -256,6 +282,14 @@ class FleetServer:
             on_final_ack=self._wake,
             on_online=self._resend_to,
         )
+        if done and self.credential.admin_password is None:  # a standalone broker has
+            done = drain_ingest_sessions(  # no accounts for workers: none ran there
+                replace(self.mqtt, password=self.credential.fleet_password),
+                self.background_db,
+                self.metrics,
+                replica_username=username,
+                session_expiry_s=self.settings.mqtt_session_expiry_s,
+            )
         self._drained(replica, done=done, retry_s=self.settings.rollout_lease_s)
 
     def _drained(self, replica: str, *, done: bool, retry_s: float) -> None:
@@ -332,6 +366,7 @@ class FleetServer:
         password_file = settings.data_dir / "mqtt-fleet.password"
         if not password_file.exists():
             _write_secret(password_file, secrets.token_urlsafe(24))
+        fleet_password = password_file.read_text().strip()
         self.broker = MosquittoBroker(
             settings.broker_dir,
             host=settings.mqtt_listen_host,
@@ -343,8 +378,12 @@ class FleetServer:
         self.supervisor = BrokerSupervisor(
             self.broker,
             fleet_username=fleet_mqtt_user(settings.replica_id),
-            fleet_password=password_file.read_text().strip(),
+            fleet_password=fleet_password,
             credentials=self._broker_credentials,
+            accounts=lambda: [
+                ServiceAccount(name, AccountKind.FLEET, hash_password(fleet_password))
+                for name in self._ingest_usernames()
+            ],
             on_down=self._broker_down,
             on_up=self._broker_up,
             restart_delay_s=settings.mqtt_restart_delay_s,
@@ -392,6 +431,25 @@ class FleetServer:
         return replace(
             broker, username=replica_username(replica), password=credential.fleet_password
         )
+
+    def _ingest_usernames(self) -> list[str]:
+        replica = fleet_mqtt_user(self.settings.replica_id)
+        return [ingest_client_id(replica, k) for k in range(1, self.settings.ingest_workers + 1)]
+
+    def _ingest_specs(self) -> list[IngestWorkerSpec]:
+        """Each worker logs in with the replica's password as its own account (the
+        embedded broker's from ``_start_broker``; one an HTTP-auth broker asks the fleet
+        about, ``edgefleet-fleet-...``, with the shared credential)."""
+        return [
+            IngestWorkerSpec(
+                index=k,
+                endpoint=replace(self.mqtt, username=username),
+                db_url=self.settings.db_url,
+                session_expiry_s=self.settings.mqtt_session_expiry_s,
+                idle_in_transaction_s=self.settings.rollout_lease_s,
+            )
+            for k, username in enumerate(self._ingest_usernames(), start=1)
+        ]
 
     def _advertised_host(self) -> str:
         settings = self.settings

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import Engine, insert, update
 from sqlmodel import SQLModel, select
@@ -23,9 +24,13 @@ from contracts.mqtt import (
     CommandKind,
     Status,
     decode_payload,
+    device_topic,
 )
+from fleet.bridge import MqttBridge
+from fleet.broker import MqttEndpoint
 from fleet.db import make_engine, session_scope
 from fleet.devices import apply_statuses, set_all_offline
+from fleet.metrics import FleetMetrics
 from fleet.models import (
     Bundle,
     CommandRecord,
@@ -268,6 +273,45 @@ def test_statuses_finish_unfinished_members_and_only_those(db: Engine) -> None:
     assert states == [D.HEALTHY, D.FAILED, D.COMMANDED, D.FAILED, D.COMMANDED]
     assert "it serves m-1.1.0" in placed[a].detail
     assert [records(db)[cid[x]].last_ack for x in (a, b, c)] == ["healthy", "failed", None]
+
+
+def test_in_a_batch_a_status_finishes_only_what_the_acks_before_it_left_unfinished(
+    db: Engine,
+) -> None:
+    """The bridge's batch (``fleet/bridge.py: MqttBridge._commit``): acks first, then the
+    statuses stand in for final acks that never came. A status right after its final ack
+    leaves the ack's word; one after progress acks alone finishes the member, and its
+    last ack is the final one the status vouches for, not the progress ack before it."""
+    rollout_id = start(db, ["100"])
+    rollout_engine(db, Sink()).tick()
+    acked, lost, *_ = DEVICES
+    cid = {device: f"{rollout_id}:deploy:{device}" for device in DEVICES}
+
+    def message(device: str, body: Ack | Status) -> mqtt.MQTTMessage:
+        channel = "ack" if isinstance(body, Ack) else "status"
+        delivered = mqtt.MQTTMessage(topic=device_topic(device, channel).encode())
+        delivered.payload = body.model_dump_json(exclude_none=True).encode()
+        return delivered
+
+    def finished(device: str) -> Status:
+        return status("m-1.1.0", last_command=cid[device], last_command_state="healthy")
+
+    bridge = MqttBridge(MqttEndpoint(host="127.0.0.1", port=1), db, FleetMetrics())
+    bridge._write(
+        [
+            message(acked, ack(cid[acked], AckState.DOWNLOADING)),
+            message(lost, ack(cid[lost], AckState.INSTALLED)),  # its final ack: lost
+            message(acked, ack(cid[acked], AckState.HEALTHY, "serving")),
+            message(acked, finished(acked)),
+            message(lost, finished(lost)),
+        ]
+    )
+    placed, stored = members(db, rollout_id), records(db)
+    assert (placed[acked].state, placed[acked].last_ack) == (D.HEALTHY, "healthy")
+    assert placed[acked].detail == "serving"
+    assert (placed[lost].state, placed[lost].last_ack) == (D.HEALTHY, "healthy")
+    assert "it finished this command healthy" in placed[lost].detail
+    assert stored[cid[acked]].last_ack == stored[cid[lost]].last_ack == "healthy"
 
 
 def test_only_a_device_going_from_offline_to_online_counts_as_come_online(db: Engine) -> None:

@@ -1,6 +1,8 @@
 """``agent.telemetry_queue.TelemetryQueue`` in one process, fast: order and numbering, the
 drop-oldest bound and its exact count, records too large, rows that are no longer records,
-corrupt and locked files, an older schema, a lowered bound. Real SQLite files on disk; the
+corrupt and locked files (corrupted under an open queue too: what it held is counted),
+SQLite's own failures (a full file, a read-only connection), an older schema, a lowered
+bound. Real SQLite files on disk; the
 SIGKILL and power-cut cases are in tests/test_agent_telemetry.py. ``make mutate`` runs these
 (.ci/mutate.py)."""
 
@@ -365,3 +367,178 @@ def test_a_record_of_exactly_the_largest_size_is_kept(queue: TelemetryQueue) -> 
     assert queue.put(_record(1, padding=padding)) is not None
     assert queue.put(_record(2, padding=padding + 1)) is None
     assert (len(queue), queue.dropped) == (1, 1)
+
+
+_INDEX_PAGES = (0x02, 0x0A)
+"""SQLite's b-tree page types of an index: interior and leaf (the file format's page header)."""
+
+
+def _garble_pages(queue: TelemetryQueue, *, index_only: bool) -> list[int]:
+    """Garbage bytes written over the headers of the queue's b-tree pages on disk while it is
+    open (page 1, the schema, spared): those of the id index only, or every one. The WAL is
+    checkpointed first so the pages are in the file, and SQLite's page cache emptied after
+    (``PRAGMA shrink_memory``, as memory pressure does), so the next statement reads the disk.
+    Returns the page numbers garbled."""
+    assert queue._conn is not None
+    queue._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    data = queue.path.read_bytes()
+    pages = [
+        n
+        for n in range(2, len(data) // 4096 + 1)
+        if not index_only or data[(n - 1) * 4096] in _INDEX_PAGES
+    ]
+    with queue.path.open("r+b") as file:
+        for n in pages:
+            file.seek((n - 1) * 4096)
+            file.write(b"\xff" * 16)
+    queue._conn.execute("PRAGMA shrink_memory")
+    return pages
+
+
+@pytest.mark.parametrize(
+    ("call", "result"),
+    [
+        (lambda q: q.put(_record(99)), _record(99, dropped=2 * 30 + 1)),
+        (lambda q: q.remove(["rec-1"]), 0),
+        (len, 0),
+    ],
+    ids=["put", "remove", "len"],
+)
+def test_a_file_corrupted_under_an_open_queue_is_set_aside_and_its_records_counted(
+    tmp_path: Path, call: Callable[[TelemetryQueue], object], result: object
+) -> None:
+    """The records' table is still readable, the id index is garbage: the operation that
+    hits it is run again on a fresh queue, and every record the old file held, the drops
+    they carried and those not yet reported are counted as dropped, never silently lost."""
+    path = tmp_path / "q.db"
+    with TelemetryQueue(path, MIN_QUEUE_BYTES * 4) as queue:
+        queue.put_many(_record(n, dropped=1, padding=3000) for n in range(30))
+        assert queue.put(_record(30, padding=queue.max_record_bytes)) is None
+        assert queue.dropped == 1
+        assert _garble_pages(queue, index_only=True)
+        assert call(queue) == result
+        if result == 0:  # the count waits for the next record put
+            assert queue.dropped == 2 * 30 + 1
+            assert queue.put(_record(99)) == _record(99, dropped=2 * 30 + 1)
+        assert _ids(queue.peek(10)) == ["rec-99"]
+        assert (len(queue), queue.dropped) == (1, 0)
+        assert queue.count_through(10**6) == 1
+    aside = path.with_name("q.db.corrupt")
+    assert b"\xff" * 16 in aside.read_bytes()  # what was corrupt is kept for a post-mortem
+    with TelemetryQueue(path, MIN_QUEUE_BYTES * 4) as again:  # the fresh file is a good one
+        assert _ids(again.peek(10)) == ["rec-99"]
+
+
+def test_drops_pending_in_a_corrupt_queue_with_no_records_are_counted(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with TelemetryQueue(path, MIN_QUEUE_BYTES * 4) as queue:
+        queue.put_many(_record(n) for n in range(3))
+        assert queue.remove(["rec-0", "rec-1", "rec-2"]) == 3
+        queue.put(_record(3, padding=queue.max_record_bytes))
+        queue.put(_record(4, padding=queue.max_record_bytes, dropped=2))
+        assert queue.dropped == 1 + 3
+        assert _garble_pages(queue, index_only=True)
+        assert queue.put(_record(5)) == _record(5, dropped=4)
+        assert _ids(queue.peek(10)) == ["rec-5"]
+
+
+@pytest.mark.parametrize(
+    ("call", "result"),
+    [
+        (lambda q: q.put(_record(99)), _record(99)),
+        (lambda q: q.peek(5), []),
+        (lambda q: q.oldest_seq(), None),
+        (lambda q: q.count_through(10), 0),
+        (lambda q: q.dropped, 0),
+    ],
+    ids=["put", "peek", "oldest_seq", "count_through", "dropped"],
+)
+def test_a_queue_whose_every_page_is_garbage_starts_fresh_and_counts_nothing_made_up(
+    tmp_path: Path, call: Callable[[TelemetryQueue], object], result: object
+) -> None:
+    path = tmp_path / "q.db"
+    with TelemetryQueue(path, MIN_QUEUE_BYTES * 4) as queue:
+        queue.put_many(_record(n, dropped=1, padding=3000) for n in range(30))
+        _garble_pages(queue, index_only=False)
+        assert call(queue) == result
+        assert queue.dropped == 0  # how many were lost is unknown: no number is made up
+        assert path.with_name("q.db.corrupt").is_file()
+        queue.put(_record(100))
+        assert _ids(queue.peek(10)) == [*(["rec-99"] if result else []), "rec-100"]
+
+
+def test_a_full_disk_is_a_queue_error_that_says_so_and_keeps_what_was_queued(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    with TelemetryQueue(path, MIN_QUEUE_BYTES * 4) as queue:
+        queue.put(_record(1))
+        assert queue._conn is not None
+        # SQLite's own limit on the file's pages: past it, SQLITE_FULL as on a full disk
+        pages = queue._conn.execute("PRAGMA page_count").fetchone()[0]
+        queue._conn.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(TelemetryQueueError) as raised:
+            queue.put(_record(2, padding=20_000))
+        assert str(raised.value) == (
+            f"cannot write the telemetry queue {path}: the disk is full; free space on "
+            f"{tmp_path} or lower telemetry.max_queue_bytes"
+        )
+        assert _ids(queue.peek(10)) == ["rec-1"]
+
+
+def test_a_storage_failure_names_sqlites_error(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with TelemetryQueue(path, MIN_QUEUE_BYTES) as queue:
+        queue.put(_record(1))
+        assert queue._conn is not None
+        queue._conn.execute("PRAGMA query_only=1")  # every write refused, as on a read-only disk
+        with pytest.raises(TelemetryQueueError) as raised:
+            queue.remove(["rec-1"])
+        assert str(raised.value) == (
+            f"cannot write the telemetry queue {path}: attempt to write a readonly database "
+            f"(SQLITE_READONLY); check that {tmp_path} is writable and its disk healthy"
+        )
+        assert not path.with_name("q.db.corrupt").exists()
+
+
+def test_a_corrupt_queue_that_cannot_be_set_aside_is_a_queue_error_that_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """``PATH.corrupt`` is a folder holding a file (nothing can replace it), so the corrupt
+    file stays where it is: opening it, and an operation that finds it corrupt, say so."""
+    path = tmp_path / "q.db"
+    blocker = tmp_path / "q.db.corrupt"
+    blocker.mkdir()
+    (blocker / "keep").write_text("")
+    with TelemetryQueue(path, MIN_QUEUE_BYTES * 4) as queue:
+        queue.put_many(_record(n, padding=3000) for n in range(30))
+        _garble_pages(queue, index_only=True)
+        with pytest.raises(TelemetryQueueError) as raised:
+            queue.put(_record(99))
+        assert str(raised.value).startswith(
+            f"the telemetry queue {path} is corrupt (database disk image is malformed) and a "
+            "fresh one could not be started: "
+        )
+        assert str(raised.value).endswith(f"; delete {path} and restart the agent")
+        with pytest.raises(RuntimeError) as closed:
+            len(queue)
+        assert str(closed.value) == f"the telemetry queue {path} is closed"
+    with pytest.raises(TelemetryQueueError) as reopened:
+        TelemetryQueue(path, MIN_QUEUE_BYTES * 4)
+    assert str(reopened.value).startswith(
+        f"the telemetry queue {path} is corrupt (integrity check: *** in database main ***\nPage "
+    )
+    assert path.is_file() and (blocker / "keep").is_file()  # nothing was replaced
+
+
+def test_a_file_that_is_not_a_database_and_cannot_be_set_aside_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    path.write_bytes(b"not a database at all" * 300)
+    (tmp_path / "q.db.corrupt").mkdir()
+    (tmp_path / "q.db.corrupt" / "keep").write_text("")
+    with pytest.raises(TelemetryQueueError) as raised:
+        TelemetryQueue(path, MIN_QUEUE_BYTES)
+    assert str(raised.value).startswith(
+        f"the telemetry queue {path} is corrupt (file is not a database) and a fresh one "
+        "could not be started: "
+    )

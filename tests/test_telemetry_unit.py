@@ -1,28 +1,57 @@
-"""``agent.telemetry``'s arithmetic in one process, fast: what :class:`InferenceStats` makes of
-the outcomes it sees (counts per bundle pair, latency percentiles and histogram, predictions,
-truth), the checks on an :class:`InferenceOutcome`, and how a batch is cut to fit a payload.
-The sender over a real broker is in tests/test_agent_telemetry.py. ``make mutate`` runs these
-(.ci/mutate.py)."""
+"""``agent.telemetry`` in one process, fast: what :class:`InferenceStats` makes of the outcomes
+it sees (counts per bundle pair, latency percentiles and histogram, predictions, truth,
+drift), the checks on an :class:`InferenceOutcome`, how a batch is cut to fit a payload, and
+the :class:`TelemetrySender`'s thread against one real mosquitto (receipts, the in-flight
+window, resends, held batches, a stalled link, queue failures). The agent SIGKILLed with a
+backlog is in tests/test_agent_telemetry.py. ``make mutate`` runs these (.ci/mutate.py)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import TelemetryConfig
 from agent.telemetry import (
     FALLBACK_REASONS,
     LATENCY_BUCKETS_MS,
+    DriftObservation,
     InferenceOutcome,
     InferenceStats,
+    TelemetrySender,
     _fit,
     _percentile,
 )
+from agent.telemetry_queue import TelemetryQueue
 from contracts.bounded import MAX_MILLISECONDS
-from contracts.mqtt import MAX_PAYLOAD_BYTES, TelemetryBatch, TelemetryRecord
+from contracts.drift import (
+    DriftSummary,
+    ReferenceProfile,
+    SummaryBuilder,
+    drift_sample,
+    reference_from_samples,
+)
+from contracts.mqtt import (
+    MAX_PAYLOAD_BYTES,
+    Receipt,
+    TelemetryBatch,
+    TelemetryRecord,
+    decode_payload,
+    device_topic,
+)
+from fleet.broker import MqttEndpoint
+from tests.utils.mqtt import PahoClient, plain_mosquitto
+from tests.utils.tcp_proxy import LinkProxy
 
 V1, V2, SHADOW = "digits-host-1.0.0", "digits-host-1.1.0", "digits-host-2.0.0"
 
@@ -229,3 +258,506 @@ def test_a_batch_that_fits_to_the_byte_is_kept_whole() -> None:
     assert _fit(exact) == exact
     over = [*records[:-1], _sized(len(records) - 1, base + pad + 1)]
     assert _fit(over) == records[:-1]
+
+
+# --- the sender, against a real mosquitto --------------------------------------------------
+#
+# One plain mosquitto for the module; each test its own device id (so its own topics), a
+# queue on disk, the device's paho client wired as agent/daemon.py wires it, and a paho
+# client standing in for the fleet: it sees each batch and publishes the receipts the test
+# chooses to send.
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MqttEndpoint]:
+    with plain_mosquitto(tmp_path_factory.mktemp("mqtt") / "broker") as port:
+        yield MqttEndpoint("127.0.0.1", port)
+
+
+class _Device:
+    """A queue, a paho client and a :class:`TelemetrySender`, wired as the daemon does
+    (receipt subscription on connect, PUBACKs to :meth:`TelemetrySender.published`)."""
+
+    def __init__(
+        self, endpoint: MqttEndpoint, directory: Path, *, connect: bool = True, **options: Any
+    ) -> None:
+        self.id = f"dev-{directory.name[-40:]}".replace("_", "-")
+        config = TelemetryConfig(
+            batch_records=options.pop("batch_records", 500),
+            compress=options.pop("compress", False),
+        )
+        self.queue = TelemetryQueue(directory / "telemetry.db", options.pop("max_bytes", 1 << 24))
+        self.endpoint = endpoint
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        options.setdefault("retry_s", 0.05)
+        options.setdefault("receipt_timeout_s", 60.0)
+        self.sender = TelemetrySender(self.queue, self.id, self.client, config, **options)
+        self.client.on_connect = lambda c, *_: c.subscribe(self.sender.receipt_topic, qos=1)
+        self.subscribed = threading.Event()
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = lambda _c, _u, mid, reason, _p: self.sender.published(mid, reason)
+        if connect:
+            self.connect()
+
+    def _on_subscribe(self, *_: Any) -> None:
+        self.subscribed.set()
+        self.sender.wake()
+
+    def connect(self, port: int | None = None) -> None:
+        self.client.connect(self.endpoint.host, port or self.endpoint.port)
+        self.client.loop_start()
+
+    def put(self, *numbers: int, padding: int = 0) -> None:
+        self.queue.put_many(
+            TelemetryRecord(id=f"r{n}", ts=1.0, extra={"p": "x" * padding} if padding else {})
+            for n in numbers
+        )
+
+    def queued(self) -> list[str]:
+        return [r.id for r in self.queue.peek(10_000)]
+
+    def close(self) -> None:
+        self.sender.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.queue.close()
+
+
+class _Fleet:
+    """The fleet's side of one device's topics: batches as they come, receipts on demand."""
+
+    def __init__(self, endpoint: MqttEndpoint, device: _Device) -> None:
+        self.device = device
+        self.client = PahoClient(endpoint, f"fleet-{device.id}")
+        assert self.client.subscribe(device_topic(device.id, "telemetry")) == 1
+
+    def batch(self, timeout_s: float = 5.0) -> list[str]:
+        _, payload = self.client.next_message(timeout_s)
+        return [r.id for r in decode_payload(payload, TelemetryBatch).records]
+
+    def payload(self, timeout_s: float = 5.0) -> bytes:
+        return self.client.next_message(timeout_s)[1]
+
+    def quiet(self, wait_s: float = 0.2) -> bool:
+        """Whether no batch comes in ``wait_s`` (a sender that stopped, not a timing)."""
+        time.sleep(wait_s)
+        return self.client.messages.empty()
+
+    def receipt(
+        self, stored: Sequence[str] = (), refused: Sequence[str] = (), **fields: Any
+    ) -> None:
+        payload = Receipt(stored=list(stored), refused=list(refused), **fields).model_dump_json()
+        self.send_receipt(payload.encode())
+
+    def send_receipt(self, payload: bytes) -> None:
+        assert self.client.publish(device_topic(self.device.id, "receipt"), payload) in (0, 16)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def device(
+    broker: MqttEndpoint, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[_Device]:
+    made = _Device(broker, tmp_path, **getattr(request, "param", {}))
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def fleet(broker: MqttEndpoint, device: _Device) -> Iterator[_Fleet]:
+    made = _Fleet(broker, device)
+    yield made
+    made.close()
+
+
+def _until(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.01)
+
+
+def _ids(*numbers: int) -> list[str]:
+    return [f"r{n}" for n in numbers]
+
+
+@pytest.mark.parametrize("device", [{"batch_records": 3}], indirect=True)
+def test_records_go_oldest_first_in_batches_and_leave_only_when_a_receipt_names_them(
+    device: _Device, fleet: _Fleet
+) -> None:
+    device.put(*range(7))
+    device.sender.start()
+    assert [fleet.batch(), fleet.batch(), fleet.batch()] == [_ids(0, 1, 2), _ids(3, 4, 5), _ids(6)]
+    _until(lambda: device.sender.in_flight() == 7)
+    assert device.queued() == _ids(*range(7))  # PUBACKed is only "sent"
+    assert not device.sender.flush(0.2)
+    fleet.receipt(stored=_ids(0, 1, 2), refused=_ids(3), reason="quarantined")
+    _until(lambda: device.queued() == _ids(4, 5, 6))
+    assert device.sender.in_flight() == 3
+    device.put(7)  # put after the others were sent: goes alone, in flight at once
+    device.sender.wake()
+    assert fleet.batch() == _ids(7)
+    fleet.receipt(stored=_ids(4, 5, 6, 7))
+    assert device.sender.flush(10)
+    assert fleet.quiet()  # nothing was sent twice
+
+
+def test_a_malformed_receipt_or_one_naming_unknown_ids_removes_nothing(
+    device: _Device, fleet: _Fleet
+) -> None:
+    device.put(0, 1)
+    device.sender.start()
+    assert fleet.batch() == _ids(0, 1)
+    for payload in (b"not json", b'{"stored": ["r0", "a b"]}', b'{"stored": "r0"}'):
+        fleet.send_receipt(payload)
+    fleet.receipt(stored=["r9"], refused=["r8"])
+    device.sender.receipt(b"\xff" * 10)  # as the callback hands it on
+    fleet.receipt(stored=_ids(1))  # receipts are applied in order: these came first
+    _until(lambda: device.queued() == _ids(0))
+    assert device.sender.in_flight() == 1
+
+
+@pytest.mark.parametrize("device", [{"batch_records": 2}], indirect=True)
+def test_at_most_four_batches_wait_for_receipts_then_the_sender_waits(
+    device: _Device, fleet: _Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="agent.telemetry")
+    device.put(*range(20))
+    device.sender.start()
+    assert [fleet.batch() for _ in range(4)] == [_ids(n, n + 1) for n in range(0, 8, 2)]
+    _until(lambda: device.sender.in_flight() == 8)
+    assert fleet.quiet()
+    fleet.receipt(stored=_ids(0))  # one record: room for one more, not a batch of two
+    assert fleet.batch() == _ids(8)
+    assert fleet.quiet()
+    fleet.receipt(stored=_ids(1, 2, 3))
+    assert [fleet.batch(), fleet.batch()] == [_ids(9, 10), _ids(11)]
+    assert fleet.quiet()
+    assert device.sender.in_flight() == 8
+    assert not caplog.records  # a full window is a wait, not a failure
+
+
+@pytest.mark.parametrize("device", [{"batch_records": 2, "receipt_timeout_s": 0.3}], indirect=True)
+def test_records_no_receipt_names_in_time_are_sent_again_oldest_first(
+    device: _Device, fleet: _Fleet
+) -> None:
+    device.put(0, 1, 2)
+    device.sender.start()
+    assert [fleet.batch(), fleet.batch()] == [_ids(0, 1), _ids(2)]
+    fleet.receipt(stored=_ids(1))  # a receipt for a later record does not put r0 off
+    assert fleet.batch() == _ids(0, 2)  # one round: everything still queued, oldest first
+    fleet.receipt(stored=_ids(0, 2))
+    assert device.sender.flush(10)
+    assert fleet.quiet(0.5)
+
+
+@pytest.mark.parametrize("device", [{"receipt_timeout_s": 700.0}], indirect=True)
+def test_a_receipt_wait_past_ten_minutes_is_taken_as_given(device: _Device) -> None:
+    assert device.sender.in_flight() == 0  # built: the longest wait grows to match
+
+
+@pytest.mark.parametrize("device", [{"retry_s": 0.1}], indirect=True)
+def test_with_nobody_subscribed_a_batch_stays_queued_until_the_fleet_takes_it(
+    broker: MqttEndpoint, device: _Device
+) -> None:
+    """PUBACK 0x10 "no matching subscribers": the broker took the batch and gave it to
+    nobody, so it is not in flight; the sender holds it back and tries again."""
+    device.put(0, 1)
+    device.sender.start()
+    time.sleep(0.3)  # a few refused tries (0.1 s, doubling)
+    assert device.sender.in_flight() == 0
+    fleet = _Fleet(broker, device)
+    try:
+        assert fleet.batch() == _ids(0, 1)
+        _until(lambda: device.sender.in_flight() == 2)
+        assert device.queued() == _ids(0, 1)
+    finally:
+        fleet.close()
+
+
+@pytest.mark.parametrize("device", [{"connect": False, "retry_s": 0.1}], indirect=True)
+def test_nothing_is_published_while_the_client_is_not_connected(
+    device: _Device, fleet: _Fleet
+) -> None:
+    device.put(0)
+    device.sender.start()
+    assert fleet.quiet(0.3)
+    device.connect()
+    assert fleet.batch() == _ids(0)
+
+
+def test_a_batch_with_no_puback_while_connected_is_published_again(
+    broker: MqttEndpoint, tmp_path: Path
+) -> None:
+    with LinkProxy(broker.port) as link:
+        device = _Device(broker, tmp_path, connect=False, retry_s=0.1, ack_timeout_s=0.6)
+        fleet = _Fleet(broker, device)
+        try:
+            device.connect(link.port)
+            assert device.subscribed.wait(5)  # the receipt subscription
+            link.hold()  # a stalled link: the broker gets nothing, the client sees no error
+            device.put(0)
+            device.sender.start()
+            time.sleep(0.3)  # a PUBACK late by less than ack_timeout_s: no second copy
+            link.release()
+            assert fleet.batch() == _ids(0)
+            assert fleet.quiet()
+            link.hold()
+            device.put(1)
+            device.sender.wake()
+            assert fleet.quiet(1.0)  # past ack_timeout_s
+            link.release()
+            assert [fleet.batch(), fleet.batch()] == [_ids(1), _ids(1)]
+        finally:
+            device.close()
+            fleet.close()
+
+
+@pytest.mark.parametrize("device", [{"compress": True}], indirect=True)
+def test_batches_are_compressed_when_the_config_says_so(device: _Device, fleet: _Fleet) -> None:
+    device.put(0, padding=1000)
+    device.sender.start()
+    payload = fleet.payload()
+    assert payload.startswith(b"\x28\xb5\x2f\xfd") and len(payload) < 1000  # zstd
+    assert [r.id for r in decode_payload(payload, TelemetryBatch).records] == _ids(0)
+
+
+def test_an_uncompressed_batch_is_the_records_json(device: _Device, fleet: _Fleet) -> None:
+    device.put(0)
+    device.sender.start()
+    assert (
+        fleet.payload()
+        == TelemetryBatch(records=[TelemetryRecord(id="r0", ts=1.0)])
+        .model_dump_json(exclude_defaults=True)
+        .encode()
+    )
+
+
+def test_a_batch_is_cut_where_the_next_record_would_pass_the_payload_bound(
+    device: _Device, fleet: _Fleet
+) -> None:
+    device.put(*range(20), padding=250_000)  # 16 fit 4 MiB of JSON, a 17th does not
+    device.sender.start()
+    assert [fleet.batch(), fleet.batch()] == [_ids(*range(16)), _ids(*range(16, 20))]
+
+
+def test_a_batch_holds_at_most_what_the_contract_allows(device: _Device) -> None:
+    limit = TelemetryBatch.model_fields["records"].metadata[0].max_length
+    for asked, used in ((limit * 5, limit), (limit, limit), (7, 7)):
+        config = TelemetryConfig(batch_records=asked)
+        sender = TelemetrySender(device.queue, device.id, device.client, config)
+        assert sender._batch_records == used  # (sending 10 000 records takes a second)
+
+
+def test_the_sender_refuses_pauses_that_are_not_positive_and_a_second_start(
+    device: _Device,
+) -> None:
+    config = TelemetryConfig()
+    for bad in ({"retry_s": 0.0}, {"ack_timeout_s": 0.0}, {"retry_s": -1.0}):
+        with pytest.raises(ValueError) as raised:
+            TelemetrySender(device.queue, "dev-x", device.client, config, **bad)
+        assert str(raised.value) == "retry_s and ack_timeout_s must be > 0"
+    device.sender.start()
+    with pytest.raises(RuntimeError) as started:
+        device.sender.start()
+    assert str(started.value) == "the telemetry sender is already started"
+    (thread,) = [t for t in threading.enumerate() if t.name == "telemetry-sender"]
+    assert thread.daemon  # never keeps the agent's process alive at exit
+
+
+def test_flush_says_whether_the_queue_emptied_and_stop_keeps_what_is_queued(
+    device: _Device, fleet: _Fleet
+) -> None:
+    assert device.sender.flush(0)  # an empty queue is flushed
+    device.put(0)
+    device.sender.start()
+    assert fleet.batch() == _ids(0)
+    started = time.monotonic()
+    assert not device.sender.flush(0.3)
+    assert time.monotonic() - started >= 0.3
+    device.sender.stop()
+    device.sender.stop()  # twice is fine
+    assert device.queued() == _ids(0)
+    fleet.receipt(stored=_ids(0))  # receipts are still applied by the client's callback
+    _until(lambda: device.queued() == [])
+
+
+@pytest.mark.parametrize("device", [{"retry_s": 0.2}], indirect=True)
+def test_a_batch_nobody_took_is_held_back_for_a_pause_that_doubles_up_to_a_minute(
+    broker: MqttEndpoint, device: _Device
+) -> None:
+    """One step of the sender at a time (its thread is not started): what each returns is
+    the pause before the next."""
+    device.put(0)
+    _until(device.client.is_connected)
+    assert device.sender._send_batch() == 0.2  # PUBACK 0x10: held back
+    held = device.sender._send_batch()  # within the pause: no publish, the rest of it
+    assert 0 < held <= 0.2
+    device.sender._held_until = 0.0  # each pause is over (not waited for)
+    assert device.sender._send_batch() == 0.4
+    device.sender._held_until = 0.0
+    assert device.sender._send_batch() == pytest.approx(0.8)
+    assert device.sender.in_flight() == 0
+    fleet = _Fleet(broker, device)
+    try:
+        device.sender._held_until = 0.0
+        assert device.sender._send_batch() == 0.0  # taken: in flight, the pause forgotten
+        assert fleet.batch() == _ids(0)
+        assert device.sender.in_flight() == 1
+    finally:
+        fleet.close()
+    device.put(1)
+    _until(lambda: device.sender._send_batch() == 0.2)  # once the fleet's subscription is gone
+
+
+def test_the_pause_after_refusals_stops_growing_at_a_minute(device: _Device) -> None:
+    sender = TelemetrySender(
+        device.queue, device.id, device.client, TelemetryConfig(), retry_s=40.0
+    )
+    device.client.on_publish = lambda _c, _u, mid, reason, _p: sender.published(mid, reason)
+    device.put(0)
+    _until(device.client.is_connected)
+    assert sender._send_batch() == 40.0
+    sender._held_until = 0.0  # the pause is over (not waited for: 40 s)
+    assert sender._send_batch() == 60.0
+
+
+def _drift_reference() -> ReferenceProfile:
+    rng = np.random.default_rng(7)
+    scores = np.eye(3)[rng.integers(0, 3, 60)]
+    return reference_from_samples({"x": rng.normal(size=(60, 8))}, scores, classifier=True)
+
+
+def test_drift_is_summed_per_bundle_with_the_local_models_classes_only() -> None:
+    reference = _drift_reference()
+    rng = np.random.default_rng(8)
+    calls = [("local", 0), ("local", 1), ("local", 1), ("cloud", 2)]
+    samples = [drift_sample({"x": rng.normal(size=(1, 8))}) for _ in calls]
+    stats = InferenceStats()
+    expected = SummaryBuilder(reference)
+    for (served_by, cls), sample in zip(calls, samples, strict=True):
+        stats.observe(
+            _outcome(
+                served_by=served_by,
+                fallback_reason=None if served_by == "local" else "confidence",
+                predicted_class=cls,
+                drift=DriftObservation(reference, sample),
+            )
+        )
+        expected.add_sample(sample, cls if served_by == "local" else None)
+    stats.observe(_outcome(bundle=V2))  # no reference: no summary
+    records = {r.bundle: r for r in stats.report()}
+    summary = DriftSummary.from_extra(records[V1].extra["drift"])
+    assert summary == expected.summary()
+    assert summary.count == 4 and summary.classes == {0: 1, 1: 2}
+    assert "drift" not in records[V2].extra
+
+
+def test_fallback_reasons_are_counted_not_just_named() -> None:
+    stats = InferenceStats()
+    for reason in ("latency", "latency", "error"):
+        stats.observe(_outcome(served_by="cloud", fallback_reason=reason))
+    (record,) = stats.report()
+    assert record.extra["fallback_reasons"] == {"latency": 2, "error": 1}
+
+
+def test_the_sample_cap_is_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.telemetry as telemetry
+
+    monkeypatch.setattr(telemetry, "_MAX_LATENCY_SAMPLES", 3)
+    for _ in range(40):  # the reservoir's draws are random: every slot is drawn in 40 tries
+        stats = InferenceStats()
+        for latency in (1.0, 2.0, 3.0, 100.0):
+            stats.observe(_outcome(latency_ms=latency))
+        (record,) = stats.report()
+        # three of the four are kept: the median is one of them, never 2.5 (mean of two)
+        assert record.latency_p50_ms in (2.0, 3.0)
+
+
+def test_stop_gives_up_on_a_thread_stuck_in_the_queue(device: _Device) -> None:
+    """A queue stuck on a slow disk (its lock held here) must not hang the agent's stop."""
+    device.put(0)
+    _until(device.client.is_connected)
+    with device.queue._lock:
+        device.sender.start()
+        stopping = threading.Thread(target=device.sender.stop, args=(0.2,), daemon=True)
+        stopping.start()
+        stopping.join(5)
+        assert not stopping.is_alive()
+
+
+def _queue_fails(queue: TelemetryQueue, how: Literal["storage", "closed"]) -> sqlite3.Connection:
+    """A fault injected under the queue until the connection returned is put back: a
+    storage failure (a closed SQLite connection: TelemetryQueueError), or a queue that
+    says it is closed (RuntimeError)."""
+    assert queue._conn is not None
+    real = queue._conn
+    if how == "storage":
+        broken = sqlite3.connect(":memory:")
+        broken.close()
+        queue._conn = broken
+    else:
+        queue._conn = None
+    return real
+
+
+@pytest.mark.parametrize("how", ["storage", "closed"])
+def test_after_a_queue_failure_the_sender_pauses_and_goes_on_when_woken(
+    device: _Device,
+    fleet: _Fleet,
+    how: Literal["storage", "closed"],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device.put(0)
+    assert device.subscribed.wait(5)  # its wake comes before the failure
+    real = _queue_fails(device.queue, how)
+    with caplog.at_level(logging.ERROR, logger="agent.telemetry"):
+        device.sender.start()
+        assert fleet.quiet(0.3)
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 1  # one failure, then a pause (30 s): not one a loop
+    device.queue._conn = real
+    device.sender.wake()
+    assert fleet.batch() == _ids(0)
+
+
+def test_a_batch_awaiting_its_puback_when_the_sender_stops_is_not_in_flight(
+    broker: MqttEndpoint, tmp_path: Path
+) -> None:
+    with LinkProxy(broker.port) as link:
+        device = _Device(broker, tmp_path, connect=False)
+        try:
+            device.connect(link.port)
+            assert device.subscribed.wait(5)
+            link.hold()
+            device.put(0)
+            device.sender.start()
+            time.sleep(0.2)  # published, its PUBACK held back
+            device.sender.stop()
+            assert device.sender.in_flight() == 0  # sent again by the next agent, at once
+        finally:
+            link.release()
+            device.close()
+
+
+def test_pubacks_of_the_agents_other_publishes_are_ignored(device: _Device, fleet: _Fleet) -> None:
+    """The client's ``on_publish`` hands the sender every PUBACK, its status messages' too;
+    one that comes while no batch waits (here 0x10: nobody subscribed) changes nothing."""
+
+    def other_publish() -> None:
+        info = device.client.publish(device_topic(device.id, "status"), b"{}", qos=1)
+        info.wait_for_publish(5)
+        assert info.is_published()
+
+    other_publish()
+    device.put(0)
+    device.sender.start()
+    assert fleet.batch() == _ids(0)
+    _until(lambda: device.sender.in_flight() == 1)
+    other_publish()
+    device.put(1)
+    device.sender.wake()
+    assert fleet.batch() == _ids(1)
+    _until(lambda: device.sender.in_flight() == 2)

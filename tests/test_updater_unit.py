@@ -2,11 +2,12 @@
 acks and details, so that ``make mutate`` (.ci/mutate.py) reaches and judges its mutants.
 
 The parts are real: a TUF repository signed by ``ota.repository.OtaRepository`` and served
-over HTTP by uvicorn (no fleet, no database), bundles of the compiled digits model on ONNX
-Runtime, slots on disk. One thing is simulated: a crash. ``Device.crash_at`` makes the ack
-callback raise ``_SimulatedCrash`` right after the updater saved that state, and the test
-then starts a new updater on the same data directory; a SIGKILL would end the test run
-itself. The real SIGKILLs at every state are in tests/test_agent_updater.py.
+over HTTP by the standard library's server (no fleet, no database), bundles of the compiled
+digits model on ONNX Runtime, slots on disk. One thing is simulated: a crash.
+``Device.crash_at`` makes the ack callback raise ``_SimulatedCrash`` right after the updater
+saved that state, and the test then starts a new updater on the same data directory; a
+SIGKILL would end the test run itself. The real SIGKILLs at every state are in
+tests/test_agent_updater.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,12 +25,18 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import RedirectResponse
+from starlette.routing import Route
 
+from agent import _crashpoints
 from agent.config import HealthConfig, OtaConfig
 from agent.origin import Origin
 from agent.slots import Slots
 from agent.updater import (
     ACKS,
+    CRASH_AT_ENV,
     MAX_STATE_SAVES,
     RESUME,
     STATE_FILE,
@@ -37,12 +45,13 @@ from agent.updater import (
     State,
     Updater,
 )
+from contracts.bounded import DETAIL_MAX_CHARS
 from contracts.mqtt import Ack, AckState, BundleRef, Command, CommandKind
 from ota.bundle import bundle_compile_output
 from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
-from tests.utils.fleet import make_bundle
-from tests.utils.http_files import FileServer, serve_directory
+from tests.utils.http import serve_app
+from tests.utils.http_files import FileServer, serve_directory_threaded
 from tests.utils.updater_harness import UpdaterRecorder, bundle_label, golden_broken, provision
 
 V1, V2, V3, BAD = "1.0.0", "1.1.0", "1.3.0", "1.2.0"
@@ -95,14 +104,14 @@ _MODELS_CACHE_ENV = "EDGEFLEET_TEST_MODELS"  # tests/conftest.py's MODELS_CACHE_
 
 
 def _build_repository(compiled: Path, out: Path) -> None:
-    bundles = {v: make_bundle(compiled, out, v) for v in (V1, V2, V3)}
-    bundle_compile_output(
-        golden_broken(compiled, out),
-        version=BAD,
-        out=out / f"digits-{BAD}.efb",
-        artifact_id="onnxruntime:fp32",
-    )
-    bundles[BAD] = out / f"digits-{BAD}.efb"
+    # bundle_compile_output itself, not tests/utils/fleet.py's make_bundle: that module
+    # imports the fleet app, which doubles the memory every mutant's run is forked from
+    sources = {V1: compiled, V2: compiled, V3: compiled, BAD: golden_broken(compiled, out)}
+    bundles = {v: out / f"digits-{v}.efb" for v in sources}
+    for version, source in sources.items():
+        bundle_compile_output(
+            source, version=version, out=bundles[version], artifact_id="onnxruntime:fp32"
+        )
     # valid for a year: make mutate keeps this repository as long as the compiled model
     expiry = ExpiryPolicy(targets_s=_YEAR_S, snapshot_s=_YEAR_S, timestamp_s=_YEAR_S)
     repository = OtaRepository.create(out / "repo", KeyStore(out / "keys", b"unit"), expiry=expiry)
@@ -112,15 +121,18 @@ def _build_repository(compiled: Path, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Repo]:
+def repo(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Repo]:
     """The repository, built once per session, or once for every mutant's test run when
-    ``EDGEFLEET_TEST_MODELS`` names a cache (tests/conftest.py, .ci/mutate.py)."""
+    ``EDGEFLEET_TEST_MODELS`` names a cache (tests/conftest.py, .ci/mutate.py). The digits
+    model is asked for only to build it: its fixture imports the compiler, ~0.3 s a run."""
     cache = os.environ.get(_MODELS_CACHE_ENV)
     out = Path(cache) / "updater-unit" if cache else tmp_path_factory.mktemp("updater-unit")
     if not (out / _BUILT).is_file():
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        _build_repository(compiled_digits, out)
+        _build_repository(request.getfixturevalue("compiled_digits"), out)
     repository = OtaRepository(out / "repo", KeyStore(out / "keys", b"unit"))
     bundles = {v: out / f"digits-{v}.efb" for v in (V1, V2, BAD, V3)}
     refs = {}
@@ -134,15 +146,21 @@ def repo(compiled_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             sha256=target.hashes["sha256"],
             length=target.length,
         )
-    with serve_directory(repository.path) as served:
+    with serve_directory_threaded(repository.path) as served:
         yield Repo(served, repository.root_file, refs, bundles, repository)
 
 
 # --- a device --------------------------------------------------------------------------------
 
 
+_TLS = ssl.create_default_context()
+"""One TLS context for every client: the repository is plain HTTP, and loading the CA
+bundle anew for each ``httpx.Client`` took a quarter of these tests' time."""
+
+
 class _SimulatedCrash(Exception):
-    """The process dying right after a state was saved (a fake: see the module docstring)."""
+    """The process dying right after a state was saved, or half-way through a download (a
+    fake: see the module docstring)."""
 
 
 @dataclass
@@ -152,17 +170,20 @@ class Device(UpdaterRecorder):
     crash_at: AckState | None = None
     clock_s: float = 1000.0
     options: dict[str, Any] = field(default_factory=dict)
+    fetched: list[str] = field(default_factory=list)
+    """The path of every request made through the device's HTTP client."""
 
     def start(self, **options: Any) -> Updater:
         self.options = options
-        self.http = httpx.Client(timeout=30.0)
+        hooks = {"request": [lambda request: self.fetched.append(request.url.path)]}
+        self.http = httpx.Client(timeout=30.0, verify=_TLS, event_hooks=hooks)
         self.updater = Updater(
             self.data_dir,
             ack=self._ack,
             activate=self._activate,
             ota=options.pop("ota", OtaConfig(trusted_root=self.repo.root)),
             health=options.pop("health", HEALTH),
-            http=self.http,
+            http=options.pop("http", self.http),
             clock=lambda: self.clock_s,
             **options,
         )
@@ -251,6 +272,9 @@ def test_a_deploy_acks_each_state_then_commits_after_the_watch(device: Device, r
     )
     assert saved["command"]["id"] == command.id
     assert saved["target"]["length"] == repo.refs[V2].length
+    # through the caller's HTTP client
+    assert "/metadata/timestamp.json" in device.fetched
+    assert device.fetched[-1].endswith(f".{bundle_label(V2)}.efb")  # hash-prefixed
     assert device.activated == [bundle_label(V1), bundle_label(V2)]
     device.updater.observe(local_error=False)
     device.updater.observe(local_error=False)
@@ -482,9 +506,53 @@ def test_commands_naming_another_origin_are_refused_before_any_fetch(
         made.close()
 
 
+def test_a_deploy_whose_metadata_cannot_be_fetched_is_refused(device: Device, repo: Repo) -> None:
+    command = repo.deploy(V2, metadata_url=f"{repo.served.url}/gone/")
+    device.updater.handle(command)
+    assert device.acked(command) == [_D, _F]
+    detail = device.detail(command, _F)
+    assert detail.startswith("installs are blocked, the TUF metadata is unreachable: ")
+    assert detail.endswith(
+        ". The running model keeps serving; resend the deploy once the device can fetch "
+        "current metadata"
+    )
+    assert device.activated == [bundle_label(V1)]
+    assert device.serving_version() == V1
+    # a detail longer than an ack holds is cut to fit (the URL is in the transport error)
+    long = repo.deploy(V2, metadata_url=f"{repo.served.url}/{'x' * 1900}/")
+    device.updater.handle(long)
+    assert device.acked(long) == [_D, _F]
+    assert len(device.detail(long, _F)) == DETAIL_MAX_CHARS
+
+
+def test_the_updaters_own_http_client_follows_redirects_and_closes_with_it(
+    tmp_path: Path, repo: Repo
+) -> None:
+    """Made without the caller's client, the updater makes its own: metadata and bundles
+    may sit behind a redirect (a CDN, object storage)."""
+
+    async def moved(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{repo.served.url}{request.url.path}", status_code=307)
+
+    with serve_app(Starlette(routes=[Route("/{path:path}", moved)])) as redirector:
+        made = Device(provision(tmp_path / "device", repo.bundles[V1]), repo)
+        made.start(http=None)
+        command = repo.deploy(
+            V2, metadata_url=f"{redirector.url}/metadata/", targets_url=f"{redirector.url}/targets/"
+        )
+        made.updater.handle(command)
+        assert made.acked(command) == [_D, _V, _I]
+        assert made.fetched == []  # not through the device's client
+        own = made.updater._http
+        made.close()
+        assert own.is_closed
+
+
 def test_misuse_raises(tmp_path: Path, repo: Repo) -> None:
     fresh = tmp_path / "new" / "device"
     updater = Updater(fresh, ack=lambda ack: None, activate=lambda model: None)
+    # what the agent may report before recovering: nothing yet
+    assert (updater.state, updater.serving, updater.last_outcome) == (State.IDLE, None, None)
     with pytest.raises(RuntimeError) as raised:
         updater.handle(repo.deploy(V2))
     assert str(raised.value) == "call Updater.recover() once before handle()"
@@ -783,6 +851,34 @@ def test_a_crash_while_downloading_resumes_the_download(device: Device, repo: Re
     assert device.activated == [bundle_label(V1), bundle_label(V1), bundle_label(V2)]
 
 
+def test_a_download_cut_half_way_resumes_from_its_part_file(
+    device: Device, repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's own kill point in the middle of the bundle (agent/_crashpoints.py), with
+    the SIGKILL replaced by ``_SimulatedCrash``."""
+
+    def crash() -> None:
+        raise _SimulatedCrash("downloading:partial")
+
+    monkeypatch.setattr(_crashpoints, "_kill_self", crash)
+    monkeypatch.setenv(CRASH_AT_ENV, "downloading:partial")
+    device.close()
+    device.start()
+    command = repo.deploy(V2)
+    with pytest.raises(_SimulatedCrash):
+        device.updater.handle(command)
+    device.updater.close()
+    (part,) = (device.data_dir / "ota" / "downloads").glob("*.part")
+    kept, length = part.stat().st_size, repo.refs[V2].length
+    assert length // 2 <= kept < length
+    monkeypatch.delenv(CRASH_AT_ENV)
+    since = len(repo.served.requests)
+    device.restart()
+    assert device.acked(command) == [_D, _D, _V, _I]
+    resumed = [p for p, asked in repo.served.requests[since:] if asked == f"bytes={kept}-"]
+    assert [p.endswith(f".{bundle_label(V2)}.efb") for p in resumed] == [True]
+
+
 def test_a_crash_after_staging_checks_the_slot_and_switches(device: Device, repo: Repo) -> None:
     command = repo.deploy(V2)
     _crash(device, command, _V)
@@ -844,6 +940,27 @@ def test_a_download_altered_on_disk_fails_verification(device: Device, repo: Rep
     detail = device.detail(command, _F)
     assert detail.startswith(f"{download} no longer has the signed length and hash (")
     assert detail.endswith("): the storage changed it after the download; resend the deploy")
+
+
+def test_a_signed_target_that_misnames_its_bundle_fails_verification(
+    device: Device, repo: Repo
+) -> None:
+    """The signed target as a repository that labels a bundle wrongly would sign it: the
+    saved record is where it is kept from the download to the verification."""
+    command = repo.deploy(V2)
+    _crash(device, command, _V)
+    target = device.saved()["target"]
+    target["custom"]["edgefleet"]["version"] = V3
+    _saved_as(device, State.VERIFYING, target=target)
+    device.restart()
+    assert device.acked(command) == [_D, _V, _F]
+    v2 = repo.refs[V2]
+    assert device.detail(command, _F) == (
+        f"the bundle {v2.target_path} holds digits-host {V2} (version_number "
+        f"{v2.version_number}) but the signed target {v2.target_path} is digits-host {V3} "
+        f"({v2.version_number}): refused"
+    )
+    assert device.serving_version() == V1
 
 
 def test_a_crash_while_verifying_verifies_again(device: Device, repo: Repo) -> None:
