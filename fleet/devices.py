@@ -330,16 +330,12 @@ def apply_statuses(session: Session, statuses: Sequence[tuple[str, Status]]) -> 
     status) does not.
     """
     ids = {device_id for device_id, _ in statuses}
-    online: dict[str, bool] = dict(
-        session.connection()
-        .execute(
-            sa_select(col(Device.id), col(Device.online)).where(
-                col(Device.id).in_(ids), col(Device.state) == DeviceState.ACTIVE
-            )
+    active = session.connection().execute(
+        sa_select(col(Device.id), col(Device.online)).where(
+            col(Device.id).in_(ids), col(Device.state) == DeviceState.ACTIVE
         )
-        .tuples()
-        .all()
     )
+    online = {device_id: is_online for device_id, is_online in active}
     reported: list[tuple[str, Status]] = []
     came_online: dict[str, None] = {}
     last: dict[str, Status] = {}
