@@ -492,7 +492,7 @@ def test_a_batch_with_no_puback_while_connected_is_published_again(
     broker: MqttEndpoint, tmp_path: Path
 ) -> None:
     with LinkProxy(broker.port) as link:
-        device = _Device(broker, tmp_path, connect=False, retry_s=0.1, ack_timeout_s=2.0)
+        device = _Device(broker, tmp_path, connect=False, retry_s=0.1, ack_timeout_s=2.5)
         fleet = _Fleet(broker, device)
         try:
             device.connect(link.port)
@@ -500,14 +500,14 @@ def test_a_batch_with_no_puback_while_connected_is_published_again(
             link.hold()  # a stalled link: the broker gets nothing, the client sees no error
             device.put(0)
             device.sender.start()
-            time.sleep(0.5)  # a PUBACK late by less than ack_timeout_s: no second copy
+            time.sleep(1.8)  # a PUBACK late by less than ack_timeout_s: no second copy
             link.release()
             assert fleet.batch() == _ids(0)
             assert fleet.quiet(2.0)  # past the first publish's ack_timeout_s: no copy
             link.hold()
             device.put(1)
             device.sender.wake()
-            assert fleet.quiet(2.5)  # past ack_timeout_s
+            assert fleet.quiet(3.0)  # past ack_timeout_s
             link.release()
             assert [fleet.batch(), fleet.batch()] == [_ids(1), _ids(1)]
         finally:
@@ -559,6 +559,7 @@ def test_the_sender_refuses_pauses_that_are_not_positive_and_a_second_start(
         with pytest.raises(ValueError) as raised:
             TelemetrySender(device.queue, "dev-x", device.client, config, **bad)
         assert str(raised.value) == "retry_s and ack_timeout_s must be > 0"
+    TelemetrySender(device.queue, "dev-x", device.client, config, retry_s=0.1, ack_timeout_s=0.5)
     device.sender.start()
     with pytest.raises(RuntimeError) as started:
         device.sender.start()
