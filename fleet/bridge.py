@@ -234,6 +234,7 @@ class MqttBridge:
         self._connections = 0
         self._session_present = False
         self._worker: threading.Thread | None = None
+        share_property_tables()  # paho's MQTT 5 decoding, without its per-packet tables
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id or endpoint.username or _DEFAULT_CLIENT_ID,
@@ -298,6 +299,13 @@ class MqttBridge:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker still held this client id's session at the last connection
+        (``False`` before the first)."""
+        with self._link_lock:
+            return self._session_present
 
     def link(self) -> Link | None:
         """The connection to the broker, or ``None`` while there is none."""
@@ -775,7 +783,7 @@ def drain_session(
         return False
     deadline = time.monotonic() + timeout_s
     try:
-        if if_present and not bridge._session_present:
+        if if_present and not bridge.session_present:
             return True
         while bridge.quiet_s() < quiet_s or bridge.pending():
             if bridge.link() is None or time.monotonic() > deadline:

@@ -26,7 +26,8 @@ the whole share meanwhile), and exits by itself within a second when its parent 
 A replica that dies whole (on a broker shared by replicas that asks the fleet who may
 connect, docs/scale.md step 4) leaves its workers' sessions subscribed, queueing their share
 of telemetry: the lease holder empties them after the replica's own session
-(:func:`drain_ingest_sessions`).
+(:func:`drain_ingest_sessions`), workers 1 to the count the replica recorded when it
+started (``fleetreplica.ingest_workers``, :class:`~fleet.rollouts.lease.LeaseKeeper`).
 
 Metrics: each worker sends the counters its bridge keeps (records stored, duplicates,
 messages by channel, malformed, quarantined, shed, retries) to ``fleet serve`` once a
@@ -49,15 +50,17 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from .bridge import MqttBridge, drain_session
 from .broker import MqttEndpoint
-from .db import make_engine
+from .broker.credential import replica_username
+from .db import make_engine, session_scope
 from .errors import BrokerError
 from .metrics import FleetMetrics
+from .models import FleetReplica
 
 __all__ = [
-    "MAX_INGEST_WORKERS",
     "IngestWorkerSpec",
     "IngestWorkers",
     "add_counts",
@@ -68,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_INGEST_WORKERS = 32
 _RELAY_S = 1.0
 """How often a worker sends its counters to ``fleet serve``."""
 _STOP_S = 30.0
@@ -99,17 +101,25 @@ def drain_ingest_sessions(
     db: Engine,
     metrics: FleetMetrics,
     *,
-    replica_username: str,
+    replica_id: str,
     session_expiry_s: int,
 ) -> bool:
     """Take over and empty the sessions a dead replica's ingest workers left, as
     :func:`~fleet.bridge.drain_session` does the replica's own; ``endpoint`` holds the
-    replicas' shared password. How many workers it ran is not recorded: every number up
-    to :data:`MAX_INGEST_WORKERS` is tried, and one the broker holds no session for costs
-    a connection. ``False`` if one did not finish (it is tried again later)."""
+    replicas' shared password. Workers 1 to the count in the replica's row, none for 0 (or
+    no row); one the broker holds no session for (it stopped cleanly, or never connected)
+    costs a connection. ``False`` if the count could not be read or one did not finish
+    (it is tried again later)."""
+    try:
+        with session_scope(db) as session:
+            replica = session.get(FleetReplica, replica_id)
+            workers = replica.ingest_workers if replica is not None else 0
+    except SQLAlchemyError as e:
+        log.warning("could not read replica %s's ingest worker count: %s", replica_id, e)
+        return False
     done = True
-    for index in range(1, MAX_INGEST_WORKERS + 1):
-        client_id = ingest_client_id(replica_username, index)
+    for index in range(1, workers + 1):
+        client_id = ingest_client_id(replica_username(replica_id), index)
         done &= drain_session(
             replace(endpoint, username=client_id),
             db,

@@ -692,3 +692,7 @@ class FleetReplica(SQLModel, table=True):
     """Its last heartbeat, on the database's clock."""
     drained_at: dt.datetime | None = None
     """When another replica last took over its MQTT session and stored what it held."""
+    ingest_workers: int = 0
+    """Its ``--ingest-workers`` at its last start: the worker sessions (1 to this) another
+    replica empties once it dies (:func:`fleet.ingest_workers.drain_ingest_sessions`);
+    0 for none, and for a replica that last started before migration 0008."""

@@ -164,6 +164,7 @@ class FleetServer:
             ready=self._connected,
             on_change=self._lease_changed,
             on_orphans=self._take_over_sessions,
+            ingest_workers=settings.ingest_workers,
         )
         self.lease.register()  # first: a standalone broker makes its accounts from its row
         self.mqtt = self._start_broker()
@@ -287,7 +288,7 @@ class FleetServer:
                 replace(self.mqtt, password=self.credential.fleet_password),
                 self.background_db,
                 self.metrics,
-                replica_username=username,
+                replica_id=replica,
                 session_expiry_s=self.settings.mqtt_session_expiry_s,
             )
         self._drained(replica, done=done, retry_s=self.settings.rollout_lease_s)

@@ -31,7 +31,8 @@ from fleet.ingest_workers import (
 )
 from fleet.metrics import FleetMetrics
 from fleet.migrate import upgrade
-from fleet.models import Device, TelemetryRecordRow
+from fleet.models import Device, FleetReplica, TelemetryRecordRow
+from fleet.rollouts.lease import LeaseKeeper
 from tests.utils.fleet import wait_for
 from tests.utils.mqtt import ACCEPTED, PahoClient, free_port, plain_mosquitto
 from tests.utils.replicas import fresh_database
@@ -119,6 +120,8 @@ def test_workers_store_telemetry_once_and_one_killed_is_restarted_losing_nothing
         assert "ingest worker 1 (pid" in fleet.log() and "exited with -9" in fleet.log()
         with Session(engine) as session:
             assert len(session.exec(select(TelemetryRecordRow)).all()) == len(sent)
+            # for whoever empties its workers' sessions should it die
+            assert [r.ingest_workers for r in session.exec(select(FleetReplica))] == [2]
 
         orphans = [started[-1] for started in _worker_pids(fleet).values()]
         fleet.stop(signal.SIGKILL)
@@ -191,12 +194,51 @@ def test_a_workers_client_id_is_its_replicas_with_its_number() -> None:
         FleetSettings(replica_id="eu-2-ingest-3")  # it would be eu-2's worker 3
 
 
-def test_the_lease_holder_empties_a_dead_replicas_worker_sessions(tmp_path: Path) -> None:
-    """Replica ``a``'s worker 2 left its session subscribed (killed with its replica);
-    telemetry queued there is stored by :func:`drain_ingest_sessions`, which also probes
-    the worker numbers the broker holds no session for."""
+def test_a_replica_records_its_worker_count_for_whoever_drains_it(tmp_path: Path) -> None:
+    """The count a replica registers with is in its row, written again if the row is lost;
+    a row from before the count was recorded reads 0."""
     engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
     upgrade(engine)
+    keeper = LeaseKeeper(engine, "a", ingest_workers=3)
+    keeper.register()
+    LeaseKeeper(engine, "old").register()
+    with Session(engine) as session:
+        assert session.get_one(FleetReplica, "a").ingest_workers == 3
+        assert session.get_one(FleetReplica, "old").ingest_workers == 0
+        session.delete(session.get_one(FleetReplica, "a"))
+        session.commit()
+    keeper.keep()  # its heartbeat finds the row gone and adds it back
+    with Session(engine) as session:
+        assert session.get_one(FleetReplica, "a").ingest_workers == 3
+    engine.dispose()
+    with pytest.raises(ValueError, match="ingest_workers must be 0 or more"):
+        LeaseKeeper(engine, "a", ingest_workers=-1)
+    unreadable = make_engine(f"sqlite:///{tmp_path / 'not-migrated.db'}")
+    try:  # no fleetreplica table: nothing drained, and a later try is due
+        assert not drain_ingest_sessions(
+            MqttEndpoint("127.0.0.1", free_port()), unreadable, FleetMetrics(),
+            replica_id="a", session_expiry_s=60,
+        )  # fmt: skip
+    finally:
+        unreadable.dispose()
+
+
+def _connected_as(log: Path, prefix: str) -> list[str]:
+    """The client ids starting with ``prefix`` that connected to the broker, in order."""
+    return re.findall(
+        rf"New client connected from \S+ as ({re.escape(prefix)}\S*) ", log.read_text()
+    )
+
+
+def test_the_lease_holder_empties_a_dead_replicas_worker_sessions(tmp_path: Path) -> None:
+    """Replica ``a`` ran two workers; worker 2 left its session subscribed (killed with its
+    replica), and telemetry queued there is stored by :func:`drain_ingest_sessions`, which
+    connects as exactly the workers ``a`` recorded (worker 1 stopped cleanly: a connection,
+    nothing to store) and as none for a replica that recorded none."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    upgrade(engine)
+    LeaseKeeper(engine, "a", ingest_workers=2).register()
+    LeaseKeeper(engine, "c").register()
     with Session(engine) as session:
         session.add(Device(id="dev-1", profile="host"))
         session.commit()
@@ -218,15 +260,24 @@ def test_the_lease_holder_empties_a_dead_replicas_worker_sessions(tmp_path: Path
             device.close()
         with Session(engine) as session:
             assert session.exec(select(TelemetryRecordRow)).all() == []
-        assert drain_ingest_sessions(
-            endpoint, engine, FleetMetrics(), replica_username="edgefleet-fleet-a",
-            session_expiry_s=60,
-        )  # fmt: skip
+        for replica in ("a", "c", "never-registered"):
+            assert drain_ingest_sessions(
+                endpoint, engine, FleetMetrics(), replica_id=replica, session_expiry_s=60
+            )
         assert drain_session(  # a probe done at once, not after a quiet hour (or its timeout)
             endpoint, engine, FleetMetrics(), client_id=ingest_client_id("edgefleet-fleet-b", 1),
             session_expiry_s=60, quiet_s=3600, timeout_s=5, if_present=True,
         )  # fmt: skip
+        log = tmp_path / "broker" / "mosquitto.log"
+        wait_for(lambda: "edgefleet-fleet-b-ingest-1" in log.read_text(), timeout_s=10)
+        connected = _connected_as(log, "edgefleet-fleet-")
     with Session(engine) as session:
         stored = sorted(r.record_id for r in session.exec(select(TelemetryRecordRow)))
     engine.dispose()
     assert stored == [f"queued-{n}" for n in range(5)]
+    assert connected == [  # the worker's start, then the drain: workers 1 and 2, then b's probe
+        worker_id,
+        ingest_client_id("edgefleet-fleet-a", 1),
+        worker_id,
+        ingest_client_id("edgefleet-fleet-b", 1),
+    ]

@@ -31,6 +31,7 @@ from fleet.models import (
     Device,
     DeviceState,
     EnrollmentToken,
+    FleetReplica,
     ModelVersion,
     Role,
     Rollout,
@@ -405,5 +406,40 @@ def test_0004_widens_device_version_numbers_and_its_downgrade_clears_what_int_ca
         ).all()
     assert [tuple(row) for row in rows] == [("big", None), ("small", 7)]
     assert "quarantine" not in sa.inspect(engine).get_table_names()
+    upgrade(engine)
+    assert check_schema(engine) == []
+
+
+def test_0008_gives_replicas_registered_before_it_no_ingest_workers(engine: Engine) -> None:
+    """A replica row from before 0008 reads 0 workers (nothing to drain, as before); a
+    downgrade drops the count and keeps the replicas."""
+    upgrade(engine, "0007")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO fleetreplica (id, started_at, seen_at) "
+            "VALUES ('old', '2026-11-30 09:00:00', '2026-11-30 09:00:00')"
+        )
+    upgrade(engine)
+    with Session(engine) as session:
+        assert session.get_one(FleetReplica, "old").ingest_workers == 0
+        session.add(
+            FleetReplica(
+                id="new",
+                started_at=dt.datetime(2026, 11, 30, 10, tzinfo=dt.UTC),
+                seen_at=dt.datetime(2026, 11, 30, 10, tzinfo=dt.UTC),
+                ingest_workers=3,
+            )
+        )
+        session.commit()
+    with Session(engine) as session:
+        assert session.get_one(FleetReplica, "new").ingest_workers == 3
+
+    downgrade(engine, "0007")
+    assert "ingest_workers" not in {
+        c["name"] for c in sa.inspect(engine).get_columns("fleetreplica")
+    }
+    with engine.connect() as connection:
+        ids = connection.exec_driver_sql("SELECT id FROM fleetreplica ORDER BY id").scalars()
+        assert list(ids) == ["new", "old"]
     upgrade(engine)
     assert check_schema(engine) == []

@@ -166,7 +166,8 @@ class LeaseKeeper:
     when the role changes; ``on_orphans(replica_ids)``, on the holder, with the replicas
     whose heartbeat is older than ``lease_s`` and whose session was not taken over since
     (the server marks one done with :meth:`drained`). :meth:`register` records the replica,
-    :meth:`start` keeps the lease from then on.
+    with ``ingest_workers``, its worker count (:mod:`fleet.ingest_workers`), for whoever
+    empties its sessions once it dies; :meth:`start` keeps the lease from then on.
     """
 
     def __init__(
@@ -178,11 +179,15 @@ class LeaseKeeper:
         ready: Callable[[], bool] = lambda: True,
         on_change: Callable[[LeaseRole], None] = lambda _role: None,
         on_orphans: Callable[[list[str]], None] = lambda _replicas: None,
+        ingest_workers: int = 0,
     ) -> None:
         if lease_s <= 0:
             raise ValueError(f"lease_s must be positive, not {lease_s}")
+        if ingest_workers < 0:
+            raise ValueError(f"ingest_workers must be 0 or more, not {ingest_workers}")
         self._db = db
         self.replica_id = replica_id
+        self._ingest_workers = ingest_workers
         self.lease_s = lease_s
         self._ready = ready
         self._on_change = on_change
@@ -207,6 +212,7 @@ class LeaseKeeper:
             if replica is None:
                 replica = FleetReplica(id=self.replica_id, started_at=now, seen_at=now)
             replica.started_at = replica.seen_at = now
+            replica.ingest_workers = self._ingest_workers
             session.add(replica)
 
     def start(self) -> None:
@@ -332,7 +338,14 @@ class LeaseKeeper:
             .execution_options(synchronize_session=False)
         )
         if beat.rowcount == 0:  # its row was deleted meanwhile
-            session.add(FleetReplica(id=self.replica_id, started_at=now, seen_at=now))
+            session.add(
+                FleetReplica(
+                    id=self.replica_id,
+                    started_at=now,
+                    seen_at=now,
+                    ingest_workers=self._ingest_workers,
+                )
+            )
 
     def _orphans(self, session: Session, now: dt.datetime) -> list[str]:
         stale = now - dt.timedelta(seconds=self.lease_s)
