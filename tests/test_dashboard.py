@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Route, expect, sync_playwright
 from sqlalchemy import insert
 from sqlmodel import Session
 
@@ -53,6 +53,17 @@ UI_TIMEOUT_MS = 30_000
 CONTENT_SHOWN = "performance.getEntriesByName('edgefleet:content').map(m => m.startTime)"
 """When the page painted its content, in ms from navigation start (``ui.js``'s mark)."""
 expect.set_options(timeout=UI_TIMEOUT_MS)
+HOLD_EFFECTS = """async () => {
+  const { options } = await import("preact");
+  window.heldEffects = [];
+  options.requestAnimationFrame = (flush) => window.heldEffects.push(flush);
+}"""
+"""Keep Preact's after-paint work (effects, and effect cleanups of what was unmounted)."""
+RUN_HELD_EFFECTS = """async () => {
+  const { options } = await import("preact");
+  options.requestAnimationFrame = undefined;
+  window.heldEffects.forEach((flush) => flush());
+}"""
 
 
 @dataclass
@@ -227,6 +238,34 @@ def test_the_api_docs_work_offline(dashboard: Dashboard) -> None:
     page.goto(f"{dashboard.url}/docs")
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("edgefleet fleet server")
     expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    page.close()
+
+
+def test_a_chart_library_loaded_after_its_page_was_left_draws_nothing(
+    dashboard: Dashboard,
+) -> None:
+    """Preact 11 removes a left page's canvases at once but runs its effects' cleanups after
+    the next paint: a chart library that finishes loading in between must not be handed a
+    canvas that is gone (``useChart`` in ``fleet/dashboard/static/ui.js``). The library's
+    response is held, and so are Preact's after-paint flushes (``options.requestAnimationFrame``,
+    the hook Preact's own test utilities use), to make that window as wide as needed."""
+    page = dashboard.page("viewer")
+    held: list[Route] = []
+    page.route("**/static/vendor/chart.umd.min.js", lambda route: held.append(route))
+    with page.expect_request("**/static/vendor/chart.umd.min.js"):
+        page.get_by_role("link", name="Health").click()
+    expect(page.locator(".charts canvas")).to_have_count(4)  # health.js CHARTS
+    page.evaluate(HOLD_EFFECTS)
+    page.get_by_role("link", name="Registry").click()
+    expect(page.locator("canvas")).to_have_count(0)
+    [library] = held
+    library.continue_()
+    assert page.evaluate("import('./static/vendor/chart.umd.min.js').then(() => 0)") == 0
+    made = page.evaluate("Object.keys(Chart.instances).length")
+    page.evaluate(RUN_HELD_EFFECTS)
+    expect(page.locator("article[data-model=digits]")).to_be_visible()
+    assert made == 0, "a chart was made for a canvas that its page had already removed"
+    assert not dashboard.problems, dashboard.problems
     page.close()
 
 

@@ -2,10 +2,8 @@
 // last 24 h: GET /models/{name}/versions/{version}/drift and .../accuracy
 // (docs/model-health.md). Drift is drawn with Chart.js against its thresholds.
 
-import { useEffect, useRef, useState } from "preact/hooks";
-
 import { api } from "./api.js";
-import { Badge, html, loadChart, percent, usePoll } from "./ui.js";
+import { Badge, html, percent, useChart, usePoll } from "./ui.js";
 
 const EVERY_DEVICE = "every device";
 
@@ -65,9 +63,6 @@ function figure(value) {
 
 /** Max PSI and max distance per cohort as bars, each threshold a dashed line. */
 function DriftChart({ cohorts, thresholds }) {
-  const canvas = useRef(null);
-  const chart = useRef(null);
-  const [failed, setFailed] = useState(null);
   const labels = cohorts.map((c) => c.cohort || EVERY_DEVICE);
   const datasets = [
     { type: "bar", label: "max PSI", data: cohorts.map((c) => c.max_psi), backgroundColor: "#2563eb" },
@@ -75,34 +70,22 @@ function DriftChart({ cohorts, thresholds }) {
     threshold(`PSI threshold ${thresholds.psi}`, thresholds.psi, labels, "#2563eb"),
     threshold(`distance threshold ${thresholds.distance}`, thresholds.distance, labels, "#9333ea"),
   ];
-  useEffect(() => {
-    let cancelled = false;
-    loadChart().then(
-      (ChartJs) => {
-        if (cancelled) return;
-        if (chart.current) {
-          chart.current.data = { labels, datasets };
-          chart.current.update("none");
-          return;
-        }
-        chart.current = new ChartJs(canvas.current, {
-          type: "bar",
-          data: { labels, datasets },
-          options: {
-            animation: false,
-            maintainAspectRatio: false,
-            scales: { y: { beginAtZero: true } },
-            plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } },
-          },
-        });
+  const draw = (ChartJs, canvas) =>
+    new ChartJs(canvas, {
+      type: "bar",
+      data: { labels, datasets },
+      options: {
+        animation: false,
+        maintainAspectRatio: false,
+        scales: { y: { beginAtZero: true } },
+        plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } },
       },
-      (error) => setFailed(error.message),
-    );
-    return () => {
-      cancelled = true;
-    };
-  }, [JSON.stringify(cohorts)]);
-  useEffect(() => () => chart.current?.destroy(), []);
+    });
+  const redraw = (chart) => {
+    chart.data = { labels, datasets };
+    chart.update("none");
+  };
+  const [canvas, failed] = useChart(draw, redraw, [JSON.stringify(cohorts)]);
   return html`<figure class="chart" data-chart="drift" data-cohorts=${cohorts.length}>
     ${failed ? html`<p class="error-text">The chart library did not load: ${failed}</p>` : null}
     <div class="chart-box"><canvas ref=${canvas} aria-label="drift per cohort"></canvas></div>

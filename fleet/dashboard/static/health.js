@@ -1,11 +1,9 @@
 // Health over time per model version (error rate, p50/p95 latency, fallback rate, shadow
 // agreement), bucketed by the server, drawn with Chart.js, rollout milestones marked.
 
-import { useEffect, useRef, useState } from "preact/hooks";
-
 import { api, query } from "./api.js";
 import { ModelHealth } from "./drift.js";
-import { Empty, html, loadChart, useContentMark, usePoll } from "./ui.js";
+import { Empty, html, useChart, useContentMark, usePoll } from "./ui.js";
 
 const WINDOWS = [
   [900, "15 min"],
@@ -177,60 +175,46 @@ function tickLabel(value) {
 }
 
 function Chart({ name, title, health, values, markers, labelRollouts }) {
-  const canvas = useRef(null);
-  const chart = useRef(null);
-  const [failed, setFailed] = useState(null);
   const since = firstShown(health, markers);
   const until = Date.parse(health.until);
   const data = datasets(health, values);
-  useEffect(() => {
-    let cancelled = false;
-    loadChart().then(
-      (ChartJs) => {
-        if (cancelled) return;
-        const options = {
-          animation: false,
-          maintainAspectRatio: false,
-          parsing: false,
-          interaction: { mode: "nearest", intersect: false },
-          scales: {
-            x: {
-              type: "linear",
-              min: since,
-              max: until,
-              ticks: {
-                maxTicksLimit: 7,
-                callback: tickLabel,
-              },
-            },
-            y: { beginAtZero: true },
+  const draw = (ChartJs, canvas) => {
+    const options = {
+      animation: false,
+      maintainAspectRatio: false,
+      parsing: false,
+      interaction: { mode: "nearest", intersect: false },
+      scales: {
+        x: {
+          type: "linear",
+          min: since,
+          max: until,
+          ticks: {
+            maxTicksLimit: 7,
+            callback: tickLabel,
           },
-          plugins: {
-            legend: { position: "bottom", labels: { boxWidth: 12 } },
-            title: { display: true, text: title, align: "start" },
-            milestones: { markers, labelRollouts },
-            tooltip: {
-              callbacks: { title: (items) => new Date(items[0].parsed.x).toLocaleString([], { hour12: false }) },
-            },
-          },
-        };
-        if (chart.current) {
-          chart.current.data.datasets = data;
-          chart.current.options.scales.x.min = since;
-          chart.current.options.scales.x.max = until;
-          chart.current.options.plugins.milestones = { markers, labelRollouts };
-          chart.current.update("none");
-        } else {
-          chart.current = new ChartJs(canvas.current, { type: "line", data: { datasets: data }, options, plugins: [milestones] });
-        }
+        },
+        y: { beginAtZero: true },
       },
-      (error) => setFailed(error.message),
-    );
-    return () => {
-      cancelled = true;
+      plugins: {
+        legend: { position: "bottom", labels: { boxWidth: 12 } },
+        title: { display: true, text: title, align: "start" },
+        milestones: { markers, labelRollouts },
+        tooltip: {
+          callbacks: { title: (items) => new Date(items[0].parsed.x).toLocaleString([], { hour12: false }) },
+        },
+      },
     };
-  }, [health]);
-  useEffect(() => () => chart.current?.destroy(), []);
+    return new ChartJs(canvas, { type: "line", data: { datasets: data }, options, plugins: [milestones] });
+  };
+  const redraw = (chart) => {
+    chart.data.datasets = data;
+    chart.options.scales.x.min = since;
+    chart.options.scales.x.max = until;
+    chart.options.plugins.milestones = { markers, labelRollouts };
+    chart.update("none");
+  };
+  const [canvas, failed] = useChart(draw, redraw, [health]);
   return html`<figure class="chart" data-chart=${name} data-series=${data.length}>
     ${failed ? html`<p class="error-text">The chart library did not load: ${failed}</p>` : null}
     ${data.length ? null : html`<p class="no-data">nothing reported in this window</p>`}

@@ -11,9 +11,42 @@ export const html = htm.bind(h);
 let chartLibrary = null;
 
 /** Chart.js, loaded the first time a chart is drawn (its UMD build sets globalThis.Chart). */
-export function loadChart() {
+function loadChart() {
   chartLibrary ??= import("./vendor/chart.umd.min.js").then(() => globalThis.Chart);
   return chartLibrary;
+}
+
+/**
+ * A Chart.js chart on the canvas given the returned ref: `draw(ChartJs, canvas)` makes it
+ * once the library has loaded, `redraw(chart)` refreshes it whenever `deps` change, and it
+ * is destroyed with the component. Returns [canvasRef, failed]: why the library did not
+ * load, else null.
+ *
+ * Preact 11 removes an unmounted component's canvas (its ref turns null) at once but runs
+ * its effect cleanups after the next paint: the canvas is taken when the effect runs, and
+ * nothing is drawn on it once it has left the document (tests/test_dashboard.py).
+ */
+export function useChart(draw, redraw, deps) {
+  const canvas = useRef(null);
+  const chart = useRef(null);
+  const [failed, setFailed] = useState(null);
+  useEffect(() => {
+    const target = canvas.current;
+    let cancelled = false;
+    loadChart().then(
+      (ChartJs) => {
+        if (cancelled || !target?.isConnected) return;
+        if (chart.current) redraw(chart.current);
+        else chart.current = draw(ChartJs, target);
+      },
+      (error) => setFailed(error.message),
+    );
+    return () => {
+      cancelled = true;
+    };
+  }, deps);
+  useEffect(() => () => chart.current?.destroy(), []);
+  return [canvas, failed];
 }
 
 const POLL_MS = 2000;
