@@ -100,6 +100,7 @@ from .drift import fold
 from .errors import BrokerError
 from .metrics import FleetMetrics
 from .models import Quarantine, utcnow
+from .paho_property_tables import share_property_tables
 from .receipts import receipts, refused_receipts
 from .rollouts import Link, handle_acks, lock_answered, reconcile_statuses
 from .telemetry import ingest
@@ -251,7 +252,10 @@ class MqttBridge:
                 keyfile=str(endpoint.key_file) if endpoint.key_file else None,
             )
         self._client.max_queued_messages_set(0)
-        self._client.max_inflight_messages_set(1000)
+        # No window of paho's own: with one, every PUBACK walks the messages in flight for
+        # the next queued one, quadratic in a wave's commands. The broker acknowledges QoS 1
+        # as it reads it, so what is in flight is only what the socket has not sent yet.
+        self._client.max_inflight_messages_set(0)
         self._client.reconnect_delay_set(min_delay=1, max_delay=_RECONNECT_MAX_S)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

@@ -41,6 +41,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from contracts.mqtt import Ack, Command, Status, device_topic
 
+from ..paho_property_tables import share_property_tables
 from ._device import GONE, Device, Phase, seeded_fraction
 from ._protocol import DeviceProtocol, TelemetryLedger, record_id
 from .specs import Behaviour, SimulatedDeviceSpec
@@ -120,6 +121,7 @@ class FleetSimulator:
         self._starting = False
         self._stopping = False
         self._ended = False
+        share_property_tables()  # paho's MQTT 5 decoding, without its per-packet tables
 
     # ------------------------------------------------------------------ public, any thread
 
