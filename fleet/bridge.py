@@ -202,10 +202,15 @@ class MqttBridge:
         drain: bool = False,
         channels: Sequence[Channel] = _CHANNELS,
     ) -> None:
-        if not channels or not set(channels) <= set(_CHANNELS):
-            raise ValueError(f"channels must be some of {_CHANNELS}, not {tuple(channels)}")
+        chosen = frozenset(channels)
+        if not chosen or not chosen <= set(_CHANNELS) or len(chosen) < len(channels):
+            raise ValueError(
+                f"channels must be some of {_CHANNELS}, each once, not {tuple(channels)}"
+            )
         self._endpoint = endpoint
-        self._channels = tuple(channels)
+        self._channels = chosen
+        self._all_channels = chosen == set(_CHANNELS)
+        """It stores everything (a replica's bridge), not telemetry alone (a worker's)."""
         self._takeover = drain
         self._last_arrival = time.monotonic()
         self._db = db
@@ -234,11 +239,14 @@ class MqttBridge:
         self._link: Link | None = None
         self._connections = 0
         self._session_present = False
+        self._refusal: str | None = None
+        """Why the broker last refused a connection (a CONNACK's reason), if it did."""
         self._worker: threading.Thread | None = None
         share_property_tables()  # paho's MQTT 5 decoding, without its per-packet tables
+        self._client_id = client_id or endpoint.username or _DEFAULT_CLIENT_ID
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id or endpoint.username or _DEFAULT_CLIENT_ID,
+            client_id=self._client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
             reconnect_on_failure=not drain,
@@ -282,18 +290,32 @@ class MqttBridge:
         except OSError as e:
             raise BrokerError(f"cannot reach the MQTT broker at {self._endpoint.url}: {e}") from e
         self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self.stop()
-            raise BrokerError(
-                f"the MQTT broker at {self._endpoint.url} did not accept the fleet's "
-                f"connection and subscriptions within {timeout_s:.0f} s (credentials or ACL?)"
-            )
+        deadline = time.monotonic() + timeout_s
+        while not self._connected.wait(0.05):
+            if self._refusal is not None:  # said at once: a probe refused costs no timeout
+                self.stop()
+                raise BrokerError(
+                    f"the MQTT broker at {self._endpoint.url} refused the fleet's connection "
+                    f"as {self._client_id}: {self._refusal}"
+                )
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise BrokerError(
+                    f"the MQTT broker at {self._endpoint.url} did not accept the fleet's "
+                    f"connection and subscriptions within {timeout_s:.0f} s (credentials or ACL?)"
+                )
 
-    def stop(self) -> None:
+    def stop(self, *, discard_session: bool = False) -> None:
         """Disconnect (the session stays), store what was received, and end the worker;
         while the database is down it does not wait for it. Nothing is acknowledged after
-        the disconnect: the broker delivers it all again to the next start."""
-        self._client.disconnect()
+        the disconnect: the broker delivers it all again to the next start.
+        ``discard_session``: have the broker drop the session instead (MQTT 5: a Session
+        Expiry Interval of 0 in the DISCONNECT)."""
+        properties = None
+        if discard_session:
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        self._client.disconnect(properties=properties)
         self._client.loop_stop()
         self._stopping.set()
         self._inbox.put(None)
@@ -397,6 +419,7 @@ class MqttBridge:
         _properties: Properties | None,
     ) -> None:
         if reason.is_failure:
+            self._refusal = str(reason)
             log.error("MQTT broker refused the fleet's connection: %s", reason)
             return
         with self._link_lock:
@@ -412,11 +435,11 @@ class MqttBridge:
                 "the MQTT broker kept no session for the fleet (a first start, or it expired "
                 "or was lost with the broker): what devices sent meanwhile is gone; %s",
                 "the rollout engine reconciles from their statuses and resends unfinished commands"
-                if self._channels == _CHANNELS
+                if self._all_channels
                 else "devices resend the telemetry no storage receipt named",
             )
-        client.subscribe([(shared_subscription(c), 1) for c in self._channels])
-        if self._channels == _CHANNELS:
+        client.subscribe([(shared_subscription(c), 1) for c in sorted(self._channels)])
+        if self._all_channels:
             _, self._store_mid = client.subscribe(STORE_BYTES_TOPIC, 0)
 
     def _on_subscribe(
@@ -768,7 +791,7 @@ def drain_session(
     when it did not finish (the connection was refused or taken back by its owner, or
     ``timeout_s`` passed): what is left stays in the session. ``if_present``: done at once
     when the broker held no session for ``client_id`` (a probe for sessions that may not
-    exist: the one the connection made has no subscription, and expires).
+    exist: the one the connection made is discarded as it disconnects).
     """
     bridge = MqttBridge(
         endpoint,
@@ -786,8 +809,9 @@ def drain_session(
         log.error("could not take over the MQTT session %s to empty it: %s", client_id, e)
         return False
     deadline = time.monotonic() + timeout_s
+    made_by_the_probe = if_present and not bridge.session_present
     try:
-        if if_present and not bridge.session_present:
+        if made_by_the_probe:
             return True
         while bridge.quiet_s() < quiet_s or bridge.pending():
             if bridge.link() is None or time.monotonic() > deadline:
@@ -795,7 +819,7 @@ def drain_session(
             time.sleep(0.05)
         return bridge.link() is not None
     finally:
-        bridge.stop()
+        bridge.stop(discard_session=made_by_the_probe)
 
 
 def _blames_the_database(error: Exception) -> bool:

@@ -170,9 +170,8 @@ def serve(
     ] = None,
     ingest_workers: Annotated[
         int,
-        typer.Option(
+        typer.Option(  # at most fleet.config.MAX_INGEST_WORKERS: FleetSettings says so
             min=0,
-            max=32,
             help="Extra processes storing telemetry through the shared subscription "
             "(docs/scale.md); 0: the server's own bridge alone.",
         ),

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from contracts.drift import DISTANCE_ALERT, MIN_COUNT, PSI_ALERT, DriftThresholds
 from ota.keys import PASSPHRASE_ENV
 
-from .broker.credential import REPLICA_ID
+from .broker.credential import is_ingest_username
 from .broker.endpoint import MqttEndpoint, is_loopback, public_endpoint
 
-__all__ = ["DEFAULT_REPLICA_ID", "FleetSettings"]
+__all__ = ["DEFAULT_REPLICA_ID", "MAX_INGEST_WORKERS", "FleetSettings", "is_in_memory_sqlite"]
 
 DEFAULT_REPLICA_ID = "main"
+MAX_INGEST_WORKERS = 32
+"""The most ``--ingest-workers`` a replica runs (and so the most worker sessions it has)."""
+
+
+def is_in_memory_sqlite(database_url: str) -> bool:
+    """Whether ``database_url`` names an SQLite database that lives in one process's memory
+    (no file: ``sqlite://``, ``:memory:``, ``mode=memory``), which other processes cannot
+    share. ``False`` for a URL SQLAlchemy cannot parse (opening it says why)."""
+    try:
+        url = make_url(database_url)
+    except ArgumentError:
+        return False
+    if url.get_backend_name() != "sqlite":
+        return False
+    database = url.database or ""
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or url.query.get("mode") == "memory"
+    )
 
 
 class FleetSettings(BaseModel):
@@ -110,7 +131,7 @@ class FleetSettings(BaseModel):
     """Largest cloud inference request (``/v2/.../infer``), which is read whole."""
     metrics_public: bool = False
     """Serve ``/metrics`` without a token (by default it needs an API token, any role)."""
-    ingest_workers: int = Field(default=0, ge=0, le=32)
+    ingest_workers: int = Field(default=0, ge=0, le=MAX_INGEST_WORKERS)
     """Processes storing telemetry beside the replica's own bridge (fleet/ingest_workers.py);
     0: the bridge alone. On SQLite they take turns at its one write lock."""
 
@@ -127,7 +148,7 @@ class FleetSettings(BaseModel):
     @field_validator("replica_id")
     @classmethod
     def _not_an_ingest_worker(cls, replica_id: str) -> str:
-        if re.search(r"-ingest-[0-9]+$", replica_id):
+        if is_ingest_username(replica_id):
             raise ValueError(
                 f"replica id {replica_id!r} ends like an ingest worker's account "
                 "(REPLICA-ingest-K, fleet/ingest_workers.py): choose another"
@@ -156,16 +177,7 @@ class FleetSettings(BaseModel):
                 "--ingest-workers with an external broker needs --mqtt-credential-file: each "
                 "worker logs in as edgefleet-fleet-REPLICA-ingest-K with the replicas' password"
             )
-        if self.mqtt_url is not None and not REPLICA_ID.fullmatch(
-            last := f"{self.replica_id}-ingest-{self.ingest_workers}"
-        ):
-            raise ValueError(
-                f"--ingest-workers {self.ingest_workers}: the broker would be asked about "
-                f"edgefleet-fleet-{last}, longer than a replica's account may be (32 "
-                "characters after edgefleet-fleet-): choose a shorter --replica-id"
-            )
-        url = self.db_url
-        if url.startswith("sqlite") and (url.rstrip("/") == "sqlite:" or "memory" in url):
+        if is_in_memory_sqlite(self.db_url):
             raise ValueError(
                 "--ingest-workers cannot share an in-memory SQLite database with the server: "
                 "give --database-url a file or postgresql://"

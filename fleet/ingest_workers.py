@@ -9,19 +9,21 @@ replica's bridge: the broker splits telemetry between the replica's bridge and i
 and so everything that wakes the rollout engine, stay with the replica's own bridge.
 
 Each worker ``k`` (1 to N) connects as ``edgefleet-fleet-REPLICA-ingest-k``
-(:func:`ingest_client_id`: its client id and its broker account, the fleet's password)
-with clean start off and a session expiry, like the replica's bridge: a worker killed and
-restarted takes its session back, and the broker delivers again what the worker had not
-acknowledged (a message is acknowledged once stored). Nothing the broker acknowledged to
-a device is lost.
+(:func:`~fleet.broker.credential.ingest_username`: its client id and its broker account,
+the fleet's password) with clean start off and a session expiry, like the replica's bridge:
+a worker killed and restarted takes its session back, and the broker delivers again what
+the worker had not acknowledged (a message is acknowledged once stored). Nothing the
+broker acknowledged to a device is lost.
 
-:class:`IngestWorkers` runs in ``fleet serve`` and supervises them: a worker that exits is
-logged and restarted, after 0.5 s doubling to 30 s while it keeps dying
-(``edgefleet_ingest_worker_restarts_total``). A worker stops when its parent does
+:class:`IngestWorkers` runs in ``fleet serve`` and supervises them: a worker that exits (or
+cannot be started, or heard) is logged and restarted, after 0.5 s doubling to 30 s while it
+keeps dying (``edgefleet_ingest_worker_restarts_total``). A worker stops when its parent does
 (SIGTERM: it stores what it holds, then leaves its session unsubscribed so the broker
 queues nothing for a worker a later start may not run; the replica's own session keeps
 the whole share meanwhile), and exits by itself within a second when its parent dies
-(``fleet serve`` killed: the worker's session stays subscribed, for the restart).
+(``fleet serve`` killed: the worker's session stays subscribed, for the restart; a restart
+with fewer workers empties the sessions of those it no longer runs, workers N+1 to the
+count it recorded, :func:`drain_ingest_sessions` with ``beyond=N``).
 
 A replica that dies whole (on a broker shared by replicas that asks the fleet who may
 connect, docs/scale.md step 4) leaves its workers' sessions subscribed, queueing their share
@@ -41,6 +43,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 import time
@@ -49,12 +52,14 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col
 
 from .bridge import MqttBridge, drain_session
 from .broker import MqttEndpoint
-from .broker.credential import replica_username
+from .broker.credential import ingest_username
 from .db import make_engine, session_scope
 from .errors import BrokerError
 from .metrics import FleetMetrics
@@ -66,7 +71,8 @@ __all__ = [
     "add_counts",
     "counter_totals",
     "drain_ingest_sessions",
-    "ingest_client_id",
+    "record_ingest_workers",
+    "recorded_ingest_workers",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,9 +97,24 @@ Counts = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 """Counter values by ``(FleetMetrics attribute, sorted labels)``."""
 
 
-def ingest_client_id(replica_username: str, index: int) -> str:
-    """Worker ``index``'s MQTT client id and broker account, from its replica's."""
-    return f"{replica_username}-ingest-{index}"
+def recorded_ingest_workers(db: Engine, replica_id: str) -> int:
+    """The worker count in replica ``replica_id``'s row (0 without a row); the database's
+    error as it comes (``SQLAlchemyError``)."""
+    with session_scope(db) as session:
+        replica = session.get(FleetReplica, replica_id)
+        return replica.ingest_workers if replica is not None else 0
+
+
+def record_ingest_workers(db: Engine, replica_id: str, workers: int) -> None:
+    """Write ``workers`` into the replica's row (once the sessions of the workers beyond
+    it are emptied, :func:`drain_ingest_sessions`)."""
+    with session_scope(db) as session:
+        session.exec(
+            update(FleetReplica)
+            .where(col(FleetReplica.id) == replica_id)
+            .values(ingest_workers=workers)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def drain_ingest_sessions(
@@ -103,23 +124,23 @@ def drain_ingest_sessions(
     *,
     replica_id: str,
     session_expiry_s: int,
+    beyond: int = 0,
 ) -> bool:
-    """Take over and empty the sessions a dead replica's ingest workers left, as
+    """Take over and empty the sessions a replica's ingest workers left, as
     :func:`~fleet.bridge.drain_session` does the replica's own; ``endpoint`` holds the
-    replicas' shared password. Workers 1 to the count in the replica's row, none for 0 (or
-    no row); one the broker holds no session for (it stopped cleanly, or never connected)
+    replicas' shared password. Workers ``beyond`` + 1 to the count in the replica's row:
+    all of a dead replica's; those a replica restarted with ``beyond`` workers no longer
+    runs. One the broker holds no session for (it stopped cleanly, or never connected)
     costs a connection. ``False`` if the count could not be read or one did not finish
     (it is tried again later)."""
     try:
-        with session_scope(db) as session:
-            replica = session.get(FleetReplica, replica_id)
-            workers = replica.ingest_workers if replica is not None else 0
+        workers = recorded_ingest_workers(db, replica_id)
     except SQLAlchemyError as e:
         log.warning("could not read replica %s's ingest worker count: %s", replica_id, e)
         return False
     done = True
-    for index in range(1, workers + 1):
-        client_id = ingest_client_id(replica_username(replica_id), index)
+    for index in range(beyond + 1, workers + 1):
+        client_id = ingest_username(replica_id, index)
         done &= drain_session(
             replace(endpoint, username=client_id),
             db,
@@ -263,53 +284,69 @@ class IngestWorkers:
         for thread in self._threads:
             thread.join(timeout=_STOP_S + 5)
 
-    def pids(self) -> dict[int, int | None]:
-        """Each worker's process id now (``None`` while it is being restarted)."""
+    def pids(self) -> dict[int, int]:
+        """The process id of each worker running now (one being restarted is left out)."""
         with self._lock:
-            return {index: process.pid for index, process in self._processes.items()}
+            return {
+                index: process.pid
+                for index, process in self._processes.items()
+                if process.pid is not None and process.is_alive()
+            }
 
     def _supervise(self, spec: IngestWorkerSpec) -> None:
+        """Run worker ``spec.index`` until :meth:`stop`, starting it again after it exits
+        or after anything fails here (its start, its relay), with a growing delay."""
         delay_s = self._restart_min_s
         while True:
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                relay, child_end = self._context.Pipe(duplex=False)
-                process = self._context.Process(
-                    target=run_worker, args=(spec, child_end), name=f"ingest-{spec.index}"
-                )
-                process.start()
-                self._processes[spec.index] = process
-            child_end.close()
             started = time.monotonic()
-            self._relay_until_exit(spec.index, process, relay)
-            if self._stopping.is_set():
+            try:
+                ended = self._run_once(spec)
+            except Exception:
+                log.exception("ingest worker %d could not be started or heard", spec.index)
+                ended = "failed"
+            if ended is None or self._stopping.is_set():
                 return
             if time.monotonic() - started >= self._stable_s:
                 delay_s = self._restart_min_s
             self._metrics.ingest_worker_restarts.labels(str(spec.index)).inc()
-            log.error(
-                "ingest worker %d (pid %s) exited with %s; restarting it in %.1f s",
-                spec.index,
-                process.pid,
-                process.exitcode,
-                delay_s,
-            )
+            log.error("ingest worker %d %s; restarting it in %.1f s", spec.index, ended, delay_s)
             if self._stopping.wait(delay_s):
                 return
             delay_s = min(delay_s * 2, self._restart_max_s)
 
+    def _run_once(self, spec: IngestWorkerSpec) -> str | None:
+        """Start the worker and relay its counts until it exits; how it ended, or ``None``
+        when told to stop before it started."""
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            relay, child_end = self._context.Pipe(duplex=False)
+            try:
+                process = self._context.Process(
+                    target=run_worker, args=(spec, child_end), name=f"ingest-{spec.index}"
+                )
+                process.start()
+            except BaseException:
+                relay.close()
+                raise
+            finally:
+                child_end.close()
+            self._processes[spec.index] = process
+        self._relay_until_exit(spec.index, process, relay)
+        return f"(pid {process.pid}) exited with {process.exitcode}"
+
     def _relay_until_exit(self, index: int, process: BaseProcess, relay: Connection) -> None:
         """Add what the worker sends to the metrics until it exits (it was told to stop:
-        SIGKILL past ``_STOP_S``)."""
+        SIGKILL past ``_STOP_S``). Whatever ends this early (a garbled relay, a count that
+        cannot be added) stops the worker too, so that it is not run twice."""
         told_at: float | None = None
         try:
             while True:
                 if relay.poll(0.2):
                     try:
                         counts = relay.recv()
-                    except EOFError:
-                        break
+                    except (EOFError, OSError, pickle.UnpicklingError):
+                        break  # the worker is gone (or cannot be heard: it is stopped below)
                     add_counts(self._metrics, counts)
                     self._count_records(index, counts)
                 elif not process.is_alive():
@@ -322,7 +359,13 @@ class IngestWorkers:
                         break
         finally:
             relay.close()
+            if process.is_alive():
+                process.terminate()  # it stores what it holds and leaves
             process.join(timeout=_STOP_S)
+            if process.is_alive():
+                log.error("ingest worker %d did not stop in time: killed", index)
+                process.kill()
+                process.join()
 
     def _count_records(self, index: int, counts: Counts) -> None:
         stored = counts.get(("telemetry_records", ()), 0.0)

@@ -45,7 +45,12 @@ from .broker import (
     hash_password,
 )
 from .broker.access import AccountKind
-from .broker.credential import BrokerCredential, replica_admin_username, replica_username
+from .broker.credential import (
+    BrokerCredential,
+    ingest_username,
+    replica_admin_username,
+    replica_username,
+)
 from .broker.endpoint import advertised_host, is_loopback, is_wildcard, public_endpoint
 from .broker.remote import DeviceAccounts, RemoteAccounts
 from .ca import FleetCA
@@ -59,7 +64,8 @@ from .ingest_workers import (
     IngestWorkers,
     IngestWorkerSpec,
     drain_ingest_sessions,
-    ingest_client_id,
+    record_ingest_workers,
+    recorded_ingest_workers,
 )
 from .metrics import FleetMetrics
 from .migrate import upgrade
@@ -127,6 +133,8 @@ class FleetServer:
         self.drift_watch: DriftWatch
         self.ingest: IngestWorkers | None = None
         """``--ingest-workers``: the processes storing telemetry beside the bridge."""
+        self._recorded_workers = 0
+        """The ingest worker count this replica's row held at start (a previous start's)."""
         self._draining: dict[str, float] = {}
         """Replicas whose session is being (or was, without success) taken over: when to
         try again."""
@@ -157,6 +165,9 @@ class FleetServer:
         self.repository = self._open_repository()
         if settings.mqtt_tls and settings.mqtt_url is None:
             self.ca = FleetCA.load_or_create(settings.ca_dir)
+        # Workers a previous start ran beyond this one's count stay recorded until their
+        # sessions are emptied (_drain_retired_workers), for whoever drains this replica.
+        self._recorded_workers = recorded_ingest_workers(self.background_db, settings.replica_id)
         self.lease = LeaseKeeper(
             self.background_db,
             settings.replica_id,
@@ -164,7 +175,7 @@ class FleetServer:
             ready=self._connected,
             on_change=self._lease_changed,
             on_orphans=self._take_over_sessions,
-            ingest_workers=settings.ingest_workers,
+            ingest_workers=max(settings.ingest_workers, self._recorded_workers),
         )
         self.lease.register()  # first: a standalone broker makes its accounts from its row
         self.mqtt = self._start_broker()
@@ -178,6 +189,7 @@ class FleetServer:
             session_expiry_s=settings.mqtt_session_expiry_s,
         )
         self.bridge.start()
+        self._drain_retired_workers()
         if settings.ingest_workers:
             self.ingest = IngestWorkers(self._ingest_specs(), self.metrics)
             self.ingest.start()
@@ -434,8 +446,43 @@ class FleetServer:
         )
 
     def _ingest_usernames(self) -> list[str]:
-        replica = fleet_mqtt_user(self.settings.replica_id)
-        return [ingest_client_id(replica, k) for k in range(1, self.settings.ingest_workers + 1)]
+        """The workers' accounts: this start's, and those of a previous start's workers
+        beyond them until their sessions are emptied."""
+        workers = max(self.settings.ingest_workers, self._recorded_workers)
+        return [ingest_username(self.settings.replica_id, k) for k in range(1, workers + 1)]
+
+    def _drain_retired_workers(self) -> None:
+        """A previous start that ran more workers and did not stop them (it was killed)
+        left their sessions subscribed, queueing a share of telemetry: store it and leave
+        them unsubscribed, then record this start's count. Not done, it is tried at the
+        next start (or by the lease holder, should this replica die)."""
+        settings = self.settings
+        if self._recorded_workers <= settings.ingest_workers:
+            return
+        if settings.mqtt_url is None and settings.mqtt_tls:
+            return  # its accounts are certificates now: workers cannot log in
+        if settings.mqtt_url is not None and (
+            self.credential is None or self.credential.admin_password is not None
+        ):
+            return  # no worker accounts on this broker (as FleetSettings refuses workers)
+        retired = f"{settings.ingest_workers + 1} to {self._recorded_workers}"
+        log.warning("emptying the MQTT sessions of ingest workers %s of a previous start", retired)
+        if drain_ingest_sessions(
+            self.mqtt,
+            self.background_db,
+            self.metrics,
+            replica_id=settings.replica_id,
+            session_expiry_s=settings.mqtt_session_expiry_s,
+            beyond=settings.ingest_workers,
+        ):
+            record_ingest_workers(self.background_db, settings.replica_id, settings.ingest_workers)
+            self._recorded_workers = settings.ingest_workers
+        else:
+            log.error(
+                "could not empty the MQTT sessions of ingest workers %s of a previous start: "
+                "they keep a share of telemetry until they expire; tried again at the next start",
+                retired,
+            )
 
     def _ingest_specs(self) -> list[IngestWorkerSpec]:
         """Each worker logs in with the replica's password as its own account (the
@@ -444,12 +491,12 @@ class FleetServer:
         return [
             IngestWorkerSpec(
                 index=k,
-                endpoint=replace(self.mqtt, username=username),
+                endpoint=replace(self.mqtt, username=ingest_username(self.settings.replica_id, k)),
                 db_url=self.settings.db_url,
                 session_expiry_s=self.settings.mqtt_session_expiry_s,
                 idle_in_transaction_s=self.settings.rollout_lease_s,
             )
-            for k, username in enumerate(self._ingest_usernames(), start=1)
+            for k in range(1, self.settings.ingest_workers + 1)
         ]
 
     def _advertised_host(self) -> str:

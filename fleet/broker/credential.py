@@ -1,7 +1,8 @@
 """The fleet replicas' broker accounts, and the credential file they share.
 
 Every replica connects as ``edgefleet-fleet-REPLICA`` (its client id too, so the session
-the broker keeps for it is its own) and, with a standalone mosquitto, administers device
+the broker keeps for it is its own), its ingest workers as ``edgefleet-fleet-REPLICA-ingest-K``
+(fleet/ingest_workers.py) and, with a standalone mosquitto, administers device
 accounts as ``edgefleet-fleet-REPLICA-admin``. The passwords are shared by every replica:
 they live in one file (JSON, mode 0600) that ``edgefleet fleet broker`` writes on its first
 start and every ``fleet serve --mqtt-credential-file`` reads:
@@ -32,6 +33,8 @@ __all__ = [
     "FLEET_ACCOUNT_PREFIX",
     "REPLICA_ID",
     "BrokerCredential",
+    "ingest_username",
+    "is_ingest_username",
     "replica_admin_username",
     "replica_of",
     "replica_username",
@@ -41,6 +44,8 @@ FLEET_ACCOUNT_PREFIX = "edgefleet-fleet-"
 REPLICA_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
 """A replica's name: lowercase letters, digits and inner ``-``, at most 32."""
 _ADMIN_SUFFIX = "-admin"
+_INGEST_WORKER = re.compile(r"(?P<owner>.+)-ingest-[1-9][0-9]*")
+"""An ingest worker's name: its replica's, then ``-ingest-K`` (fleet/ingest_workers.py)."""
 
 
 def replica_username(replica_id: str) -> str:
@@ -53,11 +58,28 @@ def replica_admin_username(replica_id: str) -> str:
     return f"{replica_username(replica_id)}{_ADMIN_SUFFIX}"
 
 
+def ingest_username(replica_id: str, index: int) -> str:
+    """The account and client id of replica ``replica_id``'s ingest worker ``index`` (1 on)."""
+    if index < 1:
+        raise ValueError(f"ingest workers are numbered from 1, not {index}")
+    return f"{replica_username(replica_id)}-ingest-{index}"
+
+
+def is_ingest_username(name: str) -> bool:
+    """Whether ``name`` (an account, or a replica id) ends like an ingest worker's."""
+    return _INGEST_WORKER.fullmatch(name) is not None
+
+
 def replica_of(username: str) -> str | None:
-    """The replica whose bridge account ``username`` is, or ``None``."""
+    """The replica whose bridge account, or ingest worker's account, ``username`` is; or
+    ``None``."""
     if not username.startswith(FLEET_ACCOUNT_PREFIX):
         return None
     replica = username.removeprefix(FLEET_ACCOUNT_PREFIX)
+    if worker := _INGEST_WORKER.fullmatch(replica):
+        replica = worker["owner"]
+        if is_ingest_username(replica):  # no replica may be named so (fleet/config.py)
+            return None
     if replica.endswith(_ADMIN_SUFFIX) or not REPLICA_ID.fullmatch(replica):
         return None
     return replica

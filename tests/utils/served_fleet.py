@@ -86,11 +86,15 @@ class ServedFleet:
         except httpx.HTTPError:
             return 0
 
-    def metric(self, name: str) -> float:
-        """One unlabelled sample of ``/metrics``."""
+    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
+        """One sample of ``/metrics``: ``name{labels}`` (``labels`` as exposed, e.g.
+        ``worker="1"``); ``default`` when it is not there (``None``: fail the test)."""
         text = self._call("GET", "/metrics").text
-        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        assert found, f"{name} is not in /metrics:\n{text[-2000:]}"
+        sample = f"{name}{{{labels}}}" if labels else name
+        found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        if found is None and default is not None:
+            return default
+        assert found, f"{sample} is not in /metrics:\n{text[-2000:]}"
         return float(found.group(1))
 
     def online(self) -> set[str]:
@@ -123,19 +127,22 @@ def serve_fleet(data_dir: Path, port: int | None, *options: str) -> ServedFleet:
     ``None``: a free port, and another one if some other process takes it between the
     choice and the server's bind (an outgoing connection can be given any free port)."""
     attempts = _PORT_ATTEMPTS if port is None else 1
+    refused = ""
     for _ in range(attempts):
-        fleet = _serve(data_dir, free_port() if port is None else port, options)
+        fleet, refused = _serve(data_dir, free_port() if port is None else port, options)
         if fleet is not None:
             return fleet
-    raise AssertionError(f"fleet serve found its port in use {attempts} times")
+    raise AssertionError(
+        f"fleet serve found its HTTP port in use {attempts} times; its last log:\n{refused}"
+    )
 
 
 _PORT_ATTEMPTS = 3
-_PORT_TAKEN = "the port is in use"
 
 
-def _serve(data_dir: Path, port: int, options: tuple[str, ...]) -> ServedFleet | None:
-    """The server answering on ``port``; ``None`` if it exited because the port was taken."""
+def _serve(data_dir: Path, port: int, options: tuple[str, ...]) -> tuple[ServedFleet | None, str]:
+    """The server answering on ``port``; ``None`` and the tail of its log if it exited
+    because that port (not another, such as the broker's) was taken."""
     stamp = time.time_ns()
     stdout = data_dir.parent / f"serve-{stamp}.out"
     stderr = data_dir.parent / f"serve-{stamp}.log"
@@ -148,13 +155,15 @@ def _serve(data_dir: Path, port: int, options: tuple[str, ...]) -> ServedFleet |
 
     def answers() -> bool:
         if process.poll() is not None:
-            if _PORT_TAKEN in fleet.log():
+            if f":{port}: the port is in use" in fleet.log():  # fleet/listen.py's words
                 return True
             raise AssertionError(f"fleet serve exited:\n{fleet.log()[-3000:]}")
         return fleet.health("live") == 200
 
     wait_for(answers, timeout_s=60, what="fleet serve to answer")
-    return None if process.poll() is not None else fleet
+    if process.poll() is not None:
+        return None, fleet.log()[-3000:]
+    return fleet, ""
 
 
 def enroll_simulated(
