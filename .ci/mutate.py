@@ -10,7 +10,9 @@ again with the target's whole test selection, ``MUTANT_UNDER_TEST`` and ``PYTHON
 set so that the subprocesses load the mutated code too.
 
 Survivors listed in docs/mutation.md as equivalent (same behaviour, no test can tell) are
-counted apart: score = killed / (mutants - equivalent). Each target has a time budget;
+counted apart: score = killed / (mutants - equivalent). Those it lists as timing-only
+(they change when the agent acts, and no test pins it) are counted apart too, but as not
+killed: they stay in the score's denominator. Each target has a time budget;
 mutants left unjudged when it is spent count as survivors.
 
     .venv/bin/python .ci/mutate.py [TARGET ...]     # default: every target
@@ -187,9 +189,17 @@ def models_cache() -> Path:
     return cache
 
 
-def equivalents() -> set[str]:
-    """Mutant names docs/mutation.md lists as equivalent (``- `NAME`: why``)."""
-    return set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", EQUIVALENTS.read_text()))
+EQUIVALENT_HEADING = "Equivalent mutants"
+TIMING_ONLY_HEADING = "Timing-only mutants, not killed"
+
+
+def listed(heading: str) -> set[str]:
+    """Mutant names docs/mutation.md lists under ``## HEADING`` (``- `NAME`: why``)."""
+    text = EQUIVALENTS.read_text()
+    section = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if section is None:
+        raise SystemExit(f"{EQUIVALENTS} has no '## {heading}' section")
+    return set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", section.group(1)))
 
 
 def prepare(name: str, target: Target) -> None:
@@ -270,11 +280,14 @@ def recheck(work: Path, target: Target, mutant: str, deadline: float, env: dict[
 
 @dataclass
 class Score:
-    """One module's mutants: killed, equivalent (docs/mutation.md), and the survivors."""
+    """One module's mutants: killed, equivalent and timing-only (docs/mutation.md), and
+    the other survivors."""
 
     mutants: int = 0
     killed: int = 0
     equivalent: int = 0
+    timing_only: int = 0
+    """Survivors docs/mutation.md lists as timing-only: not killed, and in the score."""
     survivors: tuple[str, ...] = ()
     seconds: float = 0.0
     """The whole target's time, this module's and the others' it was run with."""
@@ -292,12 +305,14 @@ class Score:
             return f"{module:<28} {self.error}"
         return (
             f"{module:<28} {self.mutants:>7} {self.killed:>6} {len(self.survivors):>8} "
-            f"{self.equivalent:>6} {self.score:>6.1%} {self.seconds:>5.0f}s {self.note}"
+            f"{self.timing_only:>6} {self.equivalent:>6} {self.score:>6.1%} "
+            f"{self.seconds:>5.0f}s {self.note}"
         ).rstrip()
 
 
 HEADER = (
-    f"{'module':<28} {'mutants':>7} {'killed':>6} {'survived':>8} {'equiv.':>6} {'score':>6}  time"
+    f"{'module':<28} {'mutants':>7} {'killed':>6} {'survived':>8} {'timing':>6} {'equiv.':>6} "
+    f"{'score':>6}  time"
 )
 
 
@@ -349,7 +364,8 @@ def run(name: str, target: Target, children: int, *, resume: bool) -> dict[str, 
         if not all((work / "mutants" / f"{file}.meta").is_file() for file in target.files):
             late = Score(error=f"the budget ran out before any verdict: see {work}/mutmut.log")
             return dict.fromkeys(target.files, late)
-        equivalent = equivalents()
+        equivalent = listed(EQUIVALENT_HEADING)
+        timing_only = listed(TIMING_ONLY_HEADING) - equivalent
         found = {file: statuses(work, file) for file in target.files}
         for verdicts in found.values():
             for mutant, status in sorted(verdicts.items()):
@@ -364,7 +380,8 @@ def run(name: str, target: Target, children: int, *, resume: bool) -> dict[str, 
             mutants=len(verdicts),
             killed=len(verdicts) - len(alive),
             equivalent=sum(m in equivalent for m in alive),
-            survivors=tuple(sorted(m for m in alive if m not in equivalent)),
+            timing_only=sum(m in timing_only for m in alive),
+            survivors=tuple(sorted(m for m in alive if m not in equivalent | timing_only)),
             seconds=seconds,
             note="" if finished else "budget spent: unjudged mutants count as survivors",
         )

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from contracts.bounded import MAX_COUNT
 from contracts.drift import (
     DRIFT_REFERENCE_SCHEMA,
     MAX_EDGES,
@@ -16,6 +17,7 @@ from contracts.drift import (
     OUTPUT_NORM,
     PSI_ALERT,
     TRACKED_CLASSES,
+    VALUES_PER_FEATURE,
     DriftSummary,
     FeatureReference,
     ReferenceProfile,
@@ -28,6 +30,7 @@ from contracts.drift import (
     score,
 )
 from contracts.errors import ContractError, DriftError
+from contracts.mqtt import TelemetryBatch, TelemetryRecord, encode_telemetry
 
 
 def _reference(*, classes: int = 10, seed: int = 0) -> ReferenceProfile:
@@ -128,21 +131,44 @@ def test_a_3_channel_classifier_summary_is_well_under_1_kib() -> None:
     assert DriftSummary.from_extra(json.loads(encoded)) == summary
 
 
+def _bytes_in_a_batch(summary: DriftSummary) -> int:
+    """The bytes ``summary`` takes in a telemetry batch as the device encodes it
+    (``contracts.mqtt.encode_telemetry``, uncompressed): a record with it against the same
+    record with an empty summary, plus that empty ``{}``."""
+
+    def batch(drift: dict[str, object]) -> int:
+        record = TelemetryRecord(id="r" * 32, ts=0.0, extra={"drift": drift})
+        return len(encode_telemetry(TelemetryBatch(records=[record]), compress=False))
+
+    return batch(summary.to_extra()) - batch({}) + len("{}")
+
+
 def test_a_3_channel_classifiers_summary_stays_under_1_kib_at_every_counts_bound() -> None:
-    """The worst case whatever the traffic: every bin and class count at 2^31 - 1, the
-    tracked classes given 5-digit ids (README "Benchmarks" quotes the size)."""
+    """The worst case whatever the traffic, the tracked classes given 5-digit ids: every
+    count at 2^31 - 1, the most inferences one record counts (``contracts.bounded``;
+    README "Benchmarks" quotes this size); then the bins as full as they can get, an input
+    channel's bins adding up to ``VALUES_PER_FEATURE`` values per inference and the
+    classes to one per inference, spread evenly (the most digits)."""
     summary = _fed(_reference(classes=1000), 5000)
-    worst = {
-        "count": 2**31 - 1,
-        "features": {n: [2**31 - 1] * len(c) for n, c in summary.features.items()},
-        "classes": {
-            str(OTHER_CLASS if k == OTHER_CLASS else 10_000 + k): 2**31 - 1 for k in summary.classes
+    ids = [OTHER_CLASS if k == OTHER_CLASS else 10_000 + k for k in summary.classes]
+    at_bound = DriftSummary(
+        count=MAX_COUNT,
+        features={n: [MAX_COUNT] * len(c) for n, c in summary.features.items()},
+        classes=dict.fromkeys(ids, MAX_COUNT),
+    )
+    full = DriftSummary(
+        count=MAX_COUNT,
+        features={
+            n: [VALUES_PER_FEATURE * MAX_COUNT // len(c)] * len(c)
+            for n, c in summary.features.items()
         },
-    }
-    assert set(summary.to_extra()) == set(worst)
-    encoded = json.dumps(worst, separators=(",", ":")).encode()
-    print(f"worst-case summary: {len(encoded)} bytes")
-    assert len(encoded) < 1024
+        classes=dict.fromkeys(ids, MAX_COUNT // len(ids)),
+    )
+    assert OUTPUT_NORM not in summary.features  # a classifier: its bins are all an input's
+    assert set(at_bound.to_extra()) == set(summary.to_extra())
+    size, fullest = _bytes_in_a_batch(at_bound), _bytes_in_a_batch(full)
+    print(f"worst-case summary: {size} bytes ({fullest} with the bins as full as they get)")
+    assert size < 1024 and fullest < 1024
 
 
 def test_the_reference_file_round_trips() -> None:

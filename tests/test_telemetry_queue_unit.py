@@ -381,15 +381,16 @@ def _garble_pages(queue: TelemetryQueue, *, index_only: bool) -> list[int]:
     Returns the page numbers garbled."""
     assert queue._conn is not None
     queue._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    (page_size,) = queue._conn.execute("PRAGMA page_size").fetchone()
     data = queue.path.read_bytes()
     pages = [
         n
-        for n in range(2, len(data) // 4096 + 1)
-        if not index_only or data[(n - 1) * 4096] in _INDEX_PAGES
+        for n in range(2, len(data) // page_size + 1)
+        if not index_only or data[(n - 1) * page_size] in _INDEX_PAGES
     ]
     with queue.path.open("r+b") as file:
         for n in pages:
-            file.seek((n - 1) * 4096)
+            file.seek((n - 1) * page_size)
             file.write(b"\xff" * 16)
     queue._conn.execute("PRAGMA shrink_memory")
     return pages

@@ -12,7 +12,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -439,18 +439,56 @@ def test_at_most_four_batches_wait_for_receipts_then_the_sender_waits(
     assert not caplog.records  # a full window is a wait, not a failure
 
 
-@pytest.mark.parametrize("device", [{"batch_records": 2, "receipt_timeout_s": 0.3}], indirect=True)
+class _Clock:
+    """``time`` for agent.telemetry alone (``monkeypatch``): its ``monotonic`` stands still
+    but for what the test adds to ``now`` and what the code sleeps, which is recorded in
+    ``slept`` and not waited. So a test jumps over a wait, and sees each step of one.
+    (``time.time``, the records' timestamps, is the real one.)"""
+
+    def __init__(self) -> None:
+        self.now = 1000.0  # as time since boot: the agent never runs in its first second
+        self.slept: list[float] = []
+        self.time = time.time
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert len(self.slept) < 1000, "a wait whose time never runs out"
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _stepped_clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    import agent.telemetry as telemetry
+
+    clock = _Clock()
+    monkeypatch.setattr(telemetry, "time", clock)
+    return clock
+
+
+@pytest.mark.parametrize("device", [{"batch_records": 2}], indirect=True)
 def test_records_no_receipt_names_in_time_are_sent_again_oldest_first(
-    device: _Device, fleet: _Fleet
+    device: _Device, fleet: _Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One ``_send_batch`` at a time, the receipt wait (60 s) jumped over on a clock."""
+    clock = _stepped_clock(monkeypatch)
     device.put(0, 1, 2)
-    device.sender.start()
+    assert device.subscribed.wait(5)
+    assert [device.sender._send_batch(), device.sender._send_batch()] == [0.0, 0.0]
     assert [fleet.batch(), fleet.batch()] == [_ids(0, 1), _ids(2)]
     fleet.receipt(stored=_ids(1))  # a receipt for a later record does not put r0 off
+    _until(lambda: device.queued() == _ids(0, 2))
+    clock.now += 59.0
+    assert device.sender._send_batch() == 0.05  # not yet: nothing to send
+    clock.now += 1.0
+    assert device.sender._send_batch() == 0.0
     assert fleet.batch() == _ids(0, 2)  # one round: everything still queued, oldest first
     fleet.receipt(stored=_ids(0, 2))
-    assert device.sender.flush(10)
-    assert fleet.quiet(0.5)
+    _until(lambda: device.queued() == [])
+    clock.now += 1000.0
+    assert device.sender._send_batch() == 0.05
+    assert fleet.quiet()
 
 
 @pytest.mark.parametrize("device", [{"receipt_timeout_s": 700.0}], indirect=True)
@@ -488,26 +526,105 @@ def test_nothing_is_published_while_the_client_is_not_connected(
     assert fleet.batch() == _ids(0)
 
 
-def test_a_batch_with_no_puback_while_connected_is_published_again(
-    broker: MqttEndpoint, tmp_path: Path
+def _puback_steps(
+    monkeypatch: pytest.MonkeyPatch, device: _Device, link: LinkProxy, lasting: Container[int]
+) -> list[float | None]:
+    """The waits of ``device``'s sender for its batches' PUBACKs (the steps of
+    ``_await_puback``), in order, each as long as asked; a step numbered in ``lasting``
+    (from 1, over every batch) releases ``link`` and lasts until the PUBACK comes: the
+    test, not the machine's speed, says in which step a PUBACK lands."""
+    batches: list[mqtt.MQTTMessageInfo] = []
+    steps: list[float | None] = []
+    publish = device.client.publish
+
+    def publish_and_keep(topic: str, *args: Any, **kwargs: Any) -> mqtt.MQTTMessageInfo:
+        info = publish(topic, *args, **kwargs)
+        if topic == device_topic(device.id, "telemetry"):
+            batches.append(info)
+        return info
+
+    wait = mqtt.MQTTMessageInfo.wait_for_publish
+
+    def step(info: mqtt.MQTTMessageInfo, timeout_s: float | None = None) -> None:
+        if any(info is batch for batch in batches):
+            steps.append(timeout_s)
+            if len(steps) in lasting:
+                link.release()
+                timeout_s = 10.0
+        wait(info, timeout_s)
+
+    monkeypatch.setattr(device.client, "publish", publish_and_keep)
+    monkeypatch.setattr(mqtt.MQTTMessageInfo, "wait_for_publish", step)
+    return steps
+
+
+@pytest.mark.parametrize("puback_in_step", [None, 4])
+def test_a_batch_is_published_again_after_ack_timeout_s_connected_without_its_puback(
+    broker: MqttEndpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    puback_in_step: int | None,
 ) -> None:
+    """One ``_send_batch`` at a time (the thread is not started) over a stalled link: the
+    wait for a PUBACK is counted in steps of ``retry_s`` while connected, whatever the
+    machine's speed, so exactly ``ack_timeout_s / retry_s`` of them (binary fractions:
+    no rounding) come before the batch is given up; a PUBACK in the last one is in time."""
     with LinkProxy(broker.port) as link:
-        device = _Device(broker, tmp_path, connect=False, retry_s=0.1, ack_timeout_s=2.5)
+        device = _Device(broker, tmp_path, connect=False, retry_s=0.125, ack_timeout_s=0.5)
         fleet = _Fleet(broker, device)
         try:
             device.connect(link.port)
             assert device.subscribed.wait(5)  # the receipt subscription
+            lasting = {5} if puback_in_step is None else {puback_in_step}
+            steps = _puback_steps(monkeypatch, device, link, lasting)
             link.hold()  # a stalled link: the broker gets nothing, the client sees no error
             device.put(0)
+            if puback_in_step is not None:
+                assert device.sender._send_batch() == 0.0  # PUBACKed in time: in flight
+                assert steps == [0.125] * 4
+                assert fleet.batch() == _ids(0)
+                assert device.sender.in_flight() == 1
+                assert device.sender._send_batch() == 0.125  # nothing left to send
+                assert fleet.quiet()
+                return
+            assert device.sender._send_batch() == 0.125  # given up: sent again after a pause
+            assert steps == [0.125] * 4
+            assert device.sender.in_flight() == 0
+            link.release()
+            assert fleet.batch() == _ids(0)  # the first copy, its PUBACK too late to count
+            assert device.sender._send_batch() == 0.0  # the second copy, PUBACKed (step 5)
+            assert fleet.batch() == _ids(0)
+            assert device.sender.in_flight() == 1
+        finally:
+            device.close()
+            fleet.close()
+
+
+def test_the_sender_publishes_a_batch_again_when_its_puback_does_not_come(
+    broker: MqttEndpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The thread, over a stalled link, with seconds of slack either way: a PUBACK that
+    comes counts; one that does not within ``ack_timeout_s`` has the batch sent again.
+    (How the wait is counted is the stepped test's above.)"""
+    caplog.set_level(logging.WARNING, logger="agent.telemetry")
+    with LinkProxy(broker.port) as link:
+        device = _Device(broker, tmp_path, connect=False, retry_s=0.1, ack_timeout_s=3.0)
+        fleet = _Fleet(broker, device)
+        try:
+            device.connect(link.port)
+            assert device.subscribed.wait(5)
+            link.hold()
+            device.put(0)
             device.sender.start()
-            time.sleep(1.8)  # a PUBACK late by less than ack_timeout_s: no second copy
+            _until(lambda: link.held_bytes() > 0)  # published, its PUBACK held back
             link.release()
             assert fleet.batch() == _ids(0)
-            assert fleet.quiet(2.0)  # past the first publish's ack_timeout_s: no copy
+            _until(lambda: device.sender.in_flight() == 1)  # the late PUBACK counted
+            assert fleet.quiet()
             link.hold()
             device.put(1)
             device.sender.wake()
-            assert fleet.quiet(3.0)  # past ack_timeout_s
+            _until(lambda: "no PUBACK" in caplog.text, timeout_s=30.0)  # given up on it
             link.release()
             assert [fleet.batch(), fleet.batch()] == [_ids(1), _ids(1)]
         finally:
@@ -583,6 +700,22 @@ def test_flush_says_whether_the_queue_emptied_and_stop_keeps_what_is_queued(
     assert device.queued() == _ids(0)
     fleet.receipt(stored=_ids(0))  # receipts are still applied by the client's callback
     _until(lambda: device.queued() == [])
+
+
+def test_flush_looks_at_the_queue_every_50_ms_and_never_waits_past_its_deadline(
+    device: _Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _stepped_clock(monkeypatch)
+    device.put(0)  # never sent: the sender is not started
+    assert not device.sender.flush(0.12)
+    assert clock.slept[:2] == [0.05, 0.05]
+    assert len(clock.slept) == 3 and 0 < clock.slept[2] < 0.05  # the rest, to the deadline
+    assert clock.now == 1000.0 + 0.12  # the deadline, not later
+    clock.slept.clear()
+    assert not device.sender.flush(0)
+    device.queue.remove(_ids(0))
+    assert device.sender.flush(0.12)
+    assert clock.slept == []
 
 
 @pytest.mark.parametrize("device", [{"retry_s": 1.0}], indirect=True)
@@ -716,7 +849,8 @@ def test_after_a_queue_failure_the_sender_pauses_and_goes_on_when_woken(
     real = _queue_fails(device.queue, how)
     with caplog.at_level(logging.ERROR, logger="agent.telemetry"):
         device.sender.start()
-        assert fleet.quiet(0.3)
+        _until(lambda: any(r.levelno == logging.ERROR for r in caplog.records))
+        assert fleet.quiet(0.3)  # six retry_s: a sender that did not pause fails again
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 1  # one failure, then a pause (30 s): not one a loop
     device.queue._conn = real
@@ -735,7 +869,7 @@ def test_a_batch_awaiting_its_puback_when_the_sender_stops_is_not_in_flight(
             link.hold()
             device.put(0)
             device.sender.start()
-            time.sleep(0.2)  # published, its PUBACK held back
+            _until(lambda: link.held_bytes() > 0)  # published, its PUBACK held back
             device.sender.stop()
             assert device.sender.in_flight() == 0  # sent again by the next agent, at once
         finally:

@@ -51,7 +51,7 @@ from ota.bundle import bundle_compile_output
 from ota.keys import KeyStore
 from ota.repository import ExpiryPolicy, OtaRepository
 from tests.utils.http import serve_app
-from tests.utils.http_files import FileServer, serve_directory_threaded
+from tests.utils.http_files import FileServer, serve_directory, serve_directory_threaded
 from tests.utils.updater_harness import UpdaterRecorder, bundle_label, golden_broken, provision
 
 V1, V2, V3, BAD = "1.0.0", "1.1.0", "1.3.0", "1.2.0"
@@ -855,7 +855,9 @@ def test_a_download_cut_half_way_resumes_from_its_part_file(
     device: Device, repo: Repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The agent's own kill point in the middle of the bundle (agent/_crashpoints.py), with
-    the SIGKILL replaced by ``_SimulatedCrash``."""
+    the SIGKILL replaced by ``_SimulatedCrash``. Served by Starlette, which does Range (the
+    module's repository server ignores it): the rest comes as a 206 and is appended, and
+    the bundle's hash checks out."""
 
     def crash() -> None:
         raise _SimulatedCrash("downloading:partial")
@@ -864,19 +866,27 @@ def test_a_download_cut_half_way_resumes_from_its_part_file(
     monkeypatch.setenv(CRASH_AT_ENV, "downloading:partial")
     device.close()
     device.start()
-    command = repo.deploy(V2)
-    with pytest.raises(_SimulatedCrash):
-        device.updater.handle(command)
-    device.updater.close()
-    (part,) = (device.data_dir / "ota" / "downloads").glob("*.part")
-    kept, length = part.stat().st_size, repo.refs[V2].length
-    assert length // 2 <= kept < length
-    monkeypatch.delenv(CRASH_AT_ENV)
-    since = len(repo.served.requests)
-    device.restart()
-    assert device.acked(command) == [_D, _D, _V, _I]
-    resumed = [p for p, asked in repo.served.requests[since:] if asked == f"bytes={kept}-"]
-    assert [p.endswith(f".{bundle_label(V2)}.efb") for p in resumed] == [True]
+    with serve_directory(repo.repository.path) as ranged:
+        command = repo.deploy(
+            V2, metadata_url=f"{ranged.url}/metadata/", targets_url=f"{ranged.url}/targets/"
+        )
+        with pytest.raises(_SimulatedCrash):
+            device.updater.handle(command)
+        device.updater.close()
+        (part,) = (device.data_dir / "ota" / "downloads").glob("*.part")
+        kept, length = part.stat().st_size, repo.refs[V2].length
+        assert length // 2 <= kept < length
+        monkeypatch.delenv(CRASH_AT_ENV)
+        since = len(ranged.requests)
+        answers: list[tuple[str, int]] = []
+        hooks = {"response": [lambda r: answers.append((r.request.url.path, r.status_code))]}
+        with httpx.Client(timeout=30.0, verify=_TLS, event_hooks=hooks) as http:
+            device.restart(http=http)
+            assert device.acked(command) == [_D, _D, _V, _I]
+    bundle = f".{bundle_label(V2)}.efb"
+    resumed = [asked for p, asked in ranged.requests[since:] if p.endswith(bundle)]
+    assert resumed == [f"bytes={kept}-"]  # once, for the rest: not started over
+    assert [status for p, status in answers if p.endswith(bundle)] == [206]
 
 
 def test_a_crash_after_staging_checks_the_slot_and_switches(device: Device, repo: Repo) -> None:

@@ -99,6 +99,12 @@ class LinkProxy:
         with self._lock:
             self._held = []
 
+    def held_bytes(self) -> int:
+        """Bytes clients sent since :meth:`hold` that the server has not had (0 when not
+        holding): a client's write has left it once this counts it."""
+        with self._lock:
+            return sum(len(data) for _, data in self._held or ())
+
     def release(self) -> None:
         with self._lock:
             held, self._held = self._held or [], None
