@@ -4,7 +4,7 @@ and a rollout, on this machine.
     python bench/fleet_bench.py [--databases sqlite,postgresql] [--shapes single,batch50]
         [--messages 60000] [--batches 4000] [--publishers 2] [--repeat 3]
         [--burst 150000] [--rollout-devices 2000[,10000...]] [--waves 100 [--waves ...]]
-        [--ingest-workers 2[,4...]] [--json FILE]
+        [--ingest-workers 2[,4...]] [--simulator-processes 2] [--json FILE]
 
 Everything runs on a fresh mosquitto started as the fleet starts it (``MosquittoBroker``:
 the fleet's config, dynamic-security). The bench adds its own accounts through the
@@ -35,11 +35,12 @@ records per message, zstd, as agents send):
 Then a **burst** (``--burst`` one-record messages as fast as the generator goes, SQLite):
 sent, acknowledged by the broker, stored by the fleet, lost (acknowledged and never
 stored), and what the broker logged about dropping; and **rollouts**: ``edgefleet fleet
-serve`` with each of ``--rollout-devices`` simulated devices (``fleet.simulator``, in the
-bench's process), for each ``--waves`` (default one wave of 100 %), soak 0: devices per
-second from ``POST /rollouts`` to every device healthy, with the CPU time per device over
-that span of the fleet process, of the bench's own process (the simulated devices: if it
-neared one core, the load would be what is measured) and of mosquitto.
+serve`` with each of ``--rollout-devices`` simulated devices (``fleet.simulator``, split
+over ``--simulator-processes`` processes, each driving its share on one thread), for each
+``--waves`` (default one wave of 100 %), soak 0: devices per second from ``POST /rollouts``
+to every device healthy, with the CPU time per device over that span of the fleet process,
+of the simulator processes (the load side: if one of them neared a core, the load would be
+what is measured) and of mosquitto.
 
 Each figure is the median of ``--repeat`` runs (the burst and each rollout run once).
 Everything started is stopped on the way out, Ctrl-C included. Nothing here is a test.
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -81,10 +83,11 @@ from contracts.mqtt import TOPIC_PREFIX, shared_subscription
 from fleet import devices as device_service
 from fleet.broker import MosquittoBroker, MqttEndpoint
 from fleet.broker.access import AccountKind
-from fleet.broker.credential import replica_username
+from fleet.broker.credential import ingest_username, replica_username
 from fleet.broker.security import service_account_commands
 from fleet.db import make_engine, session_scope
-from fleet.ingest_workers import IngestWorkers, IngestWorkerSpec, ingest_client_id
+from fleet.gc_tuning import tune_for_serving
+from fleet.ingest_workers import IngestWorkers, IngestWorkerSpec
 from fleet.metrics import FleetMetrics
 from fleet.migrate import upgrade
 from fleet.models import Device, EnrollmentTokenCreate, Rollout
@@ -490,7 +493,7 @@ def ingest_workers(bench: BenchBroker, database_url: str, count: int) -> Iterato
         yield []
         return
     password = secrets.token_urlsafe(24)
-    names = [ingest_client_id(str(bench.fleet.username), k) for k in range(1, count + 1)]
+    names = [ingest_username("bench", k) for k in range(1, count + 1)]
     bench.broker.control(
         [c for n in names for c in service_account_commands(n, AccountKind.FLEET, password)]
     )
@@ -509,7 +512,7 @@ def ingest_workers(bench: BenchBroker, database_url: str, count: int) -> Iterato
             "the ingest workers to connect",
         )
         time.sleep(1.0)  # their SUBSCRIBE follows the CONNECT at once
-        yield [pid for pid in workers.pids().values() if pid is not None]
+        yield list(workers.pids().values())
     finally:
         workers.stop()
 
@@ -714,17 +717,93 @@ def enroll_in_bulk(db: Engine, count: int, bundle: str) -> list[SimulatedDeviceS
     return specs
 
 
+def _simulator_process(
+    port: int, specs: list[SimulatedDeviceSpec], ready: Any, stop: Any, answers: Any
+) -> None:
+    """A child process: ``specs`` simulated devices on one thread, connected before
+    ``ready`` is set; once ``stop`` is, it answers which bundle each device runs. Its
+    garbage collector is set as the fleet's (``fleet.gc_tuning``): a simulator's heap is
+    as large and its allocations as fast."""
+    tune_for_serving()
+    simulator = FleetSimulator("127.0.0.1", port, specs, Behaviour())
+    with simulator:
+        simulator.start(connect_timeout_s=300)
+        ready.set()
+        stop.wait()
+        answers.put({s.device_id: simulator.current_bundle(s.device_id) for s in specs})
+
+
+class SimulatorProcesses:
+    """The simulated devices split over ``processes`` child processes (so they are not
+    limited to one core, as one simulator's thread is)."""
+
+    def __init__(self, port: int, specs: Sequence[SimulatedDeviceSpec], processes: int) -> None:
+        self._stop = _SPAWN.Event()
+        self._answers: Any = _SPAWN.Queue()
+        self._ready = [_SPAWN.Event() for _ in range(processes)]
+        self._children = [
+            _SPAWN.Process(
+                target=_simulator_process,
+                args=(port, list(specs[k::processes]), ready, self._stop, self._answers),
+                daemon=True,
+            )
+            for k, ready in enumerate(self._ready)
+        ]
+
+    def __enter__(self) -> SimulatorProcesses:
+        for child in self._children:
+            child.start()
+        try:
+            wait_until(
+                lambda: all(r.is_set() or not c.is_alive() for r, c in self._started()),
+                600,
+                "the simulators to connect",
+            )
+            for ready, child in self._started():
+                if not ready.is_set():
+                    raise RuntimeError(f"a simulator process exited ({child.exitcode})")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _started(self) -> list[tuple[Any, Any]]:
+        return list(zip(self._ready, self._children, strict=True))
+
+    def pids(self) -> list[int]:
+        return [child.pid for child in self._children if child.pid is not None]
+
+    def bundles(self) -> dict[str, str | None]:
+        """Which bundle each device runs; the processes end after answering."""
+        self._stop.set()
+        answers: dict[str, str | None] = {}
+        for _ in self._children:
+            answers.update(self._answers.get(timeout=120))
+        return answers
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for child in self._children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+                child.join()
+
+
 @dataclass(frozen=True)
 class RolloutRun:
     devices: int
     waves: list[str]
+    simulator_processes: int
     seconds: float
     """From ``POST /rollouts`` to every device healthy on the new bundle."""
     fleet_cpu_s: float
     """The fleet server's CPU time over those seconds."""
     simulator_cpu_s: float
-    """The bench's own process (the simulated devices' thread) over those seconds: the
-    load side; were it near the seconds themselves, the simulator would be what limits."""
+    """The simulator processes' (the load side's) over those seconds."""
+    busiest_simulator_cpu_s: float
+    """The busiest simulator process's: were it near the seconds themselves, the load
+    would be what limits."""
     broker_cpu_s: float
     """mosquitto's CPU time over those seconds."""
 
@@ -733,9 +812,9 @@ class RolloutRun:
         return self.devices / self.seconds
 
 
-def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
+def rollout(work: Path, devices: int, waves: list[str], simulators: int) -> RolloutRun:
     """A rollout to ``devices`` simulated devices in ``waves``, soak 0, timed."""
-    data_dir = work / f"fleet-rollout-{devices}-{len(waves)}"
+    data_dir = work / f"fleet-rollout-{devices}-{len(waves)}-{simulators}"
     data_dir.mkdir(mode=0o700)
     db = make_engine(f"sqlite:///{data_dir / 'fleet.db'}")
     upgrade(db)
@@ -753,11 +832,11 @@ def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
                 f"/models/bench/versions/{version}/bundles",
                 content=bundle.read_bytes(),
             )
-        simulator = stack.enter_context(FleetSimulator("127.0.0.1", mqtt_port, specs, Behaviour()))
-        simulator.start(connect_timeout_s=300)
+        simulator = stack.enter_context(SimulatorProcesses(mqtt_port, specs, simulators))
         wait_until(lambda: online(db) == devices, 300, "every device online")
         broker_pid = int((data_dir / "mosquitto" / "mosquitto.pid").read_text())
-        cpu_before = cpu_s(fleet_pid), cpu_s(os.getpid()), cpu_s(broker_pid)
+        pids = (fleet_pid, broker_pid, *simulator.pids())
+        cpu_before = [cpu_s(pid) for pid in pids]
         start = time.perf_counter()
         created = api(
             client,
@@ -771,18 +850,26 @@ def rollout(work: Path, devices: int, waves: list[str]) -> RolloutRun:
             "the rollout to finish",
         )
         elapsed = time.perf_counter() - start
-        fleet_cpu, simulator_cpu, broker_cpu = (
-            cpu_s(pid) - before
-            for pid, before in zip((fleet_pid, os.getpid(), broker_pid), cpu_before, strict=True)
+        fleet_cpu, broker_cpu, *simulator_cpu = (
+            cpu_s(pid) - before for pid, before in zip(pids, cpu_before, strict=True)
         )
         final = api(client, "GET", f"/rollouts/{created['id']}")
         if final["state"] != "completed":
             raise RuntimeError(f"the rollout ended {final['state']}: {final['reason']}")
-        on_new = sum(simulator.current_bundle(s.device_id) == "bench-host-1.1.0" for s in specs)
+        on_new = sum(b == "bench-host-1.1.0" for b in simulator.bundles().values())
         if on_new != devices:
             raise RuntimeError(f"only {on_new} of {devices} devices run the new bundle")
     db.dispose()
-    return RolloutRun(devices, waves, elapsed, fleet_cpu, simulator_cpu, broker_cpu)
+    return RolloutRun(
+        devices,
+        waves,
+        simulators,
+        elapsed,
+        fleet_cpu,
+        sum(simulator_cpu),
+        max(simulator_cpu),
+        broker_cpu,
+    )
 
 
 def rollout_state(db: Engine, rollout_id: str) -> str:
@@ -868,19 +955,22 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     if results.get("rollouts"):
         lines += [
             "",
-            "| rollout (SQLite, `fleet serve`, soak 0) | devices | seconds | devices/s "
-            "| fleet CPU | simulator CPU | mosquitto CPU |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| rollout (SQLite, `fleet serve`, soak 0) | devices | simulator processes "
+            "| seconds | devices/s | fleet CPU | simulator CPU | busiest simulator "
+            "| mosquitto CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for run in results["rollouts"]:
             per_device = {
                 side: f"{run[f'{side}_cpu_s'] / run['devices'] * 1e6:,.0f} µs/device"
-                for side in ("fleet", "simulator", "broker")
+                for side in ("fleet", "simulator", "busiest_simulator", "broker")
             }
             lines.append(
-                f"| waves {','.join(run['waves'])} | {run['devices']:,} | {run['seconds']:.1f} "
+                f"| waves {','.join(run['waves'])} | {run['devices']:,} "
+                f"| {run['simulator_processes']} | {run['seconds']:.1f} "
                 f"| {run['devices'] / run['seconds']:,.0f} | {per_device['fleet']} "
-                f"| {per_device['simulator']} | {per_device['broker']} |"
+                f"| {per_device['simulator']} | {per_device['busiest_simulator']} "
+                f"| {per_device['broker']} |"
             )
     return "\n".join(lines)
 
@@ -950,9 +1040,12 @@ def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
         log(f"  {results['burst']}")
     results["rollouts"] = []
     for devices in args.rollout_devices:
-        for waves in args.waves:
-            log(f"rollout to {devices:,} simulated devices, waves {','.join(waves)}")
-            run = rollout(work, devices, waves)
+        for waves, simulators in itertools.product(args.waves, args.simulator_processes):
+            log(
+                f"rollout to {devices:,} simulated devices in {simulators} processes, "
+                f"waves {','.join(waves)}"
+            )
+            run = rollout(work, devices, waves, simulators)
             log(f"  {run.seconds:.1f} s, {run.devices_per_s:,.0f} devices/s")
             results["rollouts"].append(run.__dict__)
 
@@ -981,10 +1074,18 @@ def main() -> None:
         default="",
         help="comma-separated worker counts measured against the bridge alone, e.g. 2,4",
     )
+    parser.add_argument(
+        "--simulator-processes",
+        default="2",
+        help="comma-separated counts of processes the simulated devices are split over",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     args.ingest_workers = [int(n) for n in args.ingest_workers.split(",") if n and int(n)]
     args.rollout_devices = [int(n) for n in args.rollout_devices.split(",") if int(n)]
+    args.simulator_processes = [int(n) for n in args.simulator_processes.split(",")]
+    if not args.simulator_processes or min(args.simulator_processes) < 1:
+        parser.error("--simulator-processes: counts of at least 1")
     args.waves = [waves.split(",") for waves in args.waves or ["100"]]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind as on Ctrl-C
     results: dict[str, Any] = {"load_average": [_load_average()]}

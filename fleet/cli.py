@@ -230,6 +230,7 @@ def serve(
     import uvicorn  # the server's libraries load only once its ports are known to be free
 
     from .app import create_app
+    from .gc_tuning import tune_for_serving
     from .server import FleetServer
 
     def announce(server: FleetServer) -> None:
@@ -238,6 +239,7 @@ def serve(
 
     app = create_app(settings, on_started=announce)
     web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    tune_for_serving()
     with listener:
         web.run(sockets=[listener])
     if not web.started:  # the lifespan failed: its log says why

@@ -62,6 +62,7 @@ from .broker import MqttEndpoint
 from .broker.credential import ingest_username
 from .db import make_engine, session_scope
 from .errors import BrokerError
+from .gc_tuning import tune_for_serving
 from .metrics import FleetMetrics
 from .models import FleetReplica
 
@@ -193,6 +194,7 @@ def run_worker(spec: IngestWorkerSpec, relay: Connection) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: ``fleet serve`` stops it
+    tune_for_serving()
     parent = os.getppid()
     db = make_engine(spec.db_url, idle_in_transaction_s=spec.idle_in_transaction_s)
     metrics = FleetMetrics()

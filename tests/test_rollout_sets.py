@@ -453,3 +453,36 @@ def test_a_resumed_wave_resends_its_unfinished_commands_once(db: Engine) -> None
     assert all(again[d].id == first[d].id for d in again)
     engine.tick()
     assert sink.take() == {}
+
+
+def test_a_step_that_moves_a_rollout_is_followed_at_once_not_at_the_next_tick(
+    db: Engine,
+) -> None:
+    rollout_id = start(db, ["50", "100"])
+    sink = Sink()
+    engine = rollout_engine(db, sink)
+    assert engine.tick() is False  # the first wave commanded: no state changed
+    first = sink.take()
+    with session_scope(db) as session:
+        handle_acks(session, [(d, ack(c.id, AckState.HEALTHY)) for d, c in first.items()])
+    slow = RolloutEngine(  # a tick a minute apart: only following at once reaches wave 2
+        db,
+        sink,
+        link=lambda: Link(number=1, since=utcnow() - dt.timedelta(minutes=1)),
+        metadata_url="http://f/m/",
+        targets_url="http://f/t/",
+        settle_s=0,
+        tick_s=60.0,
+    )
+    slow.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not sink.sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        slow.stop()
+    second = sink.take()
+    assert set(second) == set(DEVICES) - set(first), "the second wave was not commanded"
+    placed = members(db, rollout_id)
+    assert {placed[d].wave for d in second} == {1}
+    assert slow.ticks >= 3  # completed wave 0 → soaked (soak 0) → wave 1 → commanded

@@ -179,7 +179,8 @@ class RolloutEngine:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self.tick()
+                if self.tick():  # the next step may follow at once (soak 0, a next wave)
+                    self._wake.set()
             except Exception:  # the database is gone, say: try again next tick
                 self.errors += 1
                 log.exception("rollout engine tick failed; retrying next tick")
@@ -188,9 +189,11 @@ class RolloutEngine:
             self._wake.wait(self._tick_s - rest_s)
             self._wake.clear()
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
         """One step for every rollout the engine moves on, oldest first, each in its own
         transaction: one that fails is counted and the others still take their step.
+        Returns whether a step changed a rollout's state (the engine then ticks again
+        after its rest rather than at the next interval).
 
         Nothing while the fleet is not connected to the broker or this replica does not
         hold the lease, nor for ``settle_s`` after either began; the first tick after
@@ -199,10 +202,10 @@ class RolloutEngine:
         link = self._link()
         term = self._lease.term() if self._lease is not None else _UNLEASED
         if link is None or term is None:
-            return
+            return False
         since = _latest(link.since, term.began)
         if _seconds_since(since, utcnow()) < self._settle_s:
-            return
+            return False
         if (link.number, term.epoch) != self._resynced:
             resent = self.resend_unfinished()
             self._resynced = (link.number, term.epoch)
@@ -214,17 +217,19 @@ class RolloutEngine:
                 .where(col(Rollout.state).in_(_MOVED))
                 .order_by(col(Rollout.created_at))
             ).all()
+        moved = False
         for rollout_id in moving:
             try:
-                self._step_one(rollout_id, since, term)
+                moved |= self._step_one(rollout_id, since, term)
             except LeaseLost as lost:
                 log.warning("rollout %s: its step was not applied: %s", rollout_id, lost)
-                return
+                return False
             except Exception as error:
                 self.errors += 1
                 log.exception("rollout %s: its step failed", rollout_id)
                 self._count_failure(rollout_id, error, term)
         self.ticks += 1
+        return moved
 
     @contextmanager
     def _fenced(self, term: Term) -> Iterator[Session]:
@@ -239,15 +244,19 @@ class RolloutEngine:
                 orm_events.listen(session, "before_commit", fence)
             yield session
 
-    def _step_one(self, rollout_id: str, listening_since: dt.datetime, term: Term) -> None:
+    def _step_one(self, rollout_id: str, listening_since: dt.datetime, term: Term) -> bool:
+        """The rollout's step, in a transaction of its own; whether its state changed."""
         with self._fenced(term) as session:
             rollout = session.get(Rollout, rollout_id, with_for_update=True)
             if rollout is None or rollout.state not in _MOVED:
-                return
+                return False
+            before = rollout.state, rollout.wave
             self._step(session, rollout, utcnow(), listening_since)
+            changed = (rollout.state, rollout.wave) != before
             if rollout.step_failures:
                 rollout.step_failures = 0
                 session.add(rollout)
+        return changed
 
     def _count_failure(self, rollout_id: str, error: Exception, term: Term) -> None:
         """One more failed step, persisted; at ``max_step_failures`` in a row the rollout
