@@ -451,7 +451,8 @@ def empty(db: Engine) -> None:
 
 def _bridge_process(database_url: str, endpoint: MqttEndpoint, ready: Any, stop: Any) -> None:
     """A child process: the fleet's MQTT bridge storing into ``database_url`` until
-    ``stop`` is set."""
+    ``stop`` is set, its garbage collector set as ``fleet serve`` sets it."""
+    tune_for_serving()
     from fleet.bridge import MqttBridge
     from fleet.metrics import FleetMetrics
 

@@ -10,12 +10,12 @@ with its field named, before it reaches a batch it could spoil.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
+from pydantic_core import to_json
 
 __all__ = [
     "JSON_DOCUMENT",
@@ -79,7 +79,8 @@ def check_json_document(
 ) -> Any:
     """``value`` if it is JSON as a database stores it: finite numbers, integers within 64
     bits, text without control characters, string keys, nested at most ``max_depth`` deep,
-    at most ``max_bytes`` once serialised. ``ValueError`` names the first problem."""
+    at most ``max_bytes`` once serialised (compact UTF-8 JSON, as the fleet stores it).
+    ``ValueError`` names the first problem."""
 
     def walk(node: Any, depth: int, path: str) -> None:
         if depth > max_depth:
@@ -107,7 +108,7 @@ def check_json_document(
             raise ValueError(f"{what}: {path} is a {type(node).__name__}, not JSON")
 
     walk(value, 0, "")
-    size = len(json.dumps(value, separators=(",", ":")).encode())
+    size = len(to_json(value))  # as the fleet stores it: compact, UTF-8
     if size > max_bytes:
         raise ValueError(f"{what} is {size} bytes of JSON, over the {max_bytes} allowed")
     return value

@@ -177,6 +177,17 @@ def test_json_documents_are_shallow_small_and_finite() -> None:
         check_json_document(nested)
 
 
+def test_a_json_document_is_bounded_in_bytes_as_stored_however_small_its_parts() -> None:
+    at_limit = {"a": "é" * ((100 - len('{"a":""}')) // 2)}  # 100 bytes as compact UTF-8
+    assert check_json_document(at_limit, max_bytes=100) == at_limit
+    over = {"a": "é" * 47}  # 47 characters, 102 bytes: only the byte count refuses it
+    with pytest.raises(ValueError, match="102 bytes of JSON, over the 100 allowed"):
+        check_json_document(over, max_bytes=100)
+    many = {"k": ["x" * 100] * 3000}  # every string short, the whole over 256 KiB
+    with pytest.raises(ValueError, match="bytes of JSON, over the 262144 allowed"):
+        check_json_document(many)
+
+
 def test_wait_for_stop_ends_on_a_signal_even_when_sigint_was_ignored() -> None:
     """A background shell job starts with SIGINT ignored; Ctrl-C must still stop the wait,
     and the handler that was there before is put back."""
