@@ -76,17 +76,19 @@ from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fleet.bridge import (
+    BATCH_SIZE,
+    BATCH_WAIT_S,
+    PUBACK_PREFIX,
+    RECEIVE_MAXIMUM,
+    SESSION_EXPIRY_S,
+)
+from fleet.paho_property_tables import share_property_tables
+
 if TYPE_CHECKING:
     from bench.fleet_bench import BenchBroker, Load
 
 _SPAWN = multiprocessing.get_context("spawn")
-_SESSION_EXPIRY_S = 24 * 3600
-_RECEIVE_MAXIMUM = 65535
-"""The bridge's defaults (``fleet/bridge.py``): session expiry, and messages the broker may
-send before the first acknowledgement (every MQTT 5 client here sets it)."""
-_BRIDGE_BATCH = 2000
-_BRIDGE_WAIT_S = 0.05
-"""The bridge's batch: up to 2,000 messages, 50 ms at most after the first."""
 _READY_TIMEOUT_S = 60.0
 _DEVICES_PER_PUBLISHER = 500
 """Device topics each publisher sends on, as in ``bench/fleet_bench.py``."""
@@ -144,12 +146,16 @@ class Meter:
 def _paho(job: Job, meter: Meter, *, mqtt5: bool, bridge_acks: bool) -> None:
     """paho-mqtt, its network thread started as the bridge starts it. ``bridge_acks``: as
     ``fleet/bridge.py``, manual acks, a worker draining paho's messages in batches and
-    queueing each batch's PUBACKs as one write; else paho acknowledges each on arrival."""
+    queueing each batch's PUBACKs as one write, paho's property tables shared
+    (``fleet/paho_property_tables.py``); else paho as shipped, acknowledging each message
+    on arrival."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
+    if bridge_acks:
+        share_property_tables()
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=job.username,
@@ -159,7 +165,7 @@ def _paho(job: Job, meter: Meter, *, mqtt5: bool, bridge_acks: bool) -> None:
     )
     client.username_pw_set(job.username, job.password)
     client.max_queued_messages_set(0)
-    client.max_inflight_messages_set(1000)
+    client.max_inflight_messages_set(0 if bridge_acks else 1000)
     subscribed = threading.Event()
     client.on_connect = lambda c, *_: c.subscribe(job.topic, 1)
     client.on_subscribe = lambda *_: subscribed.set()
@@ -175,8 +181,8 @@ def _paho(job: Job, meter: Meter, *, mqtt5: bool, bridge_acks: bool) -> None:
         client.on_message = count
     if mqtt5:
         properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = _SESSION_EXPIRY_S
-        properties.ReceiveMaximum = _RECEIVE_MAXIMUM
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        properties.ReceiveMaximum = RECEIVE_MAXIMUM
         client.connect(job.host, job.port, 30, clean_start=False, properties=properties)
     else:
         client.connect(job.host, job.port, 30)
@@ -196,16 +202,15 @@ def _ack_batches(client: Any, inbox: queue.Queue[Any], meter: Meter) -> None:
     then write its PUBACKs (``MqttBridge._acknowledge``)."""
     from paho.mqtt.client import PUBACK
 
-    prefix = bytes([PUBACK, 2])
     while True:
         batch = [inbox.get()]
-        deadline = time.monotonic() + _BRIDGE_WAIT_S
-        while len(batch) < _BRIDGE_BATCH:
+        deadline = time.monotonic() + BATCH_WAIT_S
+        while len(batch) < BATCH_SIZE:
             try:
                 batch.append(inbox.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        pubacks = b"".join(prefix + m.mid.to_bytes(2, "big") for m in batch if m.qos == 1)
+        pubacks = b"".join(PUBACK_PREFIX + m.mid.to_bytes(2, "big") for m in batch if m.qos == 1)
         client._packet_queue(PUBACK, pubacks, 0, 0)
         meter.arrived(len(batch))
 
@@ -216,8 +221,8 @@ async def _aiomqtt(job: Job, meter: Meter) -> None:
     from paho.mqtt.properties import Properties
 
     properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = _SESSION_EXPIRY_S
-    properties.ReceiveMaximum = _RECEIVE_MAXIMUM
+    properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    properties.ReceiveMaximum = RECEIVE_MAXIMUM
     async with aiomqtt.Client(
         job.host,
         job.port,
@@ -256,8 +261,8 @@ async def _gmqtt(job: Job, meter: Meter, *, bridge_acks: bool) -> None:
         job.username,
         clean_session=False,
         optimistic_acknowledgement=not bridge_acks,
-        session_expiry_interval=_SESSION_EXPIRY_S,
-        receive_maximum=_RECEIVE_MAXIMUM,
+        session_expiry_interval=SESSION_EXPIRY_S,
+        receive_maximum=RECEIVE_MAXIMUM,
     )
     client.set_auth_credentials(job.username, job.password)
     subscribed, done = asyncio.Event(), asyncio.Event()
@@ -276,10 +281,10 @@ async def _gmqtt(job: Job, meter: Meter, *, bridge_acks: bool) -> None:
     async def on_message_batched(*_: Any) -> int:
         if not open_batch:
             open_batch.append(_Batch(loop.create_future()))
-            loop.call_later(_BRIDGE_WAIT_S, settle, open_batch[0])
+            loop.call_later(BATCH_WAIT_S, settle, open_batch[0])
         batch = open_batch[0]
         batch.size += 1
-        if batch.size >= _BRIDGE_BATCH:
+        if batch.size >= BATCH_SIZE:
             settle(batch)
         await batch.settled
         return 0
@@ -331,8 +336,8 @@ async def _zmqtt(job: Job, meter: Meter) -> None:
             password=job.password,
             version="5.0",
             clean_session=False,
-            session_expiry_interval=_SESSION_EXPIRY_S,
-            receive_maximum=_RECEIVE_MAXIMUM,
+            session_expiry_interval=SESSION_EXPIRY_S,
+            receive_maximum=RECEIVE_MAXIMUM,
         ) as client,
         client.subscribe(job.topic, qos=zmqtt.QoS.AT_LEAST_ONCE, auto_ack=False) as sub,
     ):
@@ -499,8 +504,8 @@ def _mosquitto_sub(bench: BenchBroker, job: Job) -> Iterator[Callable[[float], R
     command = [
         "mosquitto_sub",
         *("-h", job.host, "-p", str(job.port), "-u", job.username, "-P", job.password),
-        *("-i", job.username, "-V", "mqttv5", "-c", "-x", str(_SESSION_EXPIRY_S)),
-        *("-D", "connect", "receive-maximum", str(_RECEIVE_MAXIMUM)),
+        *("-i", job.username, "-V", "mqttv5", "-c", "-x", str(SESSION_EXPIRY_S)),
+        *("-D", "connect", "receive-maximum", str(RECEIVE_MAXIMUM)),
         *("-q", "1", "-t", job.topic, "-C", str(job.count), "-N"),
     ]
     sub = subprocess.Popen(command, stdout=subprocess.DEVNULL)

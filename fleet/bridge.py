@@ -120,7 +120,16 @@ _MODELS: dict[str, type[Status | Ack | TelemetryBatch]] = {
     "ack": Ack,
     "telemetry": TelemetryBatch,
 }
-_PUBACK_PREFIX = bytes([PUBACK, 2])
+PUBACK_PREFIX = bytes([PUBACK, 2])
+"""A PUBACK's fixed header for a bare acknowledgement (length 2: the packet id alone)."""
+BATCH_SIZE = 2000
+"""Messages stored in one transaction, by default."""
+BATCH_WAIT_S = 0.05
+"""How long a batch waits for more after its first message."""
+SESSION_EXPIRY_S = 24 * 3600
+"""How long the broker keeps the fleet's session while it is away, by default."""
+RECEIVE_MAXIMUM = 65535
+"""Messages the broker may send before the fleet acknowledges one (MQTT 5's most)."""
 _MESSAGE_OVERHEAD_BYTES = 1024
 """What a held message costs beyond its payload (paho's object, its topic, the queue)."""
 _DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54", "P0"})
@@ -191,10 +200,10 @@ class MqttBridge:
         *,
         on_final_ack: Callable[[], None] = lambda: None,
         on_online: Callable[[list[str]], None] = lambda _devices: None,
-        batch_size: int = 2000,
+        batch_size: int = BATCH_SIZE,
         client_id: str | None = None,
-        session_expiry_s: int = 24 * 3600,
-        receive_maximum: int = 65535,
+        session_expiry_s: int = SESSION_EXPIRY_S,
+        receive_maximum: int = RECEIVE_MAXIMUM,
         max_held_bytes: int = 256 << 20,
         retry_min_s: float = 0.5,
         retry_max_s: float = 30.0,
@@ -562,7 +571,7 @@ class MqttBridge:
             if link is None:
                 return
             pubacks = b"".join(
-                _PUBACK_PREFIX + delivery.mid.to_bytes(2, "big")
+                PUBACK_PREFIX + delivery.mid.to_bytes(2, "big")
                 for delivery in batch
                 if delivery.qos == 1 and delivery.connection == link.number
             )
@@ -570,13 +579,13 @@ class MqttBridge:
                 self._client._packet_queue(PUBACK, pubacks, 0, 0)
 
     def _next_batch(self) -> list[_Delivery] | None:
-        """Up to ``batch_size`` deliveries, waiting 50 ms at most after the first; ``None``
-        once stopped."""
+        """Up to ``batch_size`` deliveries, waiting :data:`BATCH_WAIT_S` at most after the
+        first; ``None`` once stopped."""
         first = self._inbox.get()
         if first is None:
             return None
         batch = [first]
-        deadline = time.monotonic() + 0.05
+        deadline = time.monotonic() + BATCH_WAIT_S
         while len(batch) < self._batch_size:
             try:
                 item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
