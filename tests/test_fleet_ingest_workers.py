@@ -31,6 +31,7 @@ from fleet.errors import BrokerError
 from fleet.ingest_workers import (
     IngestWorkers,
     IngestWorkerSpec,
+    _relay,
     add_counts,
     counter_totals,
     drain_ingest_sessions,
@@ -171,11 +172,14 @@ def test_a_workers_counters_reach_the_servers_once_each() -> None:
     worker.telemetry_records.inc(3)
     worker.messages.labels("telemetry").inc(2)
     worker.quarantined.labels("telemetry").inc()
-    first = counter_totals(worker)
-    add_counts(server, first)
+    heard, relay = multiprocessing.Pipe(duplex=False)  # as a worker sends its counters
+    sent = _relay(worker, {}, relay)
+    add_counts(server, heard.recv())
     worker.telemetry_records.inc(4)
-    later = counter_totals(worker)
-    add_counts(server, {key: later[key] - first.get(key, 0.0) for key in later})
+    sent = _relay(worker, sent, relay)
+    add_counts(server, heard.recv())
+    _relay(worker, sent, relay)
+    assert not heard.poll(0.1), "counters that did not move were sent again"
     totals = counter_totals(server)
     assert totals[("telemetry_records", ())] == 12
     assert totals[("messages", (("channel", "telemetry"),))] == 2
