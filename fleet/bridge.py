@@ -5,6 +5,14 @@ several replicas split the devices' messages. paho's network thread only queues 
 arrives; one worker drains the queue and writes in batches (one transaction for up to
 ``batch_size`` messages), which is what lets ingest keep up with thousands of devices.
 
+What the bridge holds unstored is bounded in bytes (``max_held_bytes``): at the bound
+paho's thread waits for the worker to store a batch, so the bridge stops reading and what
+devices send meanwhile waits in the broker's queue for the session, bounded in bytes and
+watched by the queue alarm (docs/fleet.md, "Bursts"). The fleet's Receive Maximum cannot be
+relied on for that: mosquitto before 2.0.13 (Debian's 2.0.11 among them) moves up to the
+Receive Maximum of queued messages into flight at every PUBACK, so a subscriber acking as
+it goes is sent the whole backlog.
+
 The session outlives the fleet: the bridge connects with a stable client id (the
 replica's broker account), clean start off and a session expiry (``session_expiry_s``),
 so while it is away (killed, restarting, cut off) the broker queues what devices send for
@@ -48,8 +56,8 @@ Nothing a device sends can cost another device's data, nor stop the bridge:
   batch too big for the database's limits goes through too. Messages go on arriving
   meanwhile; past ``max_held_bytes`` unstored the newest are dropped on arrival and counted
   (``edgefleet_mqtt_shed_total``) and acknowledged in turn, so memory stays bounded
-  however long the outage, and the broker's window (``receive_maximum`` messages not yet
-  acknowledged) keeps moving.
+  however long the outage, and the connection stays alive (paho's thread does not wait
+  for a database that is down: keepalives and commands go on).
 """
 
 from __future__ import annotations
@@ -152,7 +160,8 @@ class _Delivery:
     connection: int
     """The :attr:`Link.number` it came on: it is acknowledged on that connection only."""
     message: mqtt.MQTTMessage | None
-    """``None``: shed on arrival (the bridge held ``max_held_bytes``)."""
+    """``None``: shed on arrival (the database was down and the bridge held
+    ``max_held_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -176,9 +185,11 @@ class MqttBridge:
     ``client_id``: stable across restarts, one per replica (default: the endpoint's
     username, else ``edgefleet-fleet``); ``session_expiry_s``: how long the broker keeps
     the session (and queues for it) while the bridge is away. ``receive_maximum``: messages
-    the broker may send before the bridge acknowledges one. ``max_held_bytes``: payloads
+    the broker may send before the bridge acknowledges one (not all brokers hold to it: see
+    the module's docstring). ``max_held_bytes``: payloads
     received and not yet stored that the bridge keeps in memory (each message counted with
-    1 KiB of overhead); past it, arrivals are dropped and counted. ``retry_min_s`` /
+    1 KiB of overhead); at it, the bridge stops reading until the worker stores a batch, or
+    while the database is down drops arrivals and counts them. ``retry_min_s`` /
     ``retry_max_s``: the backoff while the database fails. ``queue_alarm_bytes``: what the
     broker may hold before the queue alarm (``edgefleet_broker_queue_alarm``, an error
     logged; see docs/fleet.md, "Bursts"). ``on_online`` is called with the
@@ -237,6 +248,9 @@ class MqttBridge:
         self._store_mid: int | None = None
         self._inbox: queue.Queue[_Delivery | None] = queue.Queue()
         self._held_lock = threading.Lock()
+        self._room = threading.Condition(self._held_lock)
+        """Notified when held messages are released, the database goes down, or the bridge
+        stops: what paho's thread waits on while the bridge holds ``max_held_bytes``."""
         self._held_bytes = 0
         self._held = 0
         self._shedding = False
@@ -320,13 +334,15 @@ class MqttBridge:
         the disconnect: the broker delivers it all again to the next start.
         ``discard_session``: have the broker drop the session instead (MQTT 5: a Session
         Expiry Interval of 0 in the DISCONNECT)."""
+        self._stopping.set()
+        with self._room:  # paho's thread may wait for room: it must send the DISCONNECT
+            self._room.notify_all()
         properties = None
         if discard_session:
             properties = Properties(PacketTypes.DISCONNECT)
             properties.SessionExpiryInterval = 0
         self._client.disconnect(properties=properties)
         self._client.loop_stop()
-        self._stopping.set()
         self._inbox.put(None)
         if self._worker is not None:
             self._worker.join(timeout=30)
@@ -507,17 +523,24 @@ class MqttBridge:
             log.warning("the MQTT broker's queue is back to %d bytes: alarm cleared", held)
 
     def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """paho's thread: hold the message for the worker, or shed it (it is still
-        acknowledged in turn) if the bridge already holds ``max_held_bytes``. The broker's
-        ``$SYS`` figure goes to the queue alarm (compared here: paho's per-topic callbacks
-        match every message against a tree)."""
+        """paho's thread: hold the message for the worker. While the bridge holds
+        ``max_held_bytes`` it waits for room, and so stops reading: the rest stays in the
+        broker's queue for the session (TCP's flow control stops the broker's writes).
+        While the database is down it sheds the message instead (it is still acknowledged
+        in turn). The broker's ``$SYS`` figure goes to the queue alarm (compared here:
+        paho's per-topic callbacks match every message against a tree)."""
         if _channel_label(message) == "other" and _is_store_bytes(message):
             self._on_store_bytes(message)
             return
         size = len(message.payload) + _MESSAGE_OVERHEAD_BYTES
         self._last_arrival = time.monotonic()
-        with self._held_lock:
-            accepted = self._held_bytes + size <= self._max_held_bytes
+        with self._room:
+            while not (
+                self._has_room(size) or self._down_since is not None or self._stopping.is_set()
+            ):
+                self._room.wait()
+            # stopping: taken past the bound (the DISCONNECT is on its way; few come after)
+            accepted = self._down_since is None or self._has_room(size)
             if accepted:
                 self._held_bytes += size
                 self._held += 1
@@ -533,11 +556,16 @@ class MqttBridge:
         self._metrics.shed.labels(_channel_label(message)).inc()
         if starts_shedding:
             log.error(
-                "the MQTT bridge holds %d unstored messages (%d bytes, its limit): dropping "
-                "new ones until the database catches up (edgefleet_mqtt_shed_total)",
+                "the database is down and the MQTT bridge holds %d unstored messages (%d "
+                "bytes, its limit): dropping new ones until it is back (edgefleet_mqtt_shed_total)",
                 self._held,
                 self._held_bytes,
             )
+
+    def _has_room(self, size: int) -> bool:
+        """Whether a message of ``size`` fits in ``max_held_bytes`` (one always fits when
+        nothing is held); called holding ``_held_lock``."""
+        return self._held == 0 or self._held_bytes + size <= self._max_held_bytes
 
     def _drain(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -599,9 +627,10 @@ class MqttBridge:
 
     def _release(self, batch: Sequence[mqtt.MQTTMessage]) -> None:
         size = sum(len(m.payload) + _MESSAGE_OVERHEAD_BYTES for m in batch)
-        with self._held_lock:
+        with self._room:
             self._held_bytes -= size
             self._held -= len(batch)
+            self._room.notify_all()
 
     # --- storing --------------------------------------------------------------------------
 
@@ -754,7 +783,9 @@ class MqttBridge:
         """Back off before the next try; the first failure of an outage is logged, the
         rest counted. ``_Stopping`` when the bridge stops meanwhile."""
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            with self._room:  # paho's thread, waiting for room, sheds from now on
+                self._down_since = time.monotonic()
+                self._room.notify_all()
             self._retry_delay_s = self._retry_min_s
             self._metrics.database_unavailable.set(1)
             log.error(

@@ -357,16 +357,17 @@ def mosquitto(tmp_path: Path) -> Iterator[MqttEndpoint]:
 def test_while_the_database_is_down_messages_are_held_then_stored(
     tmp_path: Path, mosquitto: MqttEndpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Another connection holds SQLite's write lock (a real ``database is locked``): the
-    bridge quarantines nothing, holds what arrives up to ``max_held_bytes`` and counts what
-    it drops past that, retries with backoff, logs the outage once, and stores everything
-    it held once the lock is gone."""
+    """Another connection holds SQLite's write lock (a real ``database is locked``, after
+    a busy wait of 1 s): the bridge quarantines nothing, holds what arrives up to
+    ``max_held_bytes``, waits for room there while the database may yet answer, and once
+    it has failed drops and counts what comes; it retries with backoff, logs the outage
+    once, and stores everything it held once the lock is gone."""
     path = tmp_path / "fleet.db"
     migrated = make_engine(f"sqlite:///{path}")
     upgrade(migrated)
     migrated.dispose()
     engine = sa.create_engine(
-        f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 0.05}
+        f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 1.0}
     )
     payload_bytes = len(bytes(_telemetry(GOOD[0], "r-00").payload))
     holds = 20
