@@ -55,6 +55,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -63,7 +64,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -449,28 +450,56 @@ def empty(db: Engine) -> None:
 # --- the fleet ---------------------------------------------------------------------------
 
 
-def _bridge_process(database_url: str, endpoint: MqttEndpoint, ready: Any, stop: Any) -> None:
+def _bridge_process(
+    database_url: str, endpoint: MqttEndpoint, ready: Any, stop: Any, counts: Any
+) -> None:
     """A child process: the fleet's MQTT bridge storing into ``database_url`` until
-    ``stop`` is set, its garbage collector set as ``fleet serve`` sets it."""
+    ``stop`` is set, its garbage collector set as ``fleet serve`` sets it; then its
+    :class:`BridgeCounts` go on ``counts`` (a queue)."""
     tune_for_serving()
     from fleet.bridge import MqttBridge
     from fleet.metrics import FleetMetrics
 
     db = make_engine(database_url)
-    bridge = MqttBridge(endpoint, db, FleetMetrics(), client_id=endpoint.username)
+    metrics = FleetMetrics()
+    bridge = MqttBridge(endpoint, db, metrics, client_id=endpoint.username)
     bridge.start(timeout_s=60)
     ready.set()
     stop.wait()
     bridge.stop()
     db.dispose()
+    counts.put(
+        BridgeCounts(
+            shed=int(
+                sum(
+                    sample.value
+                    for metric in metrics.shed.collect()
+                    for sample in metric.samples
+                    if sample.name.endswith("_total")
+                )
+            ),
+            receipts_unqueued=int(metrics.receipts_unqueued._value.get()),
+        )
+    )
+
+
+@dataclass
+class BridgeCounts:
+    """What the bench's bridge process counted, known once it stopped."""
+
+    shed: int = 0
+    receipts_unqueued: int = 0
 
 
 @contextmanager
-def fleet_bridge(database_url: str, endpoint: MqttEndpoint) -> Iterator[int]:
-    """The bridge in a process of its own, subscribed; yields its pid."""
-    ready, stop = _SPAWN.Event(), _SPAWN.Event()
+def fleet_bridge(
+    database_url: str, endpoint: MqttEndpoint, counts: BridgeCounts | None = None
+) -> Iterator[int]:
+    """The bridge in a process of its own, subscribed; yields its pid. ``counts`` is
+    filled on the way out."""
+    ready, stop, counted = _SPAWN.Event(), _SPAWN.Event(), _SPAWN.Queue()
     process = _SPAWN.Process(
-        target=_bridge_process, args=(database_url, endpoint, ready, stop), daemon=True
+        target=_bridge_process, args=(database_url, endpoint, ready, stop, counted), daemon=True
     )
     process.start()
     try:
@@ -480,6 +509,10 @@ def fleet_bridge(database_url: str, endpoint: MqttEndpoint) -> Iterator[int]:
         yield process.pid
     finally:
         stop.set()
+        with suppress(queue.Empty):
+            final = counted.get(timeout=90)
+            if counts is not None:
+                counts.__dict__.update(final.__dict__)
         process.join(timeout=60)
         if process.is_alive():
             process.kill()
@@ -559,6 +592,8 @@ class Burst:
     acked_s: float
     stored_s: float
     dropped_lines: int
+    shed: int
+    receipts_unqueued: int
 
     @property
     def lost(self) -> int:
@@ -571,9 +606,10 @@ def burst(work: Path, args: argparse.Namespace) -> Burst:
     url = f"sqlite:///{work / 'burst.db'}"
     db = make_engine(url)
     upgrade(db)
+    counts = BridgeCounts()
     with (
         bench_broker(work / "broker-burst", args.publishers) as bench,
-        fleet_bridge(url, bench.fleet),
+        fleet_bridge(url, bench.fleet, counts),
         publishers(bench, "single", args.burst, args.publishers) as run,
     ):
         load = run()
@@ -589,7 +625,16 @@ def burst(work: Path, args: argparse.Namespace) -> Burst:
         stored_s = moved - load.started
         dropped = bench.broker.log_path.read_text().count("are being dropped")
     db.dispose()
-    return Burst(load.sent, load.acked, last, acked_s, stored_s, dropped)
+    return Burst(
+        load.sent,
+        load.acked,
+        last,
+        acked_s,
+        stored_s,
+        dropped,
+        counts.shed,
+        counts.receipts_unqueued,
+    )
 
 
 # --- a rollout ---------------------------------------------------------------------------
@@ -951,7 +996,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{b['acked']:,} acknowledged by the broker in {b['acked_s']:.1f} s, "
             f"{b['stored']:,} stored by the fleet within {b['stored_s']:.1f} s, "
             f"**{b['acked'] - b['stored']:,} lost**; mosquitto logged dropping "
-            f"{b['dropped_lines']} time(s).",
+            f"{b['dropped_lines']} time(s); the bridge shed {b['shed']:,} and could not "
+            f"queue {b['receipts_unqueued']:,} storage receipts.",
         ]
     if results.get("rollouts"):
         lines += [

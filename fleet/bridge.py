@@ -254,6 +254,8 @@ class MqttBridge:
         self._held_bytes = 0
         self._held = 0
         self._shedding = False
+        self._receipts_unqueued = False
+        """The last storage receipts could not be queued (``_send_receipts``)."""
         self._down_since: float | None = None
         self._retry_delay_s = retry_min_s
         self._stopping = threading.Event()
@@ -418,7 +420,13 @@ class MqttBridge:
     def _send_receipts(self, settled: Sequence[tuple[str, Receipt]]) -> None:
         """Publish storage receipts (``fleet/receipts.py``), QoS 1, queued by paho while
         the broker is away. One that never arrives costs a resend: the device sends the
-        records again and, the fleet holding them, gets a receipt for them then."""
+        records again and, the fleet holding them, gets a receipt for them then.
+
+        paho refuses one while all 65,535 packet ids wait for the broker's PUBACK: with a
+        backlog, a mosquitto before 2.0.13 writes those PUBACKs behind the whole of it
+        (see the module's docstring). Such a stretch is counted, and logged as it starts
+        and ends."""
+        unqueued, reason = 0, ""
         for device_id, receipt in settled:
             info = self._client.publish(
                 device_topic(device_id, "receipt"),
@@ -426,12 +434,21 @@ class MqttBridge:
                 qos=1,
             )
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                unqueued += 1
+                reason = mqtt.error_string(info.rc)
+        if unqueued:
+            self._metrics.receipts_unqueued.inc(unqueued)
+            if not self._receipts_unqueued:
                 log.warning(
-                    "could not queue a storage receipt for %s (%s); it resends the records "
-                    "and gets one then",
-                    device_id,
-                    mqtt.error_string(info.rc),
+                    "could not queue storage receipts (%s: every packet id waits for the "
+                    "broker's PUBACK); their devices resend the records and get receipts then "
+                    "(edgefleet_mqtt_receipts_unqueued_total)",
+                    reason,
                 )
+        elif settled and self._receipts_unqueued:
+            log.warning("storage receipts are queued again")
+        if settled:
+            self._receipts_unqueued = unqueued > 0
 
     # --- receiving ------------------------------------------------------------------------
 

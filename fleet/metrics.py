@@ -31,9 +31,15 @@ class FleetMetrics:
         )
         self.shed = Counter(
             "edgefleet_mqtt_shed",
-            "MQTT messages dropped on arrival because the bridge already held its most "
-            "unstored bytes (the database slow or down), by channel.",
+            "MQTT messages dropped on arrival because the database was down and the bridge "
+            "already held its most unstored bytes, by channel.",
             ["channel"],
+            registry=self.registry,
+        )
+        self.receipts_unqueued = Counter(
+            "edgefleet_mqtt_receipts_unqueued",
+            "Storage receipts the MQTT client could not queue (every packet id waiting for "
+            "the broker's PUBACK); each costs its device a resend.",
             registry=self.registry,
         )
         self.database_unavailable = Gauge(

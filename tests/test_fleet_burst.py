@@ -12,7 +12,9 @@ the subscriber acknowledges: fleet/bridge.py.)
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
-from contracts.mqtt import TOPIC_PREFIX, TelemetryBatch, TelemetryRecord, encode_telemetry
+from contracts.mqtt import (
+    TOPIC_PREFIX,
+    Receipt,
+    TelemetryBatch,
+    TelemetryRecord,
+    encode_telemetry,
+)
 from fleet.bridge import MqttBridge
 from fleet.broker import MosquittoBroker, MqttEndpoint
 from fleet.broker.credential import replica_username
@@ -277,3 +285,38 @@ def _alarm_and_recovery(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
         assert _stored(setup.db) == count
     finally:
         bridge.stop()
+
+
+def test_receipts_the_client_cannot_queue_are_counted_and_logged_once_a_stretch(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the broker stopped (SIGSTOP: no PUBACK comes, as for receipts written behind a
+    backlog) paho has 65,535 packet ids for QoS 1 receipts: past them each receipt is
+    counted unqueued, and the stretch is logged once as it starts and once as it ends."""
+    metrics = FleetMetrics()
+    bridge = MqttBridge(setup.fleet, setup.db, metrics, client_id=setup.fleet.username)
+    bridge.start()
+    pid = setup.broker.pid
+    assert pid is not None
+
+    def receipts(count: int) -> list[tuple[str, Receipt]]:
+        return [(f"burst-{n % 100}", Receipt(stored=[f"r{n}"])) for n in range(count)]
+
+    caplog.set_level(logging.INFO, logger="fleet.bridge")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        bridge._send_receipts(receipts(65_535 + 65))
+        bridge._send_receipts(receipts(100))
+        assert metrics.receipts_unqueued._value.get() == 165
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        wait_for(
+            lambda: bridge._send_receipts(receipts(1)) or "queued again" in caplog.text,
+            what="a receipt queued again once the broker acknowledges",
+        )
+    finally:
+        bridge.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("could not queue storage receipts" in m for m in messages) == 1
+    assert sum("storage receipts are queued again" in m for m in messages) == 1
