@@ -189,7 +189,10 @@ class FleetServer:
             session_expiry_s=settings.mqtt_session_expiry_s,
         )
         self.bridge.start()
-        self._drain_retired_workers()
+        if self._recorded_workers > settings.ingest_workers:  # off the start: it may take long
+            threading.Thread(
+                target=self._drain_retired_workers, name="drain-retired-workers", daemon=True
+            ).start()
         if settings.ingest_workers:
             self.ingest = IngestWorkers(self._ingest_specs(), self.metrics)
             self.ingest.start()
@@ -282,6 +285,15 @@ class FleetServer:
             ).start()
 
     def _drain(self, replica: str) -> None:
+        """A thread per dead replica: whatever fails is logged and tried a lease later."""
+        try:
+            done = self._drain_sessions(replica)
+        except Exception:
+            log.exception("could not take over replica %s's MQTT session", replica)
+            done = False
+        self._drained(replica, done=done, retry_s=self.settings.rollout_lease_s)
+
+    def _drain_sessions(self, replica: str) -> bool:
         if self.credential is None:
             raise RuntimeError("taking over a session needs the shared broker credential")
         username = replica_username(replica)
@@ -303,7 +315,7 @@ class FleetServer:
                 replica_id=replica,
                 session_expiry_s=self.settings.mqtt_session_expiry_s,
             )
-        self._drained(replica, done=done, retry_s=self.settings.rollout_lease_s)
+        return done
 
     def _drained(self, replica: str, *, done: bool, retry_s: float) -> None:
         if done:
@@ -455,10 +467,9 @@ class FleetServer:
         """A previous start that ran more workers and did not stop them (it was killed)
         left their sessions subscribed, queueing a share of telemetry: store it and leave
         them unsubscribed, then record this start's count. Not done, it is tried at the
-        next start (or by the lease holder, should this replica die)."""
+        next start (or by the lease holder, should this replica die). A thread of its own:
+        each session may take up to :func:`~fleet.bridge.drain_session`'s timeout."""
         settings = self.settings
-        if self._recorded_workers <= settings.ingest_workers:
-            return
         if settings.mqtt_url is None and settings.mqtt_tls:
             return  # its accounts are certificates now: workers cannot log in
         if settings.mqtt_url is not None and (
@@ -467,15 +478,23 @@ class FleetServer:
             return  # no worker accounts on this broker (as FleetSettings refuses workers)
         retired = f"{settings.ingest_workers + 1} to {self._recorded_workers}"
         log.warning("emptying the MQTT sessions of ingest workers %s of a previous start", retired)
-        if drain_ingest_sessions(
-            self.mqtt,
-            self.background_db,
-            self.metrics,
-            replica_id=settings.replica_id,
-            session_expiry_s=settings.mqtt_session_expiry_s,
-            beyond=settings.ingest_workers,
-        ):
-            record_ingest_workers(self.background_db, settings.replica_id, settings.ingest_workers)
+        try:
+            drained = drain_ingest_sessions(
+                self.mqtt,
+                self.background_db,
+                self.metrics,
+                replica_id=settings.replica_id,
+                session_expiry_s=settings.mqtt_session_expiry_s,
+                beyond=settings.ingest_workers,
+            )
+            if drained:
+                record_ingest_workers(
+                    self.background_db, settings.replica_id, settings.ingest_workers
+                )
+        except Exception:  # a thread of its own: the log says it, the next start tries again
+            log.exception("could not empty the MQTT sessions of ingest workers %s", retired)
+            return
+        if drained:
             self._recorded_workers = settings.ingest_workers
         else:
             log.error(
