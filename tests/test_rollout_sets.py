@@ -106,7 +106,7 @@ class Sink:
         return commands
 
 
-def rollout_engine(db: Engine, sink: Sink) -> RolloutEngine:
+def rollout_engine(db: Engine, sink: Sink, tick_s: float = 1.0) -> RolloutEngine:
     connected = Link(number=1, since=utcnow() - dt.timedelta(minutes=1))
     return RolloutEngine(
         db,
@@ -115,6 +115,7 @@ def rollout_engine(db: Engine, sink: Sink) -> RolloutEngine:
         metadata_url="http://f/m/",
         targets_url="http://f/t/",
         settle_s=0,
+        tick_s=tick_s,
     )
 
 
@@ -465,15 +466,8 @@ def test_a_step_that_moves_a_rollout_is_followed_at_once_not_at_the_next_tick(
     first = sink.take()
     with session_scope(db) as session:
         handle_acks(session, [(d, ack(c.id, AckState.HEALTHY)) for d, c in first.items()])
-    slow = RolloutEngine(  # a tick a minute apart: only following at once reaches wave 2
-        db,
-        sink,
-        link=lambda: Link(number=1, since=utcnow() - dt.timedelta(minutes=1)),
-        metadata_url="http://f/m/",
-        targets_url="http://f/t/",
-        settle_s=0,
-        tick_s=60.0,
-    )
+    # a tick a minute apart: only following at once reaches wave 2
+    slow = rollout_engine(db, sink, tick_s=60.0)
     slow.start()
     try:
         deadline = time.monotonic() + 20
