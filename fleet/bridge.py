@@ -253,6 +253,8 @@ class MqttBridge:
         stops: what paho's thread waits on while the bridge holds ``max_held_bytes``."""
         self._held_bytes = 0
         self._held = 0
+        self._waiting = False
+        """paho's thread has a message and waits for room to hold it."""
         self._shedding = False
         self._receipts_unqueued = False
         """The last storage receipts could not be queued (``_send_receipts``)."""
@@ -366,12 +368,13 @@ class MqttBridge:
             return self._link
 
     def pending(self) -> int:
-        """Messages received and not yet stored, quarantined or dropped as malformed (for
-        tests and benchmarks to wait on)."""
-        return self._held
+        """Messages received and not yet stored, quarantined or dropped as malformed, the
+        one waiting for room included (for :func:`drain_session`, tests and benchmarks to
+        wait on)."""
+        return self._held + self._waiting
 
     def quiet_s(self) -> float:
-        """Seconds since the last message arrived (or since the bridge was made)."""
+        """Seconds since the last message was taken in (or since the bridge was made)."""
         return time.monotonic() - self._last_arrival
 
     # --- sending --------------------------------------------------------------------------
@@ -550,12 +553,14 @@ class MqttBridge:
             self._on_store_bytes(message)
             return
         size = len(message.payload) + _MESSAGE_OVERHEAD_BYTES
-        self._last_arrival = time.monotonic()
         with self._room:
+            self._waiting = True  # pending() counts it: a drain is not done meanwhile
             while not (
                 self._has_room(size) or self._down_since is not None or self._stopping.is_set()
             ):
                 self._room.wait()
+            self._waiting = False
+            self._last_arrival = time.monotonic()
             # stopping: taken past the bound (the DISCONNECT is on its way; few come after)
             accepted = self._down_since is None or self._has_room(size)
             if accepted:

@@ -151,7 +151,8 @@ def test_a_burst_far_above_what_the_bridge_holds_waits_in_the_broker_and_is_stor
     setup: Setup,
 ) -> None:
     """30,000 messages acknowledged by the broker while the bridge may hold 50 unstored: at
-    its bound it stops reading rather than dropping (none shed, never more than 50 held),
+    its bound it stops reading rather than dropping (none shed, never more than 50 held
+    and one waiting),
     the broker's queue for the fleet holds the rest (mosquitto's default bound, 1,000
     messages, would drop nearly all of it) and every record is stored."""
     count, holds = 30_000, 50
@@ -188,7 +189,7 @@ def test_a_burst_far_above_what_the_bridge_holds_waits_in_the_broker_and_is_stor
         done.set()
         bridge.stop()
     assert metrics.shed.labels("telemetry")._value.get() == 0
-    assert 0 < most_held <= holds
+    assert 0 < most_held <= holds + 1  # and one waiting for room
     assert "are being dropped" not in setup.broker.log_path.read_text()
 
 
@@ -218,7 +219,8 @@ def test_a_bridge_stopped_while_it_waits_for_room_disconnects_at_once_and_loses_
     stopping = threading.Thread(target=first.stop)
     try:
         assert _publish(setup.publisher, [_payload(n) for n in range(count)]) == count
-        wait_for(lambda: first.pending() == holds, what="the bridge full")
+        # full, and paho's thread waits with the next (counted: a drain is not done)
+        wait_for(lambda: first.pending() == holds + 1, what="the bridge full")
         stopping.start()
         disconnected = f"Client {setup.fleet.username} disconnected"
         wait_for(
