@@ -31,10 +31,14 @@ records per message, zstd, as agents send):
   worker processes as ``fleet serve --ingest-workers N`` runs them
   (``fleet.ingest_workers.IngestWorkers``, each with its own account), measured right
   after the bridge alone, with the ratio to it and the CPU time of all the processes.
+  And **decoding alone**: the contract's decoding of the same messages (``decode_payload``)
+  on one core, per record; with the database's bulk insert it bounds the fleet/database
+  ratio whatever else the fleet did (a fleet that only decoded and inserted).
 
 Then a **burst** (``--burst`` one-record messages as fast as the generator goes, SQLite):
 sent, acknowledged by the broker, stored by the fleet, lost (acknowledged and never
-stored), and what the broker logged about dropping; and **rollouts**: ``edgefleet fleet
+stored), what the broker logged about dropping, and what the bridge shed and the storage
+receipts it could not queue; and **rollouts**: ``edgefleet fleet
 serve`` with each of ``--rollout-devices`` simulated devices (``fleet.simulator``, split
 over ``--simulator-processes`` processes, each driving its share on one thread), for each
 ``--waves`` (default one wave of 100 %), soak 0: devices per second from ``POST /rollouts``
@@ -80,7 +84,13 @@ from sqlmodel import col, func, select
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fleet_load import SHAPES, PublishResult, Shape, device_of, publish, records_of
-from contracts.mqtt import TOPIC_PREFIX, shared_subscription
+from contracts.mqtt import (
+    TOPIC_PREFIX,
+    TelemetryBatch,
+    decode_payload,
+    encode_telemetry,
+    shared_subscription,
+)
 from fleet import devices as device_service
 from fleet.broker import MosquittoBroker, MqttEndpoint
 from fleet.broker.access import AccountKind
@@ -435,6 +445,23 @@ def database_bulk_insert(url: str, db: Engine, rows: Sequence[tuple[Any, ...]]) 
                 )
             connection.commit()
         return len(rows) / (time.perf_counter() - start)
+
+
+def decoding_alone(shape: Shape, count: int = 2000) -> float:
+    """Seconds per record of the contract's decoding alone (``decode_payload`` into a
+    ``TelemetryBatch``: decompress, parse, validate), on one core: what the fleet does for
+    every message whatever else it does, so with the database's bulk insert it bounds the
+    fleet/database ratio."""
+    payloads = [
+        encode_telemetry(
+            TelemetryBatch(records=list(records_of(0, n, shape))), compress=shape.compress
+        )
+        for n in range(count)
+    ]
+    start = time.perf_counter()
+    for payload in payloads:
+        decode_payload(payload, TelemetryBatch)
+    return (time.perf_counter() - start) / (count * shape.records)
 
 
 def stored(db: Engine) -> int:
@@ -963,6 +990,18 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {fleet['records_per_s'] / row['database_rows_per_s']:.3f} "
             f"| {cpu:,.0f} µs/{per} |"
         )
+    if results.get("ingest"):
+        lines += ["", "Decoding alone, on one core (`decode_payload`, the contract's checks):"]
+        for key, seconds in results["decoding"].items():
+            lines.append(f"- {SHAPES[key].name}: {seconds * 1e6:.1f} µs/rec")
+        for row in results["ingest"]:
+            insert_s = 1 / row["database_rows_per_s"]
+            decode_s = results["decoding"][row["shape"]]
+            lines.append(
+                f"- {row['database']}, {SHAPES[row['shape']].name}: a fleet that only decoded "
+                f"and bulk-inserted would reach at most {insert_s / (insert_s + decode_s):.2f} "
+                "of the database's rate"
+            )
     if results.get("ingest_workers"):
         lines += [
             "",
@@ -1036,6 +1075,10 @@ def run(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
         log(f"  {results['broker'][shape]:,.0f} msgs/s")
     results["ingest"] = []
     results["ingest_workers"] = []
+    results["decoding"] = {}
+    for shape in shapes:
+        log(f"{SHAPES[shape].name}: decoding alone")
+        results["decoding"][shape] = median_of(args.repeat, partial(decoding_alone, SHAPES[shape]))
     for database in filter(None, args.databases.split(",")):
         with ExitStack() as stack:
             if database == "sqlite":
