@@ -138,6 +138,10 @@ SESSION_EXPIRY_S = 24 * 3600
 """How long the broker keeps the fleet's session while it is away, by default."""
 RECEIVE_MAXIMUM = 65535
 """Messages the broker may send before the fleet acknowledges one (MQTT 5's most)."""
+RECEIPT_PACKET_IDS = 49_152
+"""Storage receipts are queued only while fewer QoS 1 publishes than this await the
+broker's PUBACK: of paho's 65,535 packet ids, the rest stay for commands, so a rollout
+goes on through a backlog that holds up PUBACKs (see the module's docstring)."""
 _MESSAGE_OVERHEAD_BYTES = 1024
 """What a held message costs beyond its payload (paho's object, its topic, the queue)."""
 _DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54", "P0"})
@@ -425,12 +429,17 @@ class MqttBridge:
         the broker is away. One that never arrives costs a resend: the device sends the
         records again and, the fleet holding them, gets a receipt for them then.
 
-        paho refuses one while all 65,535 packet ids wait for the broker's PUBACK: with a
-        backlog, a mosquitto before 2.0.13 writes those PUBACKs behind the whole of it
-        (see the module's docstring). Such a stretch is counted, and logged as it starts
-        and ends."""
-        unqueued, reason = 0, ""
+        With a backlog, a mosquitto before 2.0.13 writes the PUBACKs for them behind the
+        whole of it (see the module's docstring), so packet ids run short: a receipt is
+        not queued while :data:`RECEIPT_PACKET_IDS` publishes await their PUBACK (the rest
+        are the commands'), nor when paho refuses it. Such a stretch is counted, and logged
+        as it starts and as it ends."""
+        unqueued = 0
+        awaiting = self._client._out_messages  # paho's QoS 1 publishes awaiting a PUBACK
         for device_id, receipt in settled:
+            if len(awaiting) >= RECEIPT_PACKET_IDS:
+                unqueued += 1
+                continue
             info = self._client.publish(
                 device_topic(device_id, "receipt"),
                 receipt.model_dump_json(exclude_defaults=True),
@@ -438,15 +447,15 @@ class MqttBridge:
             )
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 unqueued += 1
-                reason = mqtt.error_string(info.rc)
         if unqueued:
             self._metrics.receipts_unqueued.inc(unqueued)
             if not self._receipts_unqueued:
                 log.warning(
-                    "could not queue storage receipts (%s: every packet id waits for the "
-                    "broker's PUBACK); their devices resend the records and get receipts then "
+                    "could not queue storage receipts (%d publishes await the broker's "
+                    "PUBACK; the rest of the packet ids are kept for commands): their devices "
+                    "resend the records and get receipts then "
                     "(edgefleet_mqtt_receipts_unqueued_total)",
-                    reason,
+                    len(awaiting),
                 )
         elif settled and self._receipts_unqueued:
             log.warning("storage receipts are queued again")

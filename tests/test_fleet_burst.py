@@ -30,12 +30,13 @@ from sqlalchemy.engine import Engine
 
 from contracts.mqtt import (
     TOPIC_PREFIX,
+    CommandKind,
     Receipt,
     TelemetryBatch,
     TelemetryRecord,
     encode_telemetry,
 )
-from fleet.bridge import MqttBridge
+from fleet.bridge import RECEIPT_PACKET_IDS, MqttBridge
 from fleet.broker import MosquittoBroker, MqttEndpoint
 from fleet.broker.credential import replica_username
 from fleet.db import make_engine
@@ -289,12 +290,13 @@ def _alarm_and_recovery(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
         bridge.stop()
 
 
-def test_receipts_the_client_cannot_queue_are_counted_and_logged_once_a_stretch(
+def test_receipts_give_way_to_commands_when_pubacks_are_held_up_and_are_logged_once(
     setup: Setup, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the broker stopped (SIGSTOP: no PUBACK comes, as for receipts written behind a
-    backlog) paho has 65,535 packet ids for QoS 1 receipts: past them each receipt is
-    counted unqueued, and the stretch is logged once as it starts and once as it ends."""
+    backlog) receipts take at most ``RECEIPT_PACKET_IDS`` of paho's 65,535 packet ids;
+    past them each is counted unqueued, and a wave of 10,000 commands still goes out. The
+    stretch is logged once as it starts and once as it ends."""
     metrics = FleetMetrics()
     bridge = MqttBridge(setup.fleet, setup.db, metrics, client_id=setup.fleet.username)
     bridge.start()
@@ -307,9 +309,11 @@ def test_receipts_the_client_cannot_queue_are_counted_and_logged_once_a_stretch(
     caplog.set_level(logging.INFO, logger="fleet.bridge")
     os.kill(pid, signal.SIGSTOP)
     try:
-        bridge._send_receipts(receipts(65_535 + 65))
+        bridge._send_receipts(receipts(RECEIPT_PACKET_IDS + 65))
         bridge._send_receipts(receipts(100))
         assert metrics.receipts_unqueued._value.get() == 165
+        wave = [(f"burst-{n}", b'{"kind": "deploy"}') for n in range(10_000)]
+        bridge.send_encoded(CommandKind.DEPLOY, wave)  # BrokerError if it found no id
     finally:
         os.kill(pid, signal.SIGCONT)
     try:
