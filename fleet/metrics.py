@@ -38,8 +38,9 @@ class FleetMetrics:
         )
         self.receipts_unqueued = Counter(
             "edgefleet_mqtt_receipts_unqueued",
-            "Storage receipts the MQTT client could not queue (every packet id waiting for "
-            "the broker's PUBACK); each costs its device a resend.",
+            "Storage receipts not queued because too many publishes awaited the broker's "
+            "PUBACK (the rest of the packet ids are kept for commands); each costs its "
+            "device a resend.",
             registry=self.registry,
         )
         self.database_unavailable = Gauge(

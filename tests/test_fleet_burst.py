@@ -152,10 +152,9 @@ def test_a_burst_far_above_what_the_bridge_holds_waits_in_the_broker_and_is_stor
     setup: Setup,
 ) -> None:
     """30,000 messages acknowledged by the broker while the bridge may hold 50 unstored: at
-    its bound it stops reading rather than dropping (none shed, never more than 50 held
-    and one waiting),
-    the broker's queue for the fleet holds the rest (mosquitto's default bound, 1,000
-    messages, would drop nearly all of it) and every record is stored."""
+    its bound it stops reading rather than dropping (none shed, never more than 50 held and
+    one waiting), the broker's queue for the fleet holds the rest (mosquitto's default
+    bound, 1,000 messages, would drop nearly all of it) and every record is stored."""
     count, holds = 30_000, 50
     metrics = FleetMetrics()
     bridge = MqttBridge(
