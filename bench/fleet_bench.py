@@ -539,7 +539,7 @@ def fleet_bridge(
         with suppress(queue.Empty):
             final = counted.get(timeout=90)
             if counts is not None:
-                counts.__dict__.update(final.__dict__)
+                counts.shed, counts.receipts_unqueued = final.shed, final.receipts_unqueued
         process.join(timeout=60)
         if process.is_alive():
             process.kill()
