@@ -98,7 +98,7 @@ from fleet.broker.credential import ingest_username, replica_username
 from fleet.broker.security import service_account_commands
 from fleet.db import make_engine, session_scope
 from fleet.gc_tuning import tune_for_serving
-from fleet.ingest_workers import IngestWorkers, IngestWorkerSpec
+from fleet.ingest_workers import IngestWorkers, IngestWorkerSpec, counter_totals
 from fleet.metrics import FleetMetrics
 from fleet.migrate import upgrade
 from fleet.models import Device, EnrollmentTokenCreate, Rollout
@@ -495,27 +495,22 @@ def _bridge_process(
     stop.wait()
     bridge.stop()
     db.dispose()
+    totals = counter_totals(metrics)
     counts.put(
         BridgeCounts(
-            shed=int(
-                sum(
-                    sample.value
-                    for metric in metrics.shed.collect()
-                    for sample in metric.samples
-                    if sample.name.endswith("_total")
-                )
-            ),
-            receipts_unqueued=int(metrics.receipts_unqueued._value.get()),
+            shed=int(sum(v for (counter, _), v in totals.items() if counter == "shed")),
+            receipts_unqueued=int(totals.get(("receipts_unqueued", ()), 0)),
         )
     )
 
 
 @dataclass
 class BridgeCounts:
-    """What the bench's bridge process counted, known once it stopped."""
+    """What the bench's bridge process counted, known once it stopped (``None``: it did
+    not report)."""
 
-    shed: int = 0
-    receipts_unqueued: int = 0
+    shed: int | None = None
+    receipts_unqueued: int | None = None
 
 
 @contextmanager
@@ -619,8 +614,8 @@ class Burst:
     acked_s: float
     stored_s: float
     dropped_lines: int
-    shed: int
-    receipts_unqueued: int
+    shed: int | None
+    receipts_unqueued: int | None
 
     @property
     def lost(self) -> int:
@@ -1035,8 +1030,13 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{b['acked']:,} acknowledged by the broker in {b['acked_s']:.1f} s, "
             f"{b['stored']:,} stored by the fleet within {b['stored_s']:.1f} s, "
             f"**{b['acked'] - b['stored']:,} lost**; mosquitto logged dropping "
-            f"{b['dropped_lines']} time(s); the bridge shed {b['shed']:,} and could not "
-            f"queue {b['receipts_unqueued']:,} storage receipts.",
+            f"{b['dropped_lines']} time(s); "
+            + (
+                "the bridge did not report what it shed."
+                if b["shed"] is None
+                else f"the bridge shed {b['shed']:,} and could not queue "
+                f"{b['receipts_unqueued']:,} storage receipts."
+            ),
         ]
     if results.get("rollouts"):
         lines += [

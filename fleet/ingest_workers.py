@@ -91,6 +91,7 @@ _RELAYED = (
     "telemetry_records",
     "telemetry_duplicates",
     "model_health_skipped",
+    "receipts_unqueued",
 )
 """The :class:`FleetMetrics` counters a worker's bridge keeps, by attribute."""
 

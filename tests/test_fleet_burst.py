@@ -15,17 +15,18 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from contracts.mqtt import (
@@ -196,21 +197,22 @@ def test_a_burst_far_above_what_the_bridge_holds_waits_in_the_broker_and_is_stor
 def test_a_bridge_stopped_while_it_waits_for_room_disconnects_at_once_and_loses_nothing(
     setup: Setup,
 ) -> None:
-    """The database hangs (no error: a write that does not return) with the bridge full:
+    """The database hangs (another connection holds SQLite's write lock and the bridge's
+    busy wait is a minute: no error, a write that does not return) with the bridge full:
     ``stop`` still sends the DISCONNECT at once (paho's thread, waiting for room, is
     woken), and a bridge started afterwards on the same session gets what the first one
     never acknowledged: every record is stored."""
     count, holds = 200, 5
-    writes = threading.Event()
-
-    @event.listens_for(setup.db, "before_cursor_execute")
-    def hang(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("INSERT") and " telemetry " in statement:
-            writes.wait(60)
-
+    path = setup.db.url.database
+    assert path is not None
+    hanging = sa.create_engine(
+        f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 60}
+    )
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
     first = MqttBridge(
         setup.fleet,
-        setup.db,
+        hanging,
         FleetMetrics(),
         client_id=setup.fleet.username,
         max_held_bytes=holds * (len(_payload(count)) + 1024),
@@ -229,13 +231,14 @@ def test_a_bridge_stopped_while_it_waits_for_room_disconnects_at_once_and_loses_
             what="the DISCONNECT, the database still hanging",
         )
     finally:
-        writes.set()
+        lock.execute("ROLLBACK")
+        lock.close()
         if stopping.ident is None:  # failed before the stop
             first.stop()
         else:
             stopping.join(60)
+        hanging.dispose()
     assert not stopping.is_alive()
-    event.remove(setup.db, "before_cursor_execute", hang)
     second = MqttBridge(setup.fleet, setup.db, FleetMetrics(), client_id=setup.fleet.username)
     second.start()
     try:

@@ -177,6 +177,7 @@ def test_a_workers_counters_reach_the_servers_once_each() -> None:
     worker.telemetry_records.inc(3)
     worker.messages.labels("telemetry").inc(2)
     worker.quarantined.labels("telemetry").inc()
+    worker.receipts_unqueued.inc(6)
     heard, relay = multiprocessing.Pipe(duplex=False)  # as a worker sends its counters
     sent = _relay(worker, {}, relay)
     add_counts(server, heard.recv())
@@ -189,6 +190,7 @@ def test_a_workers_counters_reach_the_servers_once_each() -> None:
     assert totals[("telemetry_records", ())] == 12
     assert totals[("messages", (("channel", "telemetry"),))] == 2
     assert totals[("quarantined", (("channel", "telemetry"),))] == 1
+    assert totals[("receipts_unqueued", ())] == 6
     add_counts(server, {("telemetry_records", ()): -7, ("registry", ()): 1})  # never down
     assert counter_totals(server)[("telemetry_records", ())] == 12
 
